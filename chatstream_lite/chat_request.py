@@ -1,0 +1,123 @@
+"""The `/chat_stream` request body: parsed and checked before anything else happens.
+
+    {"user_input": "Hello", "regenerate": false, "max_new_tokens": 64, "temperature": 0.2}
+
+Every problem is a `BadRequest` (400) or `PayloadTooLarge` (413) with a message that says
+which field is wrong and why; unknown fields are ignored so that newer clients keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from .engine import SamplingParams
+from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    user_input: str
+    regenerate: bool
+    params: SamplingParams
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body, refusing wrong content types (415) and bodies over `limit` bytes (413)."""
+    content_type = request.headers.get(hdrs.CONTENT_TYPE)
+    if content_type is not None and not _is_json(request.content_type):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.content_type!r}."
+        )
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """`body` as a JSON object; NaN, Infinity and invalid UTF-8 are refused."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadRequest(f"The body is not valid UTF-8 (byte {error.start}).") from None
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as error:
+        raise BadRequest(f"The body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"The body must be a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_chat_request(body: bytes, defaults: SamplingParams) -> ChatRequest:
+    """Check a `/chat_stream` body; `defaults.max_new_tokens` is also the per-request cap."""
+    data = parse_json_object(body)
+    regenerate = data.get("regenerate", False)
+    if not isinstance(regenerate, bool):
+        raise BadRequest("'regenerate' must be true or false.")
+    user_input = data.get("user_input")
+    if regenerate:
+        user_input = ""  # ignored: the last user message is answered again
+    elif not isinstance(user_input, str):
+        raise BadRequest("'user_input' is required and must be a string.")
+    elif not user_input.strip():
+        raise BadRequest("'user_input' must not be empty.")
+    return ChatRequest(user_input, regenerate, sampling_params(data, defaults))
+
+
+def sampling_params(data: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
+    """The generation parameters a request may set, each checked against its range."""
+    cap = defaults.max_new_tokens
+    changes: dict[str, Any] = {}
+    if (v := data.get("max_new_tokens")) is not None:
+        changes["max_new_tokens"] = _integer("max_new_tokens", v, 1, cap)
+    if (v := data.get("temperature")) is not None:
+        changes["temperature"] = _number("temperature", v, 0.0, 2.0)
+    if (v := data.get("top_p")) is not None:
+        changes["top_p"] = _number("top_p", v, 0.0, 1.0)
+    if (v := data.get("top_k")) is not None:
+        changes["top_k"] = _integer("top_k", v, 0, 1_000_000)
+    if (v := data.get("repeat_penalty")) is not None:
+        changes["repeat_penalty"] = _number("repeat_penalty", v, 0.0, 10.0)
+    if (v := data.get("seed")) is not None:
+        changes["seed"] = _integer("seed", v, 0, SEED_LIMIT - 1)
+    return replace(defaults, **changes)
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be an integer from {low} to {high}.")
+    return value
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise BadRequest(f"'{name}' must be a number from {low} to {high}.")
+    return float(value)

