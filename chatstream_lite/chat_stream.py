@@ -207,7 +207,8 @@ class ChatStream:
         try:
             history = self._load_prompt(session)
             turn = self._next_turn(history, chat_request)
-            job = self.engine.submit(turn.get_contents(), chat_request.params)
+            job = self.engine.submit(turn.get_contents(), chat_request.params,
+                                     cache_key=session_id)
         except ChatStreamError as error:
             await self.session_locks.release(session_id)
             return error_response(error)
