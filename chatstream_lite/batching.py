@@ -1,18 +1,25 @@
-"""Continuous batching on the engine thread: one `llama_decode` per step for every running job.
+"""Continuous batching on the engine thread: every running job advances in every step.
 
-    >>> batcher = Batcher(config, stats, emit)      # emit(job, event): the engine's outbox
-    >>> info = batcher.load()
-    >>> batcher.admit(job)      # render, fit, pick a KV slot (prefix reuse); emits Started
+    >>> batcher = Batcher(config, stats, emit, n_threads)   # emit(job, event): the outbox
+    >>> model = batcher.load()
+    >>> batcher.admit(job)        # render, fit, pick its KV slot (prefix reuse); emits Started
     >>> while batcher.active:
-    ...     batcher.step()      # a token for each generating job + the next prompt chunks
+    ...     batcher.read_prompts()   # the next chunk of the prompts being read
+    ...     batcher.generate()       # one llama_decode: a token for every generating job
 
-Each step puts into one batch the token every generating sequence sampled last step, then
-fills the rest of the batch (`n_batch` tokens) with the next chunk of the prompts still being
-read, oldest job first. So a long new prompt is read in chunks between the other streams'
-tokens instead of freezing them, and a job cancelled while its prompt is read stops within
-one chunk. New jobs join between steps; finished or cancelled ones leave before the next
-step. With one job the batches are exactly llama-cpp-python's: the prompt in `n_batch`
-chunks, then one token per decode.
+A step reads the next `n_batch`-token chunk of the prompts still being read (oldest job
+first, up to `n_batch` tokens in all), then decodes, in one `llama_decode`, the token every
+generating job sampled last. So a long new prompt is read in chunks between the other
+streams' tokens instead of freezing them, and a job cancelled while its prompt is read stops
+within one chunk. New jobs join between steps; finished or cancelled ones leave before the
+next one.
+
+Each prompt chunk is decoded on its own, in the same chunks as if the job were alone, and
+every sequence has a KV stream of its own: measured on CPU, each job's logits are then
+bit-identical to running it alone, so greedy replies do not depend on what else runs. (A
+prompt chunk batched with other sequences' tokens changes its logits, and so the reply.)
+With one job the batches are exactly llama-cpp-python's: the prompt in `n_batch` chunks,
+then one token per decode.
 
 Everything here runs on the engine thread; events go out through `emit`.
 """
@@ -39,11 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Sequence ids beyond the running jobs, so that idle sessions can keep their KV cells for
-# their next turn (as long as there are cells to spare: see `KVSlots`).
-CACHED_SESSIONS = 16
-
-
 @dataclass(eq=False)
 class _Sequence:
     """One running job on the thread: its prompt, KV slot, sampler and reply so far."""
@@ -53,12 +55,9 @@ class _Sequence:
     prompt: list[int]
     sampler: SamplerChain
     text: TextAssembler
-    reserved: int               # the most KV cells it can hold: prompt + max_new_tokens
     started: float
-    admitted: bool = False      # False: waits for room in the KV cache
-    pending: int = -1           # the token sampled last step, decoded in the next one
-    row: int = -1               # the batch row to sample from after this step (-1: none)
-    chunk: int = 0              # prompt tokens in this step's batch
+    pending: int = -1           # the token sampled last, decoded in the next step
+    row: int = -1               # its batch row in this step's generation batch
     generated: int = 0
     prompt_done: float = 0.0
 
@@ -91,8 +90,9 @@ class Batcher:
         """Load the model and its context; the chat template is `self.template` afterwards."""
         cfg = self.config
         gpu = llama_cpp.llama_supports_gpu_offload()
-        n_seq = min(cfg.num_of_concurrent_executions + CACHED_SESSIONS,
-                    llama_cpp.llama_max_parallel_sequences())
+        # One sequence per running job; each keeps its cells when its job ends, so an idle
+        # session's next turn finds them unless a newer session needed the slot.
+        n_seq = cfg.num_of_concurrent_executions
         log.info(
             "loading %s (n_ctx=%d, n_gpu_layers=%d, n_threads=%d, parallel=%d); GPU offload %s",
             cfg.model_path, cfg.n_ctx, cfg.n_gpu_layers, self.n_threads,
@@ -147,7 +147,7 @@ class Batcher:
         self.emit(job, Started(len(prompt), dropped))
         self._sequences.append(_Sequence(
             job, slot, prompt, SamplerChain(params, model.n_vocab), TextAssembler(stops),
-            reserved=len(prompt) + params.max_new_tokens, started=time.monotonic(),
+            started=time.monotonic(),
         ))
 
     def _encode(self, messages: list[Message]) -> list[int]:
@@ -156,87 +156,83 @@ class Batcher:
         # BOS only when the template did not write it itself, as llama-cpp-python does.
         return self._model.tokenize(rendered.text, add_bos=not rendered.added_special)
 
-    def _make_room(self) -> None:
-        """Give KV cells to waiting sequences, oldest first, evicting idle sessions' cells.
-
-        A sequence is admitted only when its whole prompt and reply fit next to what the
-        admitted ones may still grow to, so a running reply never finds the cache full.
-        """
-        assert self._slots is not None and self._model is not None
-        for seq in self._sequences:
-            if seq.admitted:
-                continue
-            while self._committed() + seq.reserved - len(seq.slot.tokens) > self._model.n_ctx:
-                if not self._slots.evict():
-                    return  # wait for running replies to end; later jobs wait behind it
-            seq.admitted = True
-
-    def _committed(self) -> int:
-        assert self._slots is not None
-        growth = sum(s.reserved - len(s.slot.tokens) for s in self._sequences if s.admitted)
-        return self._slots.cells + growth
-
     # -- one step -------------------------------------------------------------------------------
-    def step(self) -> None:
-        """One llama_decode: a token for every generating job, then prompt chunks."""
-        model = self._model
-        assert model is not None
+    def leave_cancelled(self) -> None:
         for seq in [s for s in self._sequences if s.job.cancelled]:
             self._finish(seq, "cancelled")
-        self._make_room()
-        members = self._fill(model)
+
+    def read_prompts(self) -> None:
+        """Decode the next prompt chunk of the jobs still reading, oldest first.
+
+        Each chunk is a `llama_decode` of its own with the boundaries it would have alone
+        (`n_batch` tokens from where the reused prefix ends); at least one chunk per step,
+        more while they fit in `n_batch` tokens together. A job whose prompt is done samples
+        its first token at once.
+        """
+        model = self._model
+        assert model is not None
+        budget = model.batch.capacity
+        for seq in [s for s in self._sequences if s.reading]:
+            start = len(seq.slot.tokens)
+            end = min(len(seq.prompt), start + model.batch.capacity)
+            if seq.job.cancelled:
+                self._finish(seq, "cancelled")
+                continue
+            if end - start > budget:
+                return
+            budget -= end - start
+            batch = model.batch
+            batch.clear()
+            for pos in range(start, end):
+                # Logits for the chunk's last token, as llama-cpp-python's Llama.eval asks.
+                batch.add(seq.prompt[pos], pos, seq.slot.seq_id, pos == end - 1)
+            if not self._decode([seq]):
+                continue
+            seq.slot.tokens.extend(seq.prompt[start:end])
+            self.stats.prompt_tokens_evaluated += end - start
+            if not seq.reading:
+                seq.prompt_done = time.monotonic()
+                self._sample(seq, batch.size - 1)
+
+    def generate(self) -> None:
+        """One `llama_decode` with the last sampled token of every generating job."""
+        model = self._model
+        assert model is not None
+        members = [s for s in self._sequences if s.pending >= 0 and not s.job.cancelled]
         if not members:
             return
-        status = model.decode()
-        while status == 1 and self._slots is not None and self._slots.evict():
-            status = model.decode()  # cells were short after all: idle sessions make room
-        if status != 0:
-            self._fail_all(members, RuntimeError(f"llama_decode failed with status {status}"))
-            return
-        now = time.monotonic()
-        for seq in members:
-            if seq.chunk:
-                start = len(seq.slot.tokens)
-                seq.slot.tokens.extend(seq.prompt[start:start + seq.chunk])
-                self.stats.prompt_tokens_evaluated += seq.chunk
-                if not seq.reading:
-                    seq.prompt_done = now
-            else:
-                seq.slot.tokens.append(seq.pending)
-                seq.pending = -1
-        for seq in members:
-            if seq.row >= 0:
-                try:
-                    self._take(seq, seq.sampler.sample(model.context, seq.row))
-                except Exception as error:  # noqa: BLE001 - fails this job, not the batch
-                    log.exception("generation failed")
-                    self._fail(seq, error)
-
-    def _fill(self, model: Model) -> list[_Sequence]:
         batch = model.batch
         batch.clear()
-        members: list[_Sequence] = []
-        for seq in self._sequences:
-            if seq.pending >= 0:
-                seq.row = batch.add(seq.pending, len(seq.slot.tokens), seq.slot.seq_id, True)
-                seq.chunk = 0
-                members.append(seq)
-        room = batch.capacity - batch.size
-        for seq in self._sequences:
-            if room == 0:
-                break
-            if not seq.admitted or not seq.reading:
-                continue
-            start = len(seq.slot.tokens)
-            end = min(len(seq.prompt), start + room)
-            for pos in range(start, end):
-                # Logits for each chunk's last token, as llama-cpp-python's Llama.eval asks.
-                batch.add(seq.prompt[pos], pos, seq.slot.seq_id, pos == end - 1)
-            seq.chunk = end - start
-            seq.row = batch.size - 1 if end == len(seq.prompt) else -1
-            room -= seq.chunk
-            members.append(seq)
-        return members
+        for seq in members:
+            seq.row = batch.add(seq.pending, len(seq.slot.tokens), seq.slot.seq_id, True)
+        if not self._decode(members):
+            return
+        self.stats.generation_steps += 1
+        for seq in members:
+            seq.slot.tokens.append(seq.pending)
+            seq.pending = -1
+        for seq in members:
+            self._sample(seq, seq.row)
+
+    def _decode(self, members: list[_Sequence]) -> bool:
+        assert self._model is not None and self._slots is not None
+        status = self._model.decode()
+        if status == 0:
+            return True
+        error = RuntimeError(f"llama_decode failed with status {status}")
+        log.error("%s; failing the %d jobs in the batch", error, len(members))
+        for seq in members:
+            self._slots.clear(seq.slot)  # its cells are in an unknown state now
+            self._fail(seq, error)
+        return False
+
+    def _sample(self, seq: _Sequence, row: int) -> None:
+        assert self._model is not None
+        try:
+            self._take(seq, seq.sampler.sample(self._model.context, row))
+        except Exception as error:  # noqa: BLE001 - fails this job, not the others
+            log.exception("generation failed")
+            self._fail(seq, error)
 
     def _take(self, seq: _Sequence, token: int) -> None:
         """One sampled token: end of reply, or a text piece and the next step's input."""
@@ -278,13 +274,6 @@ class Batcher:
         self.stats.completion_tokens += seq.generated
         self.emit(seq.job, Failed(error))
         self._leave(seq)
-
-    def _fail_all(self, members: list[_Sequence], error: BaseException) -> None:
-        assert self._slots is not None
-        log.error("%s; failing the %d jobs in the batch", error, len(members))
-        for seq in members:
-            self._slots.clear(seq.slot)  # its cells are in an unknown state now
-            self._fail(seq, error)
 
     def _leave(self, seq: _Sequence) -> None:
         assert self._slots is not None

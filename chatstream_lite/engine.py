@@ -3,8 +3,9 @@
 Data flows one way. The event loop submits a `Job` (messages + sampling parameters + an
 optional cache key); up to `num_of_concurrent_executions` jobs run at once and the rest wait
 in a bounded queue on the loop. Running jobs are handed to the single executor thread, which
-serves them all together by continuous batching (`batching.Batcher`): one `llama_decode` per
-step carries a token of every generating job and chunks of the prompts being read. Every
+serves them all together by continuous batching (`batching.Batcher`): each step reads the
+next chunk of the prompts being read, then one `llama_decode` carries a token of every
+generating job. Every
 event (`Started`, `Piece`, `Finished`, `Failed`) crosses back to the loop in exactly one
 place, `Engine._flush`, once per step.
 
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: Path
-    n_ctx: int = 4096                 # KV cells shared by all sequences; also one conversation's cap
+    n_ctx: int = 4096                 # one conversation's KV cells (history + reply), per sequence
     n_gpu_layers: int = -1
     n_threads: int | None = None      # None: every core this process may use
     n_batch: int = 512                # tokens per decode; also the prompt chunk between cancel checks
@@ -80,14 +81,16 @@ class EngineStats:
     prompt_tokens_reused: int = 0   # of those, found in the KV cache (a session's earlier turn)
     prompt_tokens_evaluated: int = 0  # prompt tokens decoded (a cancelled prompt stops early)
     completion_tokens: int = 0
+    generation_steps: int = 0       # llama_decode calls that carried generated tokens
 
 
 class Engine:
     """Runs up to `num_of_concurrent_executions` jobs together on one thread that owns the model."""
 
     def __init__(self, config: EngineConfig) -> None:
-        if config.num_of_concurrent_executions < 1:
-            raise ValueError("num_of_concurrent_executions must be >= 1")
+        most = llama_cpp.llama_max_parallel_sequences()
+        if not 1 <= config.num_of_concurrent_executions <= most:
+            raise ValueError(f"num_of_concurrent_executions must be between 1 and {most}")
         if config.max_queue_size < 0:
             raise ValueError("max_queue_size must be >= 0")
         self.config = config
@@ -224,7 +227,10 @@ class Engine:
                     batcher.admit(self._inbox.popleft())
                 self._flush()
                 if batcher.active:
-                    batcher.step()
+                    batcher.leave_cancelled()
+                    batcher.read_prompts()
+                    self._flush()           # a first token goes out before the others' step
+                    batcher.generate()
                     self._flush()
                     continue
                 if self._stopping and not self._inbox:

@@ -1,14 +1,15 @@
 """Which llama.cpp sequence holds which conversation: per-session prefix reuse, LRU eviction.
 
-    >>> slots = KVSlots(model, count=17)
+    >>> slots = KVSlots(model, count=4)
     >>> slot, reused = slots.acquire("session-id", prompt)   # `reused` tokens need no decoding
     >>> ...                                                   # the engine appends to slot.tokens
     >>> slots.release(slot)        # idle: its cells stay for the session's next turn
 
-Each slot is one sequence id of the unified KV cache, and `slot.tokens` mirrors its cells
-position by position. A session's next turn (or a regenerate) starts with the tokens its
-previous turn left there: everything up to the first token that differs is not evaluated
-again. When sequence ids or cells run out, the least recently used idle slot is emptied.
+Each slot is one sequence id (with a KV stream of its own), and `slot.tokens` mirrors its
+cells position by position. A slot keeps what its last job left when the job ends, so a
+session's next turn (or a regenerate) starts from its previous turn: everything up to the
+first token that differs is not evaluated again. A job whose session has no slot takes an
+empty one, else the least recently used idle one (that session's cells are evicted).
 """
 
 from __future__ import annotations
@@ -35,11 +36,6 @@ class KVSlots:
         self._memory = memory
         self._slots = [Slot(seq_id) for seq_id in range(count)]
         self._clock = 0
-
-    @property
-    def cells(self) -> int:
-        """KV cells in use by every slot, busy or idle."""
-        return sum(len(slot.tokens) for slot in self._slots)
 
     def acquire(self, key: Hashable | None, prompt: list[int]) -> tuple[Slot, int]:
         """A free slot for `prompt`, trimmed to the prefix it shares with it.
@@ -85,16 +81,6 @@ class KVSlots:
         self._memory.forget(slot.seq_id)
         slot.tokens.clear()
         slot.owner = None
-
-    def evict(self) -> int:
-        """Empty the least recently used idle slot; how many cells that freed (0: none to free)."""
-        cached = [slot for slot in self._slots if not slot.busy and slot.tokens]
-        if not cached:
-            return 0
-        victim = min(cached, key=lambda s: s.last_used)
-        freed = len(victim.tokens)
-        self.clear(victim)
-        return freed
 
     def _touch(self, slot: Slot) -> None:
         self._clock += 1

@@ -1,6 +1,6 @@
 """The loaded GGUF model and its llama.cpp context: tokens in, one batch decoded, logits out.
 
-    >>> model = Model.load(path, n_ctx=4096, n_batch=512, n_seq=8, ...)   # on the engine thread
+    >>> model = Model.load(path, n_ctx=4096, n_batch=512, n_seq=4, ...)   # on the engine thread
     >>> tokens = model.tokenize("<|im_start|>user\\nHi<|im_end|>\\n", add_bos=False)
     >>> model.batch.add(tokens[0], pos=0, seq_id=3, logits=True)
     >>> model.decode()                      # 0 ok, 1 no room in the KV cache, other: failure
@@ -9,11 +9,13 @@ Not thread-safe: created, used and closed on the engine thread only.
 
 Loading, tokenizing, detokenizing and metadata use llama-cpp-python's own `LlamaModel`, the
 object inside `Llama`, so tokens and text are exactly what `Llama` gives. The context is made
-here with the raw API because `Llama` cannot ask for several sequences: `n_seq_max` sequence
-ids over one *unified* KV cache of `n_ctx` cells, so every conversation may use the whole
-context and idle sessions keep their cells until the space is needed. Everything else is `Llama`'s default,
-flash attention off included: on a cold single sequence the arithmetic is the same as
-llama-cpp-python's, so greedy replies are identical.
+here with the raw API because `Llama` cannot ask for several sequences: `n_seq` sequence ids,
+each with a KV stream of its own of `n_ctx` cells (`kv_unified` off, as llama-server's
+slots). Measured on CPU: over a unified cache the logits of a sequence change with what else
+is in the batch (greedy replies drift after a few tokens); with a stream per sequence one
+token of each sequence per batch gives bit-identical logits to decoding it alone, and each
+token attends to its own conversation only. Everything else is `Llama`'s default, flash
+attention off included, so a single sequence computes what llama-cpp-python computes.
 """
 
 from __future__ import annotations
@@ -66,14 +68,14 @@ class Batch:
 
 
 class Model:
-    """One GGUF model with one llama.cpp context of `n_seq` sequences over `n_ctx` KV cells."""
+    """One GGUF model with one llama.cpp context of `n_seq` sequences of `n_ctx` KV cells each."""
 
     def __init__(self, model: _internals.LlamaModel, context: _internals.LlamaContext,
                  n_batch: int) -> None:
         self._model = model
         self.context = context
         self.metadata = model.metadata()
-        self.n_ctx = context.n_ctx()
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(context.ctx)   # per sequence
         self.n_seq = llama_cpp.llama_n_seq_max(context.ctx)
         self.n_vocab = model.n_vocab()
         self.batch = Batch(n_batch)
@@ -90,11 +92,11 @@ class Model:
         model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=verbose)
         n_batch = min(n_ctx, n_batch)
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
+        params.n_ctx = n_ctx * n_seq               # llama.cpp splits it evenly among the streams
         params.n_batch = n_batch
         params.n_ubatch = min(n_batch, 512)        # Llama(n_ubatch=512)
         params.n_seq_max = n_seq
-        params.kv_unified = True
+        params.kv_unified = False
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED   # Llama's default
