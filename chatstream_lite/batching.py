@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(eq=False)
 class _Sequence:
     """One running job on the thread: its prompt, KV slot, sampler and reply so far."""

@@ -44,8 +44,18 @@ from .prompt import ChatTemplate, Message
 from .sampling import SamplingParams
 
 __all__ = [
-    "Engine", "EngineConfig", "EngineStats", "Event", "Failed", "Finished",
-    "FinishReason", "Job", "ModelInfo", "Piece", "SamplingParams", "Started",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "Event",
+    "Failed",
+    "FinishReason",
+    "Finished",
+    "Job",
+    "ModelInfo",
+    "Piece",
+    "SamplingParams",
+    "Started",
 ]
 
 log = logging.getLogger(__name__)
