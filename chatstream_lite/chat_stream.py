@@ -59,6 +59,7 @@ _HISTORY_FIELD = "chat"                       # session field holding ChatPrompt
 # How often a waiting request looks at its connection. A closed socket is seen at the next
 # poll (aiohttp does not cancel handlers); while streaming, a failed write sees it at once.
 DISCONNECT_POLL_INTERVAL = 0.02
+DEFAULT_SHUTDOWN_GRACE = 10.0
 
 
 class ChatStream:
@@ -87,6 +88,7 @@ class ChatStream:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         session_idle_ttl: int = DEFAULT_IDLE_TTL,
         cookie_secure: bool = False,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         verbose: bool = False,
     ) -> None:
         if max_new_tokens < 1 or max_new_tokens >= n_ctx:
@@ -118,12 +120,18 @@ class ChatStream:
             max_sessions=max_sessions, idle_ttl=session_idle_ttl, secure=cookie_secure or None
         )
         self.session_locks = SessionLocks()
+        self.shutdown_grace = shutdown_grace
+        self.draining = False
+        self._in_flight: set[Job] = set()     # accepted requests whose callback is pending
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # -- wiring into an aiohttp application -------------------------------------------------
     def setup(self, app: web.Application) -> None:
         """Install the session middleware and run the engine on the app's lifecycle."""
         aiohttp_session.setup(app, self.session_storage)
         app.cleanup_ctx.append(self._engine_context)
+        app.on_shutdown.append(lambda _app: self.drain())
         app[CHAT_STREAM_KEY] = self
 
     async def _engine_context(self, app: web.Application) -> AsyncIterator[None]:
@@ -132,6 +140,24 @@ class ChatStream:
                  "on" if info.gpu_offload else "off")
         yield
         await self.engine.close()
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting (new requests get 503), give running streams `grace` seconds to
+        finish, then cancel the rest; returns once every accepted request had its callback.
+
+        The CLI calls this on SIGTERM/SIGINT while still listening; `setup()` also hooks it
+        to `app.on_shutdown` so an embedding app that uses `web.run_app` drains too.
+        """
+        self.draining = True
+        grace = self.shutdown_grace if grace is None else grace
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("shutdown: %d request(s) still running after %.1fs; cancelling them",
+                        len(self._in_flight), grace)
+            for job in list(self._in_flight):
+                job.cancel()
+            await self._idle.wait()
 
     # -- sessions ---------------------------------------------------------------------------
     def new_chat_prompt(self) -> ChatPrompt:
@@ -194,6 +220,8 @@ class ChatStream:
         `callback(request, message)`: called once when the stream ends; sync or async.
         """
         received = time.monotonic()
+        if self.draining:
+            return error_response(ServiceUnavailable("The server is shutting down."))
         try:
             body = request_body if request_body is not None else await read_body(
                 request, self.max_body_size)
@@ -212,18 +240,29 @@ class ChatStream:
             await self.session_locks.release(session_id)
             return error_response(error)
         # Accepted: from here on, exactly one callback.
+        self._in_flight.add(job)
+        self._idle.clear()
         try:
             exchange = _Exchange(request, job, received)
-            response = await exchange.run(lambda r: self._save_prompt(request, r, session, history))
-            history = self._settle_history(history, turn, exchange)
-            await self._save_prompt(request, response, session, history)
+            try:
+                response = await exchange.run(
+                    lambda r: self._save_prompt(request, r, session, history))
+                history = self._settle_history(history, turn, exchange)
+                try:
+                    await self._save_prompt(request, response, session, history)
+                except Exception:  # noqa: BLE001 - the stream is over; still one callback
+                    log.exception("could not save the session history")
+            finally:
+                await self.session_locks.release(session_id)
+            request[_PROMPT_KEY] = history
+            exchange.log_line()
+            if exchange.status is not None:
+                await _call_back(callback, request, exchange.status)
+            return response
         finally:
-            await self.session_locks.release(session_id)
-        request[_PROMPT_KEY] = history
-        exchange.log_line()
-        if exchange.status is not None:
-            await _call_back(callback, request, exchange.status)
-        return response
+            self._in_flight.discard(job)
+            if not self._in_flight:
+                self._idle.set()
 
     # -- history ----------------------------------------------------------------------------
     @staticmethod

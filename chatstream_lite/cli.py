@@ -7,15 +7,18 @@ the command line wins over the variable.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
 from aiohttp import web
 
 from .app import create_app
-from .chat_stream import ChatStream
+from .chat_stream import DEFAULT_SHUTDOWN_GRACE, ChatStream
+from .cors import setup_cors
 from .model_file import ModelNotFound
 
 log = logging.getLogger("chatstream_lite")
@@ -64,7 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
            "generations running at once", int)
     option("--system-prompt", "SYSTEM_PROMPT", None, "system prompt put before every conversation")
     option("--log-level", "LOG_LEVEL", "INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
+    option("--shutdown-grace", "SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, "on SIGTERM/SIGINT: "
+           "seconds running streams may take to finish before they are cancelled", float)
+    parser.add_argument("--cookie-secure", action="store_true",
+                        default=_env("COOKIE_SECURE", False, _flag),
+                        help=f"mark the session cookie Secure (behind HTTPS) "
+                             f"[env: {ENV_PREFIX}COOKIE_SECURE]")
+    parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                        default=_env("CORS_ORIGIN", None, lambda v: v.split(",")),
+                        help="allow cross-origin calls from this origin (repeatable); CORS is "
+                             f"off without it [env: {ENV_PREFIX}CORS_ORIGIN, comma-separated]")
     return parser
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_queue_size=args.max_queue_size,
             num_of_concurrent_executions=args.num_of_concurrent_executions,
             system_prompt=args.system_prompt,
+            cookie_secure=args.cookie_secure,
+            shutdown_grace=args.shutdown_grace,
         )
     except ModelNotFound as error:
         print(f"error: {error}", file=sys.stderr)
@@ -90,6 +113,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    web.run_app(create_app(chat_stream), host=args.host, port=args.port,
-                print=lambda text: log.info("%s", text.strip()))
+    app = create_app(chat_stream)
+    setup_cors(app, args.cors_origin or ())
+    asyncio.run(serve(app, chat_stream, args.host, args.port))
     return 0
+
+
+async def serve(app: web.Application, chat_stream: ChatStream, host: str, port: int) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully.
+
+    Unlike `web.run_app`, which stops listening first, we keep the socket open while
+    running streams finish, so that a new request gets a clear 503 instead of a refused
+    connection; then the model is closed on its own thread (the engine's cleanup).
+    """
+    runner = web.AppRunner(app, handle_signals=False,
+                           shutdown_timeout=chat_stream.shutdown_grace + 5)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("serving on http://%s:%d (POST /chat_stream, POST /clear_context)", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("shutting down: new requests get 503; running streams have %.1fs to finish",
+                 chat_stream.shutdown_grace)
+        await chat_stream.drain()
+    finally:
+        await runner.cleanup()
+    log.info("stopped")

@@ -1,0 +1,83 @@
+"""SIGTERM with a stream in flight: 503 for newcomers, the stream finishes (or is ended
+cleanly after the grace period), the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from .test_cli import ROOT, _env, _free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+STORY = {"user_input": "Write a very long story about a dragon.", "temperature": 0.0,
+         "repeat_penalty": 1.0}
+
+
+async def _start(grace: float) -> tuple[subprocess.Popen[str], str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatstream_lite", "--port", str(port), "--n-ctx", "2048",
+         "--max-new-tokens", "1000", "--shutdown-grace", str(grace)],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as client:
+        for _ in range(300):
+            try:
+                async with client.post(f"{url}/clear_context"):
+                    return process, url
+            except aiohttp.ClientConnectionError:
+                assert process.poll() is None, process.communicate()[0]
+                await asyncio.sleep(0.1)
+    raise AssertionError("the server did not start")
+
+
+async def _new_request_during_shutdown(url: str) -> tuple[int, dict[str, str]]:
+    async with aiohttp.ClientSession() as other:
+        async with other.post(f"{url}/chat_stream", json={"user_input": "Hi"}) as response:
+            return response.status, await response.json()
+
+
+async def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests() -> None:
+    process, url = await _start(grace=60)
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.post(f"{url}/chat_stream", json={**STORY, "max_new_tokens": 150}) as response:
+                first = await response.content.readany()
+                process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                status, error = await _new_request_during_shutdown(url)
+                rest = await response.read()  # the whole reply, ended cleanly
+        assert first and rest
+        assert status == 503 and error["error"] == "service_unavailable"
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.communicate()[0]
+    assert "shutting down" in log
+    assert log.index("shutting down") < log.index("status=success")
+    assert "tokens=150" in log
+
+
+async def test_streams_still_running_after_the_grace_period_are_ended_cleanly() -> None:
+    process, url = await _start(grace=1)
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.post(f"{url}/chat_stream", json={**STORY, "max_new_tokens": 1000}) as response:
+                assert await response.content.readany()
+                process.send_signal(signal.SIGTERM)
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()  # cut off: the reply is visibly incomplete
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.communicate()[0]
+    assert "still running after 1.0s; cancelling" in log
+    assert "status=unknown_error_occurred" in log and "stopped" in log
