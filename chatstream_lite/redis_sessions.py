@@ -130,6 +130,8 @@ class RedisSessionLocks:
         self._held: dict[str, _Held] = {}
 
     async def acquire(self, session_id: str) -> bool:
+        if session_id in self._held:  # still running here, even if its Redis key lapsed
+            return False
         lock = self._client.lock(LOCK_KEY_PREFIX + session_id, timeout=self.ttl,
                                  blocking=False, thread_local=False)
         try:

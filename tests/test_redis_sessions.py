@@ -71,6 +71,7 @@ async def test_releasing_an_expired_lock_never_frees_the_new_holders_lock(client
     replica_b = RedisSessionLocks(client)
     assert await replica_a.acquire("s3")
     await client.delete(LOCK_KEY_PREFIX + "s3")    # as if it had expired while Redis was away
+    assert not await replica_a.acquire("s3")       # A knows its own request still runs
     assert await replica_b.acquire("s3")
     await replica_a.release("s3")                  # compare-and-delete: B's token differs
     assert await client.exists(LOCK_KEY_PREFIX + "s3") == 1
