@@ -12,8 +12,8 @@ by itself within `DEFAULT_LOCK_TTL`.
 
 Redis out of reach never hangs a request and never makes a 500: every command has a socket
 timeout (one immediate retry when a connection breaks: a pooled one is stale after a Redis
-restart), and its failure becomes `SessionStoreUnavailable`, a JSON 503. The client reconnects on its own, so
-the server recovers by itself when Redis is back.
+restart), and its failure becomes `SessionStoreUnavailable`, a JSON 503. The client
+reconnects on its own, so the server recovers by itself when Redis is back.
 """
 
 from __future__ import annotations

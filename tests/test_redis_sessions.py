@@ -49,7 +49,8 @@ async def test_a_lock_whose_replica_died_expires_by_itself(redis_server: RedisSe
         "import asyncio, os, signal\n"
         "from chatstream_lite.redis_sessions import RedisSessionLocks, connect\n"
         "async def main():\n"
-        f"    assert await RedisSessionLocks(connect({redis_server.url!r}), ttl=1.0).acquire('s2')\n"
+        f"    locks = RedisSessionLocks(connect({redis_server.url!r}), ttl=1.0)\n"
+        "    assert await locks.acquire('s2')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "asyncio.run(main())\n"
     )
