@@ -10,7 +10,7 @@
     app.router.add_post("/chat_stream", stream_api)
 
 Every accepted request (valid, session free, admitted to the queue) gets exactly one callback
-with a `StreamStatus`; rejected ones (4xx, 429) get none and change nothing.
+with a `StreamStatus`; rejected ones (4xx, 429, 503) get none and change nothing.
 """
 
 from __future__ import annotations
