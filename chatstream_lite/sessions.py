@@ -112,6 +112,7 @@ class MemoryStorage(AbstractStorage):
 class Locks(Protocol):
     """At most one request in flight per session id: `acquire` is False while another holds it.
 
+    `acquire` raises `SessionStoreUnavailable` when it cannot tell (the store is away);
     `release` never raises: a lock that cannot be released must expire by itself.
     """
 
