@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     option("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS", 1,
            "generations running at once", int)
     option("--system-prompt", "SYSTEM_PROMPT", None, "system prompt put before every conversation")
+    option("--session-store", "SESSION_STORE", "memory", "where session histories live: "
+           "'memory' (this process) or redis://HOST:PORT/DB, shared by every replica")
+    option("--session-idle-ttl", "SESSION_IDLE_TTL", 24 * 3600, "seconds a session's history "
+           "is kept after its last turn", int)
     option("--log-level", "LOG_LEVEL", "INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
     return parser
 
@@ -83,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_queue_size=args.max_queue_size,
             num_of_concurrent_executions=args.num_of_concurrent_executions,
             system_prompt=args.system_prompt,
+            session_store=args.session_store,
+            session_idle_ttl=args.session_idle_ttl,
         )
     except ModelNotFound as error:
         print(f"error: {error}", file=sys.stderr)
