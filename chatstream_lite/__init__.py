@@ -12,7 +12,8 @@ from .engine import SamplingParams
 from .errors import ChatStreamError
 from .model_file import ModelNotFound, default_model_path
 from .prompt import ChatPrompt, ChatTemplate
-from .sessions import MemoryStorage
+from .redis_sessions import RedisSessionStore
+from .sessions import MemorySessionStore, MemoryStorage, SessionStore
 from .status import StreamStatus
 
 __all__ = [
@@ -20,9 +21,12 @@ __all__ = [
     "ChatStream",
     "ChatStreamError",
     "ChatTemplate",
+    "MemorySessionStore",
     "MemoryStorage",
     "ModelNotFound",
+    "RedisSessionStore",
     "SamplingParams",
+    "SessionStore",
     "StreamStatus",
     "create_app",
     "default_model_path",

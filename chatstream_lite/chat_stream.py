@@ -10,7 +10,7 @@
     app.router.add_post("/chat_stream", stream_api)
 
 Every accepted request (valid, session free, admitted to the queue) gets exactly one callback
-with a `StreamStatus`; rejected ones (4xx, 429) get none and change nothing.
+with a `StreamStatus`; rejected ones (4xx, 429, 503) get none and change nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Union
 
 import aiohttp_session
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiohttp_session import AbstractStorage, Session, get_session
+from redis.asyncio import Redis
 
 from .chat_request import DEFAULT_MAX_BODY_SIZE, ChatRequest, parse_chat_request, read_body
 from .engine import Engine, EngineConfig, Failed, Finished, Job, Piece, SamplingParams, Started
@@ -35,15 +37,18 @@ from .errors import (
     GenerationFailed,
     ServiceUnavailable,
     SessionBusy,
+    SessionStoreUnavailable,
     error_response,
 )
 from .model_file import resolve_model_path
 from .prompt import ChatPrompt
+from .redis_sessions import RedisSessionStore
 from .sessions import (
     DEFAULT_IDLE_TTL,
     DEFAULT_MAX_SESSIONS,
+    MemorySessionStore,
     MemoryStorage,
-    SessionLocks,
+    SessionStore,
     ensure_identity,
 )
 from .status import StreamStatus
@@ -84,6 +89,7 @@ class ChatStream:
         system_prompt: str | None = None,
         stop: list[str] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        session_store: str | Redis | SessionStore | None = None,
         session_storage: AbstractStorage | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         session_idle_ttl: int = DEFAULT_IDLE_TTL,
@@ -116,10 +122,9 @@ class ChatStream:
         )
         self.system_prompt = system_prompt
         self.max_body_size = max_body_size
-        self.session_storage = session_storage or MemoryStorage(
-            max_sessions=max_sessions, idle_ttl=session_idle_ttl, secure=cookie_secure or None
-        )
-        self.session_locks = SessionLocks()
+        self.session_store = _open_session_store(
+            session_store, session_storage, max_sessions=max_sessions,
+            idle_ttl=session_idle_ttl, secure=cookie_secure or None)
         self.shutdown_grace = shutdown_grace
         self.draining = False
         self._in_flight: set[Job] = set()     # accepted requests whose callback is pending
@@ -129,10 +134,20 @@ class ChatStream:
     # -- wiring into an aiohttp application -------------------------------------------------
     def setup(self, app: web.Application) -> None:
         """Install the session middleware and run the engine on the app's lifecycle."""
-        aiohttp_session.setup(app, self.session_storage)
+        app.middlewares.append(_session_store_errors)  # outside the session middleware's save
+        aiohttp_session.setup(app, self.session_store.storage)
+        app.cleanup_ctx.append(self._session_store_context)
         app.cleanup_ctx.append(self._engine_context)
         app.on_shutdown.append(lambda _app: self.drain())
         app[CHAT_STREAM_KEY] = self
+
+    async def _session_store_context(self, app: web.Application) -> AsyncIterator[None]:
+        if await self.session_store.healthy():
+            log.info("sessions: %s", self.session_store)
+        else:  # not fatal: requests that need a session get 503 until it is back
+            log.warning("sessions: %s is unreachable", self.session_store)
+        yield
+        await self.session_store.close()
 
     async def _engine_context(self, app: web.Application) -> AsyncIterator[None]:
         info = await self.engine.start()
@@ -176,7 +191,7 @@ class ChatStream:
         self, request: web.Request, response: web.StreamResponse, session: Session, prompt: ChatPrompt
     ) -> None:
         session[_HISTORY_FIELD] = prompt.to_dict()
-        await self.session_storage.save_session(request, response, session)
+        await self.session_store.storage.save_session(request, response, session)
 
     def get_chat_prompt(self, request: web.Request) -> ChatPrompt:
         """The `ChatPrompt` of this request's session, e.g. inside the completion callback."""
@@ -192,12 +207,16 @@ class ChatStream:
     # -- endpoints --------------------------------------------------------------------------
     async def handle_clear_context_request(self, request: web.Request) -> web.Response:
         """Forget this session's history (its system prompt stays)."""
-        session = await get_session(request)
-        if session.new:
-            return web.json_response({"status": "cleared"})
-        session_id = ensure_identity(session)
-        if not await self.session_locks.acquire(session_id):
-            return error_response(SessionBusy("A request of this session is still running."))
+        locks = self.session_store.locks
+        try:
+            session = await get_session(request)
+            if session.new:
+                return web.json_response({"status": "cleared"})
+            session_id = ensure_identity(session)
+            if not await locks.acquire(session_id):
+                raise SessionBusy("A request of this session is still running.")
+        except ChatStreamError as error:
+            return error_response(error)
         try:
             prompt = self._load_prompt(session)
             prompt.clear_history()
@@ -205,8 +224,10 @@ class ChatStream:
             await self._save_prompt(request, response, session, prompt)
             request[_PROMPT_KEY] = prompt
             return response
+        except SessionStoreUnavailable as error:
+            return error_response(error)
         finally:
-            await self.session_locks.release(session_id)
+            await locks.release(session_id)
 
     async def handle_chat_stream_request(
         self,
@@ -222,47 +243,59 @@ class ChatStream:
         received = time.monotonic()
         if self.draining:
             return error_response(ServiceUnavailable("The server is shutting down."))
+        locks = self.session_store.locks
         try:
             body = request_body if request_body is not None else await read_body(
                 request, self.max_body_size)
             chat_request = parse_chat_request(body, self.defaults)
             session = await get_session(request)
             session_id = ensure_identity(session)
+            if not await locks.acquire(session_id):
+                raise SessionBusy("This session already has a request in flight.")
         except ChatStreamError as error:
             return error_response(error)
-        if not await self.session_locks.acquire(session_id):
-            return error_response(SessionBusy("This session already has a request in flight."))
         try:
             history = self._load_prompt(session)
             turn = self._next_turn(history, chat_request)
             job = self.engine.submit(turn.get_contents(), chat_request.params)
         except ChatStreamError as error:
-            await self.session_locks.release(session_id)
+            await locks.release(session_id)
             return error_response(error)
+
+        async def end_turn(response: web.StreamResponse, exchange: _Exchange) -> None:
+            # Before the client sees the end of the reply: its next request, on any replica,
+            # must find this turn stored and the session free (not a 409).
+            nonlocal history
+            history = self._settle_history(history, turn, exchange)
+            if response.prepared:  # else nothing was streamed and the history is unchanged
+                await self._write_back(request, response, session, history)
+            await locks.release(session_id)
+
         # Accepted: from here on, exactly one callback.
         self._in_flight.add(job)
         self._idle.clear()
         try:
             exchange = _Exchange(request, job, received)
-            try:
-                response = await exchange.run(
-                    lambda r: self._save_prompt(request, r, session, history))
-                history = self._settle_history(history, turn, exchange)
-                try:
-                    await self._save_prompt(request, response, session, history)
-                except Exception:  # noqa: BLE001 - the stream is over; still one callback
-                    log.exception("could not save the session history")
-            finally:
-                await self.session_locks.release(session_id)
+            response = await exchange.run(
+                lambda r: self._save_prompt(request, r, session, history), end_turn)
             request[_PROMPT_KEY] = history
             exchange.log_line()
             if exchange.status is not None:
                 await _call_back(callback, request, exchange.status)
             return response
         finally:
+            await locks.release(session_id)  # already released by end_turn unless it broke
             self._in_flight.discard(job)
             if not self._in_flight:
                 self._idle.set()
+
+    async def _write_back(self, request: web.Request, response: web.StreamResponse,
+                          session: Session, history: ChatPrompt) -> None:
+        """Store the turn just streamed; with the store gone, the client still has its reply."""
+        try:
+            await self._save_prompt(request, response, session, history)
+        except SessionStoreUnavailable:
+            log.warning("the turn just streamed was not stored: the session store is unreachable")
 
     # -- history ----------------------------------------------------------------------------
     @staticmethod
@@ -287,6 +320,42 @@ class ChatStream:
         turn.add_responder_msg(exchange.reply)
         turn.drop_oldest_turns(exchange.dropped_messages)
         return turn
+
+
+def _open_session_store(
+    session_store: str | Redis | SessionStore | None,
+    session_storage: AbstractStorage | None,
+    *,
+    max_sessions: int,
+    idle_ttl: int,
+    secure: bool | None,
+) -> SessionStore:
+    """`session_store`: None or "memory" (this process), a redis:// URL or a Redis client
+    (shared by every replica), or a ready `SessionStore`. `session_storage`: any
+    aiohttp-session storage, with locks in this process."""
+    if session_store is not None and session_storage is not None:
+        raise ValueError("give session_store or session_storage, not both")
+    if session_store is None or session_store == "memory":
+        return MemorySessionStore(session_storage or MemoryStorage(
+            max_sessions=max_sessions, idle_ttl=idle_ttl, secure=secure))
+    if isinstance(session_store, Redis):
+        return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
+    if isinstance(session_store, str):
+        if not session_store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"session_store must be 'memory' or a redis://, rediss:// or "
+                             f"unix:// URL, not {session_store!r}")
+        return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
+    return session_store
+
+
+@web.middleware
+async def _session_store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A session store failure anywhere, the session middleware's own save included, is a
+    JSON 503 like our other errors, not aiohttp's 500."""
+    try:
+        return await handler(request)
+    except SessionStoreUnavailable as error:
+        return error_response(error)
 
 
 async def _call_back(callback: Callback | None, request: web.Request, status: StreamStatus) -> None:
@@ -322,6 +391,7 @@ class _Exchange:
         self.usage = _Usage()
         self._pieces: list[str] = []
         self._gone = False
+        self._turn_ended = False
 
     def _client_gone(self) -> None:
         self._gone = True
@@ -336,8 +406,13 @@ class _Exchange:
             await asyncio.sleep(DISCONNECT_POLL_INTERVAL)
 
     async def run(
-        self, before_headers: Callable[[web.StreamResponse], Awaitable[None]]
+        self,
+        before_headers: Callable[[web.StreamResponse], Awaitable[None]],
+        end_turn: Callable[[web.StreamResponse, _Exchange], Awaitable[None]],
     ) -> web.StreamResponse:
+        """Relay the job. `before_headers(response)` runs before the headers go out;
+        `end_turn(response, exchange)` runs once, when the outcome is known: for a complete
+        reply, before the client sees its end."""
         watcher = asyncio.create_task(self._watch())
         response: web.StreamResponse | None = None
         failure: BaseException | None = None
@@ -356,9 +431,15 @@ class _Exchange:
                     self.usage = _Usage(event.prompt_tokens, event.completion_tokens,
                                         event.generation_seconds)
                     if response is not None and not self._gone and event.reason != "cancelled":
+                        self.status = StreamStatus.SUCCESS
+                        self.reply = "".join(self._pieces)
+                        await self._end_turn(end_turn, response)
                         await self._end(response)
                 elif isinstance(event, Failed):
                     failure = event.error
+        except ChatStreamError as error:  # ours, e.g. the session store failing before headers
+            self.job.cancel()
+            failure = error
         except Exception as error:  # noqa: BLE001 - a bug here must still end in one callback
             log.exception("streaming failed")
             self.job.cancel()
@@ -366,7 +447,18 @@ class _Exchange:
         finally:
             watcher.cancel()
         self.reply = "".join(self._pieces)
-        return self._outcome(response, failure)
+        outcome = self._outcome(response, failure)
+        await self._end_turn(end_turn, outcome)
+        return outcome
+
+    async def _end_turn(
+        self,
+        end_turn: Callable[[web.StreamResponse, _Exchange], Awaitable[None]],
+        response: web.StreamResponse,
+    ) -> None:
+        if not self._turn_ended:
+            self._turn_ended = True
+            await end_turn(response, self)
 
     def _outcome(self, response: web.StreamResponse | None, failure: BaseException | None
                  ) -> web.StreamResponse:

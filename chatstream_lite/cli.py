@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     option("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS", 1,
            "generations running at once", int)
     option("--system-prompt", "SYSTEM_PROMPT", None, "system prompt put before every conversation")
+    option("--session-store", "SESSION_STORE", "memory", "where session histories live: "
+           "'memory' (this process) or redis://HOST:PORT/DB, shared by every replica")
+    option("--session-idle-ttl", "SESSION_IDLE_TTL", 24 * 3600, "seconds a session's history "
+           "is kept after its last turn", int)
     option("--log-level", "LOG_LEVEL", "INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
     option("--shutdown-grace", "SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, "on SIGTERM/SIGINT: "
            "seconds running streams may take to finish before they are cancelled", float)
@@ -106,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             system_prompt=args.system_prompt,
             cookie_secure=args.cookie_secure,
             shutdown_grace=args.shutdown_grace,
+            session_store=args.session_store,
+            session_idle_ttl=args.session_idle_ttl,
         )
     except ModelNotFound as error:
         print(f"error: {error}", file=sys.stderr)

@@ -74,6 +74,15 @@ class ServiceUnavailable(ChatStreamError):
         return {"Retry-After": "1"}
 
 
+class SessionStoreUnavailable(ServiceUnavailable):
+    """The session store (Redis) cannot be reached; requests that need a session wait for it.
+
+    Nothing is lost by the refusal, and the server recovers by itself when the store is back.
+    """
+
+    code = "session_store_unavailable"
+
+
 class GenerationFailed(ChatStreamError):
     """The model failed before the first piece of the reply was sent."""
 

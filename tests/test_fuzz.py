@@ -62,7 +62,7 @@ def _post(server: Server, body: bytes, cookie: str | None) -> tuple[int, dict[st
 
 
 def _stored(server: Server, session_id: str) -> Any:
-    storage = server.chat_stream.session_storage
+    storage = server.chat_stream.session_store.storage
     entry = storage._data.get(session_id)  # type: ignore[attr-defined]
     return json.loads(entry[1])["session"] if entry else None
 

@@ -53,7 +53,7 @@ async def test_an_unknown_session_id_from_the_client_is_never_adopted(server: Se
             await response.read()
             issued = response.cookies[COOKIE].value
     assert issued != chosen and len(issued) >= 43
-    storage = server.chat_stream.session_storage
+    storage = server.chat_stream.session_store.storage
     assert chosen not in storage._data and issued in storage._data  # type: ignore[attr-defined]
 
 
