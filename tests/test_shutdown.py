@@ -13,7 +13,7 @@ import pytest
 
 from .test_cli import ROOT, _env, _free_port
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(600)
 
 STORY = {"user_input": "Write a very long story about a dragon.", "temperature": 0.0,
          "repeat_penalty": 1.0}
@@ -44,10 +44,10 @@ async def _new_request_during_shutdown(url: str) -> tuple[int, dict[str, str]]:
 
 
 async def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests() -> None:
-    process, url = await _start(grace=60)
+    process, url = await _start(grace=300)
     try:
         async with aiohttp.ClientSession() as client:
-            async with client.post(f"{url}/chat_stream", json={**STORY, "max_new_tokens": 150}) as response:
+            async with client.post(f"{url}/chat_stream", json={**STORY, "max_new_tokens": 60}) as response:
                 first = await response.content.readany()
                 process.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.3)
@@ -55,14 +55,14 @@ async def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests() -
                 rest = await response.read()  # the whole reply, ended cleanly
         assert first and rest
         assert status == 503 and error["error"] == "service_unavailable"
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=300) == 0
     finally:
         if process.poll() is None:
             process.kill()
     log = process.communicate()[0]
     assert "shutting down" in log
     assert log.index("shutting down") < log.index("status=success")
-    assert "tokens=150" in log
+    assert "tokens=60" in log
 
 
 async def test_streams_still_running_after_the_grace_period_are_ended_cleanly() -> None:
