@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from chatstream_lite import ChatStream, default_model_path
+from chatstream_lite import ChatStream, create_app, default_model_path
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
 
@@ -97,9 +97,17 @@ def build_app(chat_stream: ChatStream, recorder: Recorder) -> web.Application:
     return app
 
 
-async def start_server(chat_stream: ChatStream) -> Server:
+def build_full_app(chat_stream: ChatStream, recorder: Recorder) -> web.Application:
+    """What `python -m chatstream_lite` serves (every endpoint and the UI), with callbacks."""
+    return create_app(chat_stream, callback=recorder.callback_for(chat_stream))
+
+
+AppBuilder = Callable[[ChatStream, Recorder], web.Application]
+
+
+async def start_server(chat_stream: ChatStream, build: AppBuilder = build_app) -> Server:
     recorder = Recorder()
-    runner = web.AppRunner(build_app(chat_stream, recorder))
+    runner = web.AppRunner(build(chat_stream, recorder))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -107,8 +115,8 @@ async def start_server(chat_stream: ChatStream) -> Server:
     return Server(chat_stream, recorder, runner, host, port)
 
 
-async def serve(chat_stream: ChatStream) -> AsyncIterator[Server]:
-    server = await start_server(chat_stream)
+async def serve(chat_stream: ChatStream, build: AppBuilder = build_app) -> AsyncIterator[Server]:
+    server = await start_server(chat_stream, build)
     try:
         yield server
     finally:
@@ -189,3 +197,21 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
             await asyncio.sleep(0.01)
     await asyncio.wait_for(poll(), timeout)
 
+
+
+async def scrape(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """`GET /metrics`, parsed by prometheus-client's own parser: {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as client:
+        async with client.get(server.url + "/metrics") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            text = await response.text()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def sample(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+           **labels: str) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
