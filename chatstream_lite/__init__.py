@@ -10,7 +10,9 @@ from .app import create_app
 from .chat_stream import ChatStream
 from .engine import SamplingParams
 from .errors import ChatStreamError
+from .health import CheckResult
 from .model_file import ModelNotFound, default_model_path
+from .openai_api import OpenAIAPI
 from .prompt import ChatPrompt, ChatTemplate
 from .sessions import MemoryStorage
 from .status import StreamStatus
@@ -20,8 +22,10 @@ __all__ = [
     "ChatStream",
     "ChatStreamError",
     "ChatTemplate",
+    "CheckResult",
     "MemoryStorage",
     "ModelNotFound",
+    "OpenAIAPI",
     "SamplingParams",
     "StreamStatus",
     "create_app",

@@ -283,9 +283,9 @@ class ChatStream:
             self.request_rejected(ENDPOINT, error)
             return error_response(error)
         if not await self.session_locks.acquire(session_id):
-            error = SessionBusy("This session already has a request in flight.")
-            self.request_rejected(ENDPOINT, error)
-            return error_response(error)
+            busy = SessionBusy("This session already has a request in flight.")
+            self.request_rejected(ENDPOINT, busy)
+            return error_response(busy)
         try:
             history = self._load_prompt(session)
             turn = self._next_turn(history, chat_request)

@@ -27,7 +27,7 @@ log = logging.getLogger("chatstream_lite")
 ENV_PREFIX = "CHATSTREAM_"
 
 
-def _env(name: str, default: str | None, convert: Callable[[str], object] = str) -> object:
+def _env(name: str, default: object, convert: Callable[[str], object] = str) -> object:
     raw = os.environ.get(ENV_PREFIX + name)
     if raw is None:
         return default

@@ -156,8 +156,8 @@ class Exchange:
             self._client_gone()
 
     async def _settle(self, failure: BaseException | None) -> None:
-        if self.error is not None and self.status is None and not self._opened:
-            return  # refused by the framing
+        if self.error is not None:
+            return  # refused by the framing when the job started
         if isinstance(failure, ChatStreamError) and not self._opened:
             # Refused by the engine before it started (e.g. the prompt cannot fit): a
             # rejection like any other 4xx, so no callback and no change to the history.

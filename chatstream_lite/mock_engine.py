@@ -178,22 +178,19 @@ class MockEngine:
                 await self._wakeup.wait()
                 continue
             job = self._waiting.popleft()
-            task = asyncio.create_task(self._run(job))
-            self._running[job] = task
-            task.add_done_callback(lambda _, job=job: self._finished(job))
-
-    def _finished(self, job: MockJob) -> None:
-        self._running.pop(job, None)
-        self._wakeup.set()
-
-    def _encode(self, messages: list[Message]) -> list[int]:
-        return [0] * len(split_tokens(self._template.render(messages).text))
+            self._running[job] = asyncio.create_task(self._run(job))
 
     async def _run(self, job: MockJob) -> None:
         try:
             await self._generate(job)
         except Exception as error:  # noqa: BLE001 - a failure ends this job, as in Engine
             job._deliver(Failed(error))
+        finally:
+            self._running.pop(job, None)
+            self._wakeup.set()
+
+    def _encode(self, messages: list[Message]) -> list[int]:
+        return [0] * len(split_tokens(self._template.render(messages).text))
 
     async def _generate(self, job: MockJob) -> None:
         if job.cancelled:  # cancelled between leaving the queue and starting
