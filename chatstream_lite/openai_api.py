@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from .chat_request import SEED_LIMIT, integer_field, number_field, parse_json_object, read_body
+from .chat_request import integer_field, parse_json_object, read_body, sampling_params
 from .engine import Finished, FinishReason, SamplingParams, Started
 from .errors import (
     BadRequest,
@@ -146,28 +146,22 @@ def _content(content: Any, where: str) -> str:
 
 
 def _params(data: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
-    changes: dict[str, Any] = {}
+    """OpenAI's names for what /chat_stream calls max_new_tokens and stop; the rest shared."""
+    shared: dict[str, Any] = {
+        k: data[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed") if k in data}
+    params = sampling_params(shared, defaults)
     for name in ("max_tokens", "max_completion_tokens"):
         if (v := data.get(name)) is not None:
-            changes["max_new_tokens"] = integer_field(name, v, 1, defaults.max_new_tokens)
-    if (v := data.get("temperature")) is not None:
-        changes["temperature"] = number_field("temperature", v, 0.0, 2.0)
-    if (v := data.get("top_p")) is not None:
-        changes["top_p"] = number_field("top_p", v, 0.0, 1.0)
-    if (v := data.get("top_k")) is not None:
-        changes["top_k"] = integer_field("top_k", v, 0, 1_000_000)
-    if (v := data.get("repeat_penalty")) is not None:
-        changes["repeat_penalty"] = number_field("repeat_penalty", v, 0.0, 10.0)
-    if (v := data.get("seed")) is not None:
-        changes["seed"] = integer_field("seed", v, 0, SEED_LIMIT - 1)
+            params = replace(params, max_new_tokens=integer_field(
+                name, v, 1, defaults.max_new_tokens))
     if (v := data.get("stop")) is not None:
         stops = [v] if isinstance(v, str) else v
         if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
                 or not all(isinstance(s, str) and s for s in stops)):
             raise BadRequest(f"'stop' must be a string or a list of up to {MAX_STOP_STRINGS} "
                              "non-empty strings.", param="stop")
-        changes["stop"] = (*defaults.stop, *stops)
-    return replace(defaults, **changes)
+        params = replace(params, stop=(*defaults.stop, *stops))
+    return params
 
 
 class _Completion:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 import aiohttp
+import llama_cpp
 import pytest
 from aiohttp import web
 
@@ -215,3 +216,17 @@ async def scrape(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]],
 def sample(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
            **labels: str) -> float:
     return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+def llama_cpp_reference(model_path: str, question: str, *, n_ctx: int, n_threads: int,
+                        max_tokens: int) -> str:
+    """llama-cpp-python's own greedy streamed chat completion: what we must reproduce."""
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+    try:
+        pieces = llm.create_chat_completion(
+            [{"role": "user", "content": question}], max_tokens=max_tokens, stream=True,
+            temperature=0.0, repeat_penalty=1.0,
+        )
+        return "".join(p["choices"][0]["delta"].get("content", "") for p in pieces)  # type: ignore[index, union-attr]
+    finally:
+        llm.close()

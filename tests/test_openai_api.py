@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from functools import partial
 from typing import AsyncIterator
 
 import aiohttp
-import llama_cpp
 import openai
 import pytest
 import pytest_asyncio
@@ -17,7 +17,17 @@ from openai import AsyncOpenAI
 from chatstream_lite import ChatStream
 from chatstream_lite.auth import ApiKey
 
-from .conftest import Gate, RawStream, Server, build_full_app, sample, scrape, serve, wait_until
+from .conftest import (
+    Gate,
+    RawStream,
+    Server,
+    build_full_app,
+    llama_cpp_reference,
+    sample,
+    scrape,
+    serve,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,6 +57,11 @@ async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
         yield c
 
 
+def _more(after: dict, before: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    """How much a metric grew between two scrapes."""
+    return sample(after, name, **labels) - sample(before, name, **labels)
+
+
 def _model_id(server: Server) -> str:
     info = server.chat_stream.engine.model_info
     assert info is not None
@@ -65,18 +80,9 @@ async def test_japanese_streams_intact_and_equals_llama_cpp_python(
     ours = "".join(deltas)
     assert all("\ufffd" not in d for d in deltas), "a chunk split a character"
 
-    def reference() -> str:
-        llm = llama_cpp.Llama(model_path=model_path, n_ctx=N_CTX,
-                              n_threads=server.chat_stream.engine.threads, verbose=False)
-        try:
-            pieces = llm.create_chat_completion(
-                [{"role": "user", "content": question}], max_tokens=48, stream=True,
-                temperature=0.0, repeat_penalty=1.0)
-            return "".join(p["choices"][0]["delta"].get("content", "") for p in pieces)
-        finally:
-            llm.close()
-
-    expected = await asyncio.get_running_loop().run_in_executor(None, reference)
+    expected = await asyncio.get_running_loop().run_in_executor(None, partial(
+        llama_cpp_reference, model_path, question, n_ctx=N_CTX,
+        n_threads=server.chat_stream.engine.threads, max_tokens=48))
     assert any(ord(c) > 0x3000 for c in expected), "the reference reply should contain Japanese"
     assert ours == expected
 
@@ -176,10 +182,8 @@ async def test_messages_that_do_not_fit_are_400_context_length_exceeded(
     error = caught.value.response.json()["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
     after = await scrape(server)
-    assert sample(after, "chatstream_rejected_requests_total", endpoint=ENDPOINT,
-                  code="context_length_exceeded") == sample(
-        before, "chatstream_rejected_requests_total", endpoint=ENDPOINT,
-        code="context_length_exceeded") + 1
+    assert _more(after, before, "chatstream_rejected_requests_total", endpoint=ENDPOINT,
+                 code="context_length_exceeded") == 1
     await wait_until(lambda: server.chat_stream.engine.running == 0)  # the job was cancelled
 
 
@@ -231,10 +235,8 @@ async def test_closing_a_stream_stops_generation_within_one_token(
     release.set()
     await wait_until(lambda: engine.running == 0)
     after = await scrape(server)
-    assert sample(after, "chatstream_requests_total", endpoint=ENDPOINT,
-                  status="client_disconnected_while_streaming") == sample(
-        before, "chatstream_requests_total", endpoint=ENDPOINT,
-        status="client_disconnected_while_streaming") + 1
+    assert _more(after, before, "chatstream_requests_total", endpoint=ENDPOINT,
+                 status="client_disconnected_while_streaming") == 1
     # The first token, then the one in flight when the client left; no more.
     assert engine.stats.completion_tokens - tokens_before == 2
 
@@ -254,10 +256,8 @@ async def test_client_leaving_a_non_streaming_request_stops_it(server: Server) -
     gate.open()
     await wait_until(lambda: engine.running == 0)
     after = await scrape(server)
-    assert sample(after, "chatstream_requests_total", endpoint=ENDPOINT,
-                  status="client_disconnected_before_streaming") == sample(
-        before, "chatstream_requests_total", endpoint=ENDPOINT,
-        status="client_disconnected_before_streaming") + 1
+    assert _more(after, before, "chatstream_requests_total", endpoint=ENDPOINT,
+                 status="client_disconnected_before_streaming") == 1
     assert engine.stats.completion_tokens - tokens_before == 1, "only the token in flight"
 
 

@@ -36,6 +36,10 @@ pytestmark = [
 # to run headless as root in a container without a GPU or network.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update"]
+# Playwright waits 5-30 s by default; a busy 2-core CI machine evaluating a prompt may need
+# longer. pytest-timeout still bounds every test.
+WAIT_MS = 90_000
+expect.set_options(timeout=WAIT_MS)
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -77,6 +81,7 @@ async def _history(server: Server) -> list[dict[str, str]]:
 
 async def test_send_stop_regenerate_clear_in_chromium(server: Server, browser: Browser) -> None:
     context = await browser.new_context(viewport={"width": 900, "height": 640})
+    context.set_default_timeout(WAIT_MS)
     page = await context.new_page()
     recorder = server.recorder
     ARTIFACTS.mkdir(exist_ok=True)
@@ -146,6 +151,7 @@ async def test_send_stop_regenerate_clear_in_chromium(server: Server, browser: B
 
 async def test_busy_session_is_explained_in_words(server: Server, browser: Browser) -> None:
     context = await browser.new_context()   # two tabs, one cookie jar: one chat session
+    context.set_default_timeout(WAIT_MS)
     first, second = await context.new_page(), await context.new_page()
     ARTIFACTS.mkdir(exist_ok=True)
     try:
