@@ -14,7 +14,8 @@ from .health import CheckResult
 from .model_file import ModelNotFound, default_model_path
 from .openai_api import OpenAIAPI
 from .prompt import ChatPrompt, ChatTemplate
-from .sessions import MemoryStorage
+from .redis_sessions import RedisSessionStore
+from .sessions import MemorySessionStore, MemoryStorage, SessionStore
 from .status import StreamStatus
 
 __all__ = [
@@ -23,10 +24,13 @@ __all__ = [
     "ChatStreamError",
     "ChatTemplate",
     "CheckResult",
+    "MemorySessionStore",
     "MemoryStorage",
     "ModelNotFound",
     "OpenAIAPI",
+    "RedisSessionStore",
     "SamplingParams",
+    "SessionStore",
     "StreamStatus",
     "create_app",
     "default_model_path",

@@ -1,6 +1,7 @@
 """The standalone server's application: every endpoint, the chat UI, JSON errors everywhere.
 
     app = create_app(ChatStream())      # what `python -m chatstream_lite` serves
+    # POST /chat_stream, POST /clear_context, GET /health
     web.run_app(app)
 
 Routes: `POST /chat_stream`, `POST /clear_context` (ChatStream's API), `POST

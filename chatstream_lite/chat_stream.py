@@ -10,8 +10,8 @@
     app.router.add_post("/chat_stream", stream_api)
 
 Every accepted request (valid, session free, admitted to the queue) gets exactly one callback
-with a `StreamStatus`; rejected ones (4xx, 429) get none and change nothing. Both kinds pass
-one place each, `request_finished` and `request_rejected`, which count them in `metrics`.
+with a `StreamStatus`; rejected ones (4xx, 429, 503) get none and change nothing. Both kinds
+pass one place each, `request_finished` and `request_rejected`, which count them in `metrics`.
 
 `ChatStream(mock=True)` swaps the model for `MockEngine` (canned text at a set pace) behind
 the same queue, disconnect detection and callbacks.
@@ -28,24 +28,34 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence, Union
 
 import aiohttp_session
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiohttp_session import AbstractStorage, Session, get_session
+from redis.asyncio import Redis
 
 from .auth import DEFAULT_PROTECTED, ApiKey
 from .chat_request import DEFAULT_MAX_BODY_SIZE, ChatRequest, parse_chat_request, read_body
 from .engine import Engine, EngineConfig, Finished, SamplingParams, Started
 from .engine_protocol import EngineProtocol
-from .errors import BadRequest, ChatStreamError, SessionBusy, error_response
+from .errors import (
+    BadRequest,
+    ChatStreamError,
+    SessionBusy,
+    SessionStoreUnavailable,
+    error_response,
+)
 from .exchange import Exchange
 from .health import CheckResult, Health
 from .metrics import Metrics
 from .mock_engine import DEFAULT_DELAY, MockEngine
 from .model_file import resolve_model_path
 from .prompt import ChatPrompt
+from .redis_sessions import RedisSessionStore
 from .sessions import (
     DEFAULT_IDLE_TTL,
     DEFAULT_MAX_SESSIONS,
+    MemorySessionStore,
     MemoryStorage,
-    SessionLocks,
+    SessionStore,
     ensure_identity,
 )
 from .status import StreamStatus
@@ -82,6 +92,7 @@ class ChatStream:
         system_prompt: str | None = None,
         stop: list[str] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        session_store: str | Redis | SessionStore | None = None,
         session_storage: AbstractStorage | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         session_idle_ttl: int = DEFAULT_IDLE_TTL,
@@ -126,14 +137,14 @@ class ChatStream:
         )
         self.system_prompt = system_prompt
         self.max_body_size = max_body_size
-        self.session_storage = session_storage or MemoryStorage(
-            max_sessions=max_sessions, idle_ttl=session_idle_ttl, secure=cookie_secure or None
-        )
-        self.session_locks = SessionLocks()
+        self.session_store = _open_session_store(
+            session_store, session_storage, max_sessions=max_sessions,
+            idle_ttl=session_idle_ttl, secure=cookie_secure or None)
         self.api_key = ApiKey(api_key, api_key_paths)
         self.metrics = Metrics(self.engine)
         self.health = Health()
         self.health.add_check("engine", self._engine_health)
+        self.health.add_check("session_store", self._session_store_health)
         self.load_in_background = load_in_background
         self._loading: asyncio.Task[None] | None = None
         self.load_error: BaseException | None = None
@@ -146,9 +157,19 @@ class ChatStream:
         with `load_in_background=True` it listens at once and answers 503 (`/health`
         included) until the model is loaded.
         """
-        aiohttp_session.setup(app, self.session_storage)
+        app.middlewares.append(_session_store_errors)  # outside the session middleware's save
+        aiohttp_session.setup(app, self.session_store.storage)
+        app.cleanup_ctx.append(self._session_store_context)
         app.cleanup_ctx.append(self._engine_context)
         app[CHAT_STREAM_KEY] = self
+
+    async def _session_store_context(self, app: web.Application) -> AsyncIterator[None]:
+        if await self.session_store.healthy():
+            log.info("sessions: %s", self.session_store)
+        else:  # not fatal: requests that need a session get 503 until it is back
+            log.warning("sessions: %s is unreachable", self.session_store)
+        yield
+        await self.session_store.close()
 
     async def _engine_context(self, app: web.Application) -> AsyncIterator[None]:
         self._loading = asyncio.create_task(self._start_engine())
@@ -178,6 +199,7 @@ class ChatStream:
             raise RuntimeError("the app has not started: setup(app), then start the app")
         await asyncio.shield(self._loading)
 
+    # -- /health ----------------------------------------------------------------------------
     async def _engine_health(self) -> CheckResult:
         engine, info = self.engine, self.engine.model_info
         if engine.ready:
@@ -196,6 +218,11 @@ class ChatStream:
             "max_queue_size": self.max_queue_size,
             "engine": state,
         })
+
+    async def _session_store_health(self) -> CheckResult:
+        # 503 while the store is away: requests that need a session would get 503 too.
+        return CheckResult(await self.session_store.healthy(),
+                           {"session_store": self.session_store.kind})
 
     # -- the one place each request's end is counted ----------------------------------------
     def request_rejected(self, endpoint: str, error: ChatStreamError) -> None:
@@ -224,7 +251,7 @@ class ChatStream:
         self, request: web.Request, response: web.StreamResponse, session: Session, prompt: ChatPrompt
     ) -> None:
         session[_HISTORY_FIELD] = prompt.to_dict()
-        await self.session_storage.save_session(request, response, session)
+        await self.session_store.storage.save_session(request, response, session)
 
     def get_chat_prompt(self, request: web.Request) -> ChatPrompt:
         """The `ChatPrompt` of this request's session, e.g. inside the completion callback."""
@@ -240,16 +267,17 @@ class ChatStream:
     # -- endpoints --------------------------------------------------------------------------
     async def handle_clear_context_request(self, request: web.Request) -> web.Response:
         """Forget this session's history (its system prompt stays)."""
+        locks = self.session_store.locks
         try:
             self.api_key.check(request)
+            session = await get_session(request)
+            if session.new:
+                return web.json_response({"status": "cleared"})
+            session_id = ensure_identity(session)
+            if not await locks.acquire(session_id):
+                raise SessionBusy("A request of this session is still running.")
         except ChatStreamError as error:
             return error_response(error)
-        session = await get_session(request)
-        if session.new:
-            return web.json_response({"status": "cleared"})
-        session_id = ensure_identity(session)
-        if not await self.session_locks.acquire(session_id):
-            return error_response(SessionBusy("A request of this session is still running."))
         try:
             prompt = self._load_prompt(session)
             prompt.clear_history()
@@ -257,8 +285,10 @@ class ChatStream:
             await self._save_prompt(request, response, session, prompt)
             request[_PROMPT_KEY] = prompt
             return response
+        except SessionStoreUnavailable as error:
+            return error_response(error)
         finally:
-            await self.session_locks.release(session_id)
+            await locks.release(session_id)
 
     async def handle_chat_stream_request(
         self,
@@ -272,6 +302,7 @@ class ChatStream:
         `callback(request, message)`: called once when the stream ends; sync or async.
         """
         received = time.monotonic()
+        locks = self.session_store.locks
         try:
             self.api_key.check(request)
             body = request_body if request_body is not None else await read_body(
@@ -279,36 +310,50 @@ class ChatStream:
             chat_request = parse_chat_request(body, self.defaults)
             session = await get_session(request)
             session_id = ensure_identity(session)
+            if not await locks.acquire(session_id):
+                raise SessionBusy("This session already has a request in flight.")
         except ChatStreamError as error:
             self.request_rejected(ENDPOINT, error)
             return error_response(error)
-        if not await self.session_locks.acquire(session_id):
-            busy = SessionBusy("This session already has a request in flight.")
-            self.request_rejected(ENDPOINT, busy)
-            return error_response(busy)
         try:
             history = self._load_prompt(session)
             turn = self._next_turn(history, chat_request)
             job = self.engine.submit(turn.get_contents(), chat_request.params)
         except ChatStreamError as error:
-            await self.session_locks.release(session_id)
+            await locks.release(session_id)
             self.request_rejected(ENDPOINT, error)
             return error_response(error)
-        # Accepted: from here on, exactly one callback (or none, if refused late).
-        try:
-            framing = _PlainText(request, lambda r: self._save_prompt(request, r, session, history))
-            exchange = Exchange(request, job, framing, received)
-            await exchange.run()
-            response = framing.response_for(exchange)
+        framing = _PlainText(request, lambda r: self._save_prompt(request, r, session, history))
+
+        async def end_turn(exchange: Exchange) -> None:
+            # Before the client sees the end of the reply: its next request, on any replica,
+            # must find this turn stored and the session free (not a 409).
+            nonlocal history
             history = self._settle_history(history, turn, exchange)
-            await self._save_prompt(request, response, session, history)
+            if framing.response is not None and framing.headers_sent:
+                await self._write_back(request, framing.response, session, history)
+            # else nothing was streamed and the history is unchanged
+            await locks.release(session_id)
+
+        # Accepted: from here on, exactly one callback (none if refused late).
+        try:
+            exchange = Exchange(request, job, framing, received, end_turn)
+            await exchange.run()
         finally:
-            await self.session_locks.release(session_id)
+            await locks.release(session_id)  # already released unless something broke
         request[_PROMPT_KEY] = history
         self.request_finished(ENDPOINT, exchange)
         if exchange.status is not None:
             await _call_back(callback, request, exchange.status)
-        return response
+        return framing.response_for(exchange)
+
+    async def _write_back(self, request: web.Request, response: web.StreamResponse,
+                          session: Session, history: ChatPrompt) -> None:
+        """Store the turn just streamed; with the store gone, the client still has its reply."""
+        try:
+            await self._save_prompt(request, response, session, history)
+        except SessionStoreUnavailable:
+            log.warning("the turn just streamed was not stored: the session store is unreachable")
 
     # -- history ----------------------------------------------------------------------------
     @staticmethod
@@ -333,6 +378,42 @@ class ChatStream:
         turn.add_responder_msg(exchange.reply)
         turn.drop_oldest_turns(exchange.dropped_messages)
         return turn
+
+
+def _open_session_store(
+    session_store: str | Redis | SessionStore | None,
+    session_storage: AbstractStorage | None,
+    *,
+    max_sessions: int,
+    idle_ttl: int,
+    secure: bool | None,
+) -> SessionStore:
+    """`session_store`: None or "memory" (this process), a redis:// URL or a Redis client
+    (shared by every replica), or a ready `SessionStore`. `session_storage`: any
+    aiohttp-session storage, with locks in this process."""
+    if session_store is not None and session_storage is not None:
+        raise ValueError("give session_store or session_storage, not both")
+    if session_store is None or session_store == "memory":
+        return MemorySessionStore(session_storage or MemoryStorage(
+            max_sessions=max_sessions, idle_ttl=idle_ttl, secure=secure))
+    if isinstance(session_store, Redis):
+        return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
+    if isinstance(session_store, str):
+        if not session_store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"session_store must be 'memory' or a redis://, rediss:// or "
+                             f"unix:// URL, not {session_store!r}")
+        return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
+    return session_store
+
+
+@web.middleware
+async def _session_store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A session store failure anywhere, the session middleware's own save included, is a
+    JSON 503 like our other errors, not aiohttp's 500."""
+    try:
+        return await handler(request)
+    except SessionStoreUnavailable as error:
+        return error_response(error)
 
 
 async def _call_back(callback: Callback | None, request: web.Request, status: StreamStatus) -> None:

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     option("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS", 1,
            "generations running at once", int)
     option("--system-prompt", "SYSTEM_PROMPT", None, "system prompt put before every conversation")
+    option("--session-store", "SESSION_STORE", "memory", "where session histories live: "
+           "'memory' (this process) or redis://HOST:PORT/DB, shared by every replica")
+    option("--session-idle-ttl", "SESSION_IDLE_TTL", 24 * 3600, "seconds a session's history "
+           "is kept after its last turn", int)
     option("--log-level", "LOG_LEVEL", "INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
     # The key is not read into the parser's default: --help would print it.
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
@@ -109,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_in_background=True,
             mock=args.mock,
             mock_delay=args.mock_delay,
+            session_store=args.session_store,
+            session_idle_ttl=args.session_idle_ttl,
         )
     except ModelNotFound as error:
         print(f"error: {error}", file=sys.stderr)

@@ -101,6 +101,13 @@ class HTTPProblem(ChatStreamError):
 
     def headers(self) -> dict[str, str]:
         return self._headers
+class SessionStoreUnavailable(ServiceUnavailable):
+    """The session store (Redis) cannot be reached; requests that need a session wait for it.
+
+    Nothing is lost by the refusal, and the server recovers by itself when the store is back.
+    """
+
+    code = "session_store_unavailable"
 
 
 class GenerationFailed(ChatStreamError):

@@ -1,8 +1,12 @@
 """One accepted request on its way to the client: the job's events relayed through a framing.
 
-    exchange = Exchange(request, job, framing, received=time.monotonic())
+    exchange = Exchange(request, job, framing, received=time.monotonic(), end_turn=store)
     await exchange.run()        # returns when the job has ended; the socket is watched meanwhile
     exchange.status             # the callback's StreamStatus; None when the request was refused
+
+`end_turn(exchange)` runs once, as soon as the outcome is known; for a complete reply that is
+before the client sees its end, so that its next request (on any replica) finds the turn
+stored and the session free.
 
 The rules every endpoint shares live here: a client that leaves (its socket closes, or a write
 fails) cancels the job, so a waiting job never reaches the model and a running one stops within
@@ -17,7 +21,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Awaitable, Callable, Optional, Protocol
 
 from aiohttp import web
 
@@ -57,15 +61,19 @@ class Usage:
     generation_seconds: float = 0.0
 
 
+EndTurn = Callable[["Exchange"], Awaitable[None]]
+
+
 class Exchange:
     """Relays one job's events to one client, watching the socket. See the module docstring."""
 
     def __init__(self, request: web.Request, job: JobProtocol, framing: Framing,
-                 received: float) -> None:
+                 received: float, end_turn: Optional[EndTurn] = None) -> None:
         self.request = request
         self.job = job
         self.framing = framing
         self.received = received
+        self._end_turn = end_turn
         self.status: StreamStatus | None = None
         # What to answer instead of a stream: a refusal (status None, no callback) or a
         # failure before any header went out (status unknown_error_occurred).
@@ -111,9 +119,15 @@ class Exchange:
                     self.usage = Usage(event.prompt_tokens, event.completion_tokens,
                                        event.generation_seconds)
                     if self._opened and not self._gone and event.reason != "cancelled":
+                        self.status = StreamStatus.SUCCESS
+                        self.reply = "".join(self._pieces)
+                        await self._turn_ended()
                         await self._close(event)
                 elif isinstance(event, Failed):
                     failure = event.error
+        except ChatStreamError as error:  # ours, e.g. the session store failing
+            self.job.cancel()
+            failure = error
         except Exception as error:  # noqa: BLE001 - a bug here must still end in one callback
             log.exception("streaming failed")
             self.job.cancel()
@@ -122,6 +136,12 @@ class Exchange:
             watcher.cancel()
         self.reply = "".join(self._pieces)
         await self._settle(failure)
+        await self._turn_ended()
+
+    async def _turn_ended(self) -> None:
+        end_turn, self._end_turn = self._end_turn, None
+        if end_turn is not None:
+            await end_turn(self)
 
     async def _open(self, started: Started) -> None:
         try:

@@ -1,5 +1,7 @@
 """`GET /health`: named checks gathered into one JSON answer, 200 when all pass, else 503.
 
+    {"status": "ok", "model": ..., "running": 0, ..., "checks": {"engine": true, ...}}
+
     health = Health()
     health.add_check("engine", engine_check)        # ChatStream adds this one itself
     health.add_check("redis", redis_check)          # e.g. a session store
@@ -21,7 +23,9 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-CHECK_TIMEOUT = 2.0   # seconds; load balancers probe every few seconds
+# Seconds. Checks keep their own, shorter timeouts (Redis: 2 s); this one only makes sure a
+# check that hangs anyway cannot hang the probe.
+CHECK_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Health:
         body: dict[str, Any] = {"status": "ok" if ok else "unavailable"}
         for result in results:
             body.update(result.fields)
+        body["checks"] = {name: result.ok for name, result in zip(self._checks, results)}
         return ok, body
 
     async def handle(self, request: web.Request) -> web.Response:

@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import aiohttp
 import llama_cpp
 import pytest
+import redis
 from aiohttp import web
 
 from chatstream_lite import ChatStream, create_app, default_model_path
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -230,3 +239,77 @@ def llama_cpp_reference(model_path: str, question: str, *, n_ctx: int, n_threads
         return "".join(p["choices"][0]["delta"].get("content", "") for p in pieces)  # type: ignore[index, union-attr]
     finally:
         llm.close()
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment minus any CHATSTREAM_* setting, with the checkout importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSTREAM_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+class RedisServer:
+    """A real `redis-server` on a free loopback port, persistence off, that a test can stop,
+    restart (same port, empty) or freeze (SIGSTOP: connections open, no answers)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A plain synchronous client for the test to look inside."""
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory),
+             "--logfile", str(self.directory / "redis.log")])
+        deadline = time.monotonic() + 10
+        with self.client() as client:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    assert self.process.poll() is None, "redis-server exited at start"
+                    assert time.monotonic() < deadline, "redis-server did not start"
+                    time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen server cannot exit
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real Redis per test module; skipped (with the reason) where it is not installed."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

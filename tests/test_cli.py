@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +11,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from .conftest import ROOT
+from .conftest import free_port as _free_port
+from .conftest import subprocess_env as _env
+
 pytestmark = pytest.mark.timeout(120)
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSTREAM_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
 
 
 async def test_no_arguments_serves_the_default_model() -> None:
@@ -96,5 +83,7 @@ def test_help_explains_every_option_and_its_environment_variable() -> None:
                       ("--max-new-tokens", "MAX_NEW_TOKENS"), ("--max-queue-size", "MAX_QUEUE_SIZE"),
                       ("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS"),
                       ("--system-prompt", "SYSTEM_PROMPT"), ("--log-level", "LOG_LEVEL"),
+                      ("--session-store", "SESSION_STORE"),
+                      ("--session-idle-ttl", "SESSION_IDLE_TTL"),
                       ("--api-key", "API_KEY"), ("--mock", "MOCK"), ("--mock-delay", "MOCK_DELAY")]:
         assert flag in result.stdout and f"CHATSTREAM_{env}" in result.stdout

@@ -58,7 +58,8 @@ async def test_health_reports_the_loaded_model_and_the_queue(server: Server) -> 
     assert status == 200
     assert body == {"status": "ok", "model": "SmolLM2-135M-Instruct.Q4_1", "gpu_offload": False,
                     "running": 0, "queued": 0, "max_queue_size": MAX_QUEUE_SIZE,
-                    "engine": "ready"}
+                    "engine": "ready", "session_store": "memory",
+                    "checks": {"engine": True, "session_store": True}}
 
 
 async def test_metrics_count_every_outcome_tokens_and_latency(server: Server) -> None:
@@ -133,6 +134,7 @@ async def test_a_plugged_in_check_adds_its_field_and_can_fail_the_probe(
         status, body = await _get(server, "/health")
         assert status == 503 and body["status"] == "unavailable"
         assert body["store"] == "unreachable" and body["model"] == "SmolLM2-135M-Instruct.Q4_1"
+        assert body["checks"] == {"engine": True, "session_store": True, "store": False}
         checks.add_check("slow", hangs)
         state["ok"] = True
         status, body = await _get(server, "/health")
@@ -156,6 +158,7 @@ async def test_health_is_503_until_the_model_is_loaded(model_path: str) -> None:
         status, body = await _get(server, "/health")
         assert status == 503
         assert body["status"] == "unavailable" and body["engine"] == "loading"
+        assert body["checks"] == {"engine": False, "session_store": True}
         assert body["model"] is None
         async with server.client() as client:
             async with client.post("/chat_stream", json={"user_input": "Hi"}) as response:

@@ -4,13 +4,10 @@ detection and callbacks. A product feature for front-end work, tested as itself.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
@@ -20,13 +17,21 @@ import pytest_asyncio
 from chatstream_lite import ChatStream
 from chatstream_lite.mock_engine import split_tokens
 
-from .conftest import RawStream, Server, build_full_app, post_chat, serve
+from .conftest import (
+    ROOT,
+    RawStream,
+    Server,
+    build_full_app,
+    free_port,
+    post_chat,
+    serve,
+    subprocess_env,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 DELAY = 0.02
 MAX_QUEUE_SIZE = 1
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -113,17 +118,10 @@ async def test_openai_route_and_health_work_on_the_mock(server: Server) -> None:
     assert health["status"] == "ok" and health["model"] == "mock"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_cli_mock_serves_without_any_model() -> None:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSTREAM_")}
-    env.update(PYTHONPATH=str(ROOT), CHATSTREAM_MODEL="/nonexistent/model.gguf",
-               CHATSTREAM_PORT=str(port), CHATSTREAM_MOCK="1", CHATSTREAM_MOCK_DELAY="0.001")
+    port = free_port()
+    env = subprocess_env(CHATSTREAM_MODEL="/nonexistent/model.gguf", CHATSTREAM_PORT=str(port),
+                         CHATSTREAM_MOCK="1", CHATSTREAM_MOCK_DELAY="0.001")
     process = subprocess.Popen([sys.executable, "-m", "chatstream_lite"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
