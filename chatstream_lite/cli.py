@@ -1,14 +1,17 @@
 """`python -m chatstream_lite`: the chat server from the command line.
 
 Every option can also be set by an environment variable (shown in `--help`); a flag given on
-the command line wins over the variable.
+the command line wins over the variable. The server listens at once and loads the model in
+the background (`/health` answers 503 until it is ready); if loading fails, it exits with 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -16,6 +19,7 @@ from aiohttp import web
 
 from .app import create_app
 from .chat_stream import ChatStream
+from .mock_engine import DEFAULT_DELAY
 from .model_file import ModelNotFound
 
 log = logging.getLogger("chatstream_lite")
@@ -23,7 +27,7 @@ log = logging.getLogger("chatstream_lite")
 ENV_PREFIX = "CHATSTREAM_"
 
 
-def _env(name: str, default: str | None, convert: Callable[[str], object] = str) -> object:
+def _env(name: str, default: object, convert: Callable[[str], object] = str) -> object:
     raw = os.environ.get(ENV_PREFIX + name)
     if raw is None:
         return default
@@ -38,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m chatstream_lite",
         description="A streaming chat server (ChatStream's web API) on aiohttp and llama.cpp. "
         "POST /chat_stream with {\"user_input\": \"...\"} streams the reply as text/plain; "
-        "POST /clear_context forgets the session's history.",
+        "POST /clear_context forgets the session's history; POST /v1/chat/completions and "
+        "GET /v1/models speak OpenAI's API; GET / is a chat UI in the browser; GET /health "
+        "and GET /metrics (Prometheus) are for operators.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
@@ -68,7 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     option("--session-idle-ttl", "SESSION_IDLE_TTL", 24 * 3600, "seconds a session's history "
            "is kept after its last turn", int)
     option("--log-level", "LOG_LEVEL", "INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
+    # The key is not read into the parser's default: --help would print it.
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
+                        f"on /v1/*; prefer the variable, a flag shows in `ps` [env: "
+                        f"{ENV_PREFIX}API_KEY]")
+    parser.add_argument("--mock", action="store_true", default=_env("MOCK", False, _flag),
+                        help="no model: stream canned text at --mock-delay per word, through "
+                        f"the same queue and callbacks (front-end work) [env: {ENV_PREFIX}MOCK]")
+    option("--mock-delay", "MOCK_DELAY", DEFAULT_DELAY, "seconds per word with --mock", float)
     return parser
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_queue_size=args.max_queue_size,
             num_of_concurrent_executions=args.num_of_concurrent_executions,
             system_prompt=args.system_prompt,
+            api_key=args.api_key or os.environ.get(ENV_PREFIX + "API_KEY") or None,
+            load_in_background=True,
+            mock=args.mock,
+            mock_delay=args.mock_delay,
             session_store=args.session_store,
             session_idle_ttl=args.session_idle_ttl,
         )
@@ -96,6 +122,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    web.run_app(create_app(chat_stream), host=args.host, port=args.port,
+    app = create_app(chat_stream)
+    app.on_startup.append(lambda app: _stop_if_loading_fails(app, chat_stream))
+    web.run_app(app, host=args.host, port=args.port,
                 print=lambda text: log.info("%s", text.strip()))
-    return 0
+    return 1 if chat_stream.load_error is not None else 0
+
+
+_WATCHER_KEY = web.AppKey("chatstream_lite.load_watcher", asyncio.Task)
+
+
+async def _stop_if_loading_fails(app: web.Application, chat_stream: ChatStream) -> None:
+    async def watch() -> None:
+        try:
+            await chat_stream.wait_loaded()
+        except Exception:  # noqa: BLE001 - logged by ChatStream; a server without a model must stop
+            signal.raise_signal(signal.SIGTERM)  # web.run_app shuts down cleanly on it
+
+    app[_WATCHER_KEY] = asyncio.create_task(watch())
