@@ -10,7 +10,9 @@ from .app import create_app
 from .chat_stream import ChatStream
 from .engine import SamplingParams
 from .errors import ChatStreamError
+from .health import CheckResult
 from .model_file import ModelNotFound, default_model_path
+from .openai_api import OpenAIAPI
 from .prompt import ChatPrompt, ChatTemplate
 from .redis_sessions import RedisSessionStore
 from .sessions import MemorySessionStore, MemoryStorage, SessionStore
@@ -21,9 +23,11 @@ __all__ = [
     "ChatStream",
     "ChatStreamError",
     "ChatTemplate",
+    "CheckResult",
     "MemorySessionStore",
     "MemoryStorage",
     "ModelNotFound",
+    "OpenAIAPI",
     "RedisSessionStore",
     "SamplingParams",
     "SessionStore",

@@ -1,7 +1,8 @@
 """`python -m chatstream_lite`: the chat server from the command line.
 
 Every option can also be set by an environment variable (shown in `--help`); a flag given on
-the command line wins over the variable.
+the command line wins over the variable. The server listens at once and loads the model in
+the background (`/health` answers 503 until it is ready); if loading fails, it exits with 1.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aiohttp import web
 from .app import create_app
 from .chat_stream import DEFAULT_SHUTDOWN_GRACE, ChatStream
 from .cors import setup_cors
+from .mock_engine import DEFAULT_DELAY
 from .model_file import ModelNotFound
 
 log = logging.getLogger("chatstream_lite")
@@ -26,7 +28,7 @@ log = logging.getLogger("chatstream_lite")
 ENV_PREFIX = "CHATSTREAM_"
 
 
-def _env(name: str, default: str | None, convert: Callable[[str], object] = str) -> object:
+def _env(name: str, default: object, convert: Callable[[str], object] = str) -> object:
     raw = os.environ.get(ENV_PREFIX + name)
     if raw is None:
         return default
@@ -41,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m chatstream_lite",
         description="A streaming chat server (ChatStream's web API) on aiohttp and llama.cpp. "
         "POST /chat_stream with {\"user_input\": \"...\"} streams the reply as text/plain; "
-        "POST /clear_context forgets the session's history.",
+        "POST /clear_context forgets the session's history; POST /v1/chat/completions and "
+        "GET /v1/models speak OpenAI's API; GET / is a chat UI in the browser; GET /health "
+        "and GET /metrics (Prometheus) are for operators.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
@@ -81,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                         default=_env("CORS_ORIGIN", None, lambda v: v.split(",")),
                         help="allow cross-origin calls from this origin (repeatable); CORS is "
                              f"off without it [env: {ENV_PREFIX}CORS_ORIGIN, comma-separated]")
+    # The key is not read into the parser's default: --help would print it.
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
+                        f"on /v1/*; prefer the variable, a flag shows in `ps` [env: "
+                        f"{ENV_PREFIX}API_KEY]")
+    parser.add_argument("--mock", action="store_true", default=_env("MOCK", False, _flag),
+                        help="no model: stream canned text at --mock-delay per word, through "
+                        f"the same queue and callbacks (front-end work) [env: {ENV_PREFIX}MOCK]")
+    option("--mock-delay", "MOCK_DELAY", DEFAULT_DELAY, "seconds per word with --mock", float)
     return parser
 
 
@@ -110,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             system_prompt=args.system_prompt,
             cookie_secure=args.cookie_secure,
             shutdown_grace=args.shutdown_grace,
+            api_key=args.api_key or os.environ.get(ENV_PREFIX + "API_KEY") or None,
+            load_in_background=True,
+            mock=args.mock,
+            mock_delay=args.mock_delay,
             session_store=args.session_store,
             session_idle_ttl=args.session_idle_ttl,
         )
@@ -122,11 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = create_app(chat_stream)
     setup_cors(app, args.cors_origin or ())
     asyncio.run(serve(app, chat_stream, args.host, args.port))
-    return 0
+    return 1 if chat_stream.load_error is not None else 0
 
 
 async def serve(app: web.Application, chat_stream: ChatStream, host: str, port: int) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully.
+    """Serve until SIGTERM/SIGINT (or a failed model load), then shut down gracefully.
 
     Unlike `web.run_app`, which stops listening first, we keep the socket open while
     running streams finish, so that a new request gets a clear 503 instead of a refused
@@ -137,15 +153,25 @@ async def serve(app: web.Application, chat_stream: ChatStream, host: str, port: 
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
-        log.info("serving on http://%s:%d (POST /chat_stream, POST /clear_context)", host, port)
+        log.info("serving on http://%s:%d", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        watcher = asyncio.create_task(_stop_if_loading_fails(chat_stream, stop))
         await stop.wait()
-        log.info("shutting down: new requests get 503; running streams have %.1fs to finish",
-                 chat_stream.shutdown_grace)
-        await chat_stream.drain()
+        watcher.cancel()
+        if chat_stream.load_error is None:
+            log.info("shutting down: new requests get 503; running streams have %.1fs to "
+                     "finish", chat_stream.shutdown_grace)
+            await chat_stream.drain()
     finally:
         await runner.cleanup()
     log.info("stopped")
+
+
+async def _stop_if_loading_fails(chat_stream: ChatStream, stop: asyncio.Event) -> None:
+    try:
+        await chat_stream.wait_loaded()
+    except Exception:  # noqa: BLE001 - logged by ChatStream; a server without a model must stop
+        stop.set()

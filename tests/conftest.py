@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import aiohttp
+import llama_cpp
 import pytest
 import redis
 from aiohttp import web
 
-from chatstream_lite import ChatStream, default_model_path
+from chatstream_lite import ChatStream, create_app, default_model_path
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,9 +107,17 @@ def build_app(chat_stream: ChatStream, recorder: Recorder) -> web.Application:
     return app
 
 
-async def start_server(chat_stream: ChatStream) -> Server:
+def build_full_app(chat_stream: ChatStream, recorder: Recorder) -> web.Application:
+    """What `python -m chatstream_lite` serves (every endpoint and the UI), with callbacks."""
+    return create_app(chat_stream, callback=recorder.callback_for(chat_stream))
+
+
+AppBuilder = Callable[[ChatStream, Recorder], web.Application]
+
+
+async def start_server(chat_stream: ChatStream, build: AppBuilder = build_app) -> Server:
     recorder = Recorder()
-    runner = web.AppRunner(build_app(chat_stream, recorder))
+    runner = web.AppRunner(build(chat_stream, recorder))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -116,8 +125,8 @@ async def start_server(chat_stream: ChatStream) -> Server:
     return Server(chat_stream, recorder, runner, host, port)
 
 
-async def serve(chat_stream: ChatStream) -> AsyncIterator[Server]:
-    server = await start_server(chat_stream)
+async def serve(chat_stream: ChatStream, build: AppBuilder = build_app) -> AsyncIterator[Server]:
+    server = await start_server(chat_stream, build)
     try:
         yield server
     finally:
@@ -200,6 +209,36 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
 
 
 
+async def scrape(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """`GET /metrics`, parsed by prometheus-client's own parser: {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as client:
+        async with client.get(server.url + "/metrics") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            text = await response.text()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def sample(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+           **labels: str) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+def llama_cpp_reference(model_path: str, question: str, *, n_ctx: int, n_threads: int,
+                        max_tokens: int) -> str:
+    """llama-cpp-python's own greedy streamed chat completion: what we must reproduce."""
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+    try:
+        pieces = llm.create_chat_completion(
+            [{"role": "user", "content": question}], max_tokens=max_tokens, stream=True,
+            temperature=0.0, repeat_penalty=1.0,
+        )
+        return "".join(p["choices"][0]["delta"].get("content", "") for p in pieces)  # type: ignore[index, union-attr]
+    finally:
+        llm.close()
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
