@@ -29,18 +29,22 @@ async def _start(grace: float) -> tuple[subprocess.Popen[str], str]:
     async with aiohttp.ClientSession() as client:
         for _ in range(300):
             try:
-                async with client.post(f"{url}/clear_context"):
-                    return process, url
+                async with client.get(f"{url}/health") as health:
+                    if health.status == 200:  # listening and the model loaded
+                        return process, url
+                await asyncio.sleep(0.1)
             except aiohttp.ClientConnectionError:
                 assert process.poll() is None, process.communicate()[0]
                 await asyncio.sleep(0.1)
     raise AssertionError("the server did not start")
 
 
-async def _new_request_during_shutdown(url: str) -> tuple[int, dict[str, str]]:
+async def _new_request_during_shutdown(url: str) -> tuple[int, dict[str, str], int, str]:
     async with aiohttp.ClientSession() as other:
         async with other.post(f"{url}/chat_stream", json={"user_input": "Hi"}) as response:
-            return response.status, await response.json()
+            status, error = response.status, await response.json()
+        async with other.get(f"{url}/health") as health:
+            return status, error, health.status, (await health.json())["engine"]
 
 
 async def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests() -> None:
@@ -48,13 +52,15 @@ async def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests() -
     try:
         async with aiohttp.ClientSession() as client:
             async with client.post(f"{url}/chat_stream", json={**STORY, "max_new_tokens": 60}) as response:
+                assert response.status == 200
                 first = await response.content.readany()
                 process.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.3)
-                status, error = await _new_request_during_shutdown(url)
+                status, error, health_status, engine_state = await _new_request_during_shutdown(url)
                 rest = await response.read()  # the whole reply, ended cleanly
         assert first and rest
         assert status == 503 and error["error"] == "service_unavailable"
+        assert health_status == 503 and engine_state == "draining"
         assert process.wait(timeout=300) == 0
     finally:
         if process.poll() is None:
