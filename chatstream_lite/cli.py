@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from typing import Callable, Sequence
 from aiohttp import web
 
 from .app import create_app
+from .auth import DEFAULT_PROTECTED
 from .chat_stream import DEFAULT_SHUTDOWN_GRACE, ChatStream
 from .cors import setup_cors
 from .mock_engine import DEFAULT_DELAY
@@ -26,6 +28,7 @@ from .model_file import ModelNotFound
 log = logging.getLogger("chatstream_lite")
 
 ENV_PREFIX = "CHATSTREAM_"
+API_KEY_PATHS_WITH_CHAT = (*DEFAULT_PROTECTED, "/chat_stream", "/clear_context")
 
 
 def _env(name: str, default: object, convert: Callable[[str], object] = str) -> object:
@@ -89,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
                         f"on /v1/*; prefer the variable, a flag shows in `ps` [env: "
                         f"{ENV_PREFIX}API_KEY]")
+    parser.add_argument("--api-key-guards-chat", action="store_true",
+                        default=_env("API_KEY_GUARDS_CHAT", False, _flag),
+                        help="with --api-key, also require it on /chat_stream and /clear_context "
+                             f"(the browser UI then cannot call them) "
+                             f"[env: {ENV_PREFIX}API_KEY_GUARDS_CHAT]")
     parser.add_argument("--mock", action="store_true", default=_env("MOCK", False, _flag),
                         help="no model: stream canned text at --mock-delay per word, through "
                         f"the same queue and callbacks (front-end work) [env: {ENV_PREFIX}MOCK]")
@@ -106,6 +114,7 @@ def _flag(value: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    api_key = args.api_key or os.environ.get(ENV_PREFIX + "API_KEY") or None
     logging.basicConfig(
         level=str(args.log_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -122,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             system_prompt=args.system_prompt,
             cookie_secure=args.cookie_secure,
             shutdown_grace=args.shutdown_grace,
-            api_key=args.api_key or os.environ.get(ENV_PREFIX + "API_KEY") or None,
+            api_key=api_key,
+            api_key_paths=API_KEY_PATHS_WITH_CHAT if args.api_key_guards_chat else DEFAULT_PROTECTED,
             load_in_background=True,
             mock=args.mock,
             mock_delay=args.mock_delay,
@@ -135,10 +145,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if api_key is None and not _is_loopback(args.host):
+        log.warning("listening on %s without an API key: anyone who can reach this address "
+                    "can use the model (set --api-key / %sAPI_KEY)", args.host, ENV_PREFIX)
     app = create_app(chat_stream)
     setup_cors(app, args.cors_origin or ())
     asyncio.run(serve(app, chat_stream, args.host, args.port))
     return 1 if chat_stream.load_error is not None else 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
 
 
 async def serve(app: web.Application, chat_stream: ChatStream, host: str, port: int) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import signal
+import subprocess
 from typing import AsyncIterator
 
 import aiohttp
@@ -14,13 +16,22 @@ from yarl import URL
 from chatstream_lite import ChatStream
 from chatstream_lite.cors import setup_cors
 
-from .conftest import GREEDY, Recorder, Server, build_app, post_chat, serve
+from .conftest import (
+    GREEDY,
+    Recorder,
+    Server,
+    build_app,
+    post_chat,
+    serve,
+    start_cli,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 COOKIE = "CHATSTREAM_SESSION"
 ALLOWED_ORIGIN = "https://chat.example.com"
 SECRET = "marmalade-7Q2Z-kestrel"
+
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -122,3 +133,35 @@ async def test_named_origin_gets_cors_headers_on_streams_and_preflight(model_pat
                 assert "Access-Control-Allow-Origin" not in response.headers
     finally:
         await runner.cleanup()
+
+
+def _stop(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=60)[0]
+
+
+async def test_the_api_key_can_guard_the_chat_endpoints_too() -> None:
+    process, url = await start_cli("--api-key-guards-chat", CHATSTREAM_API_KEY="k3y-for-tests")
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.post(f"{url}/chat_stream", json={"user_input": "Hi", "max_new_tokens": 2}) as r:
+                assert r.status == 401 and (await r.json())["error"] == "invalid_api_key"
+            async with client.post(f"{url}/clear_context") as r:
+                assert r.status == 401
+            async with client.post(f"{url}/chat_stream", json={"user_input": "Hi", "max_new_tokens": 2},
+                                   headers={"Authorization": "Bearer wrong"}) as r:
+                assert r.status == 401
+            async with client.post(f"{url}/chat_stream", json={"user_input": "Hi", "max_new_tokens": 2},
+                                   headers={"Authorization": "Bearer k3y-for-tests"}) as r:
+                assert r.status == 200 and await r.text()
+    finally:
+        log = _stop(process)
+    assert "k3y-for-tests" not in log
+
+
+async def test_listening_beyond_loopback_without_a_key_logs_a_warning() -> None:
+    process, _ = await start_cli("--host", "0.0.0.0")
+    log = _stop(process)
+    assert "without an API key" in log
+    process, _ = await start_cli()
+    assert "without an API key" not in _stop(process)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 
 import aiohttp
 import pytest
 
-from .test_cli import ROOT, _env, _free_port
+from .conftest import start_cli
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -20,23 +19,8 @@ STORY = {"user_input": "Write a very long story about a dragon.", "temperature":
 
 
 async def _start(grace: float) -> tuple[subprocess.Popen[str], str]:
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "chatstream_lite", "--port", str(port), "--n-ctx", "2048",
-         "--max-new-tokens", "1000", "--shutdown-grace", str(grace)],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as client:
-        for _ in range(300):
-            try:
-                async with client.get(f"{url}/health") as health:
-                    if health.status == 200:  # listening and the model loaded
-                        return process, url
-                await asyncio.sleep(0.1)
-            except aiohttp.ClientConnectionError:
-                assert process.poll() is None, process.communicate()[0]
-                await asyncio.sleep(0.1)
-    raise AssertionError("the server did not start")
+    return await start_cli("--n-ctx", "2048", "--max-new-tokens", "1000",
+                           "--shutdown-grace", str(grace))
 
 
 async def _new_request_during_shutdown(url: str) -> tuple[int, dict[str, str], int, str]:
