@@ -29,6 +29,9 @@ log = logging.getLogger("chatstream_lite")
 
 ENV_PREFIX = "CHATSTREAM_"
 API_KEY_PATHS_WITH_CHAT = (*DEFAULT_PROTECTED, "/chat_stream", "/clear_context")
+# Request-head limits, chosen rather than inherited: a chat client sends a short request
+# line, a cookie and a few headers. Past them aiohttp answers 400 before any handler runs.
+HEADER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 64}
 
 
 def _env(name: str, default: object, convert: Callable[[str], object] = str) -> object:
@@ -171,7 +174,7 @@ async def serve(app: web.Application, chat_stream: ChatStream, host: str, port: 
     connection; then the model is closed on its own thread (the engine's cleanup).
     """
     runner = web.AppRunner(app, handle_signals=False,
-                           shutdown_timeout=chat_stream.shutdown_grace + 5)
+                           shutdown_timeout=chat_stream.shutdown_grace + 5, **HEADER_LIMITS)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

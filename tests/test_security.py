@@ -165,3 +165,19 @@ async def test_listening_beyond_loopback_without_a_key_logs_a_warning() -> None:
     assert "without an API key" in log
     process, _ = await start_cli()
     assert "without an API key" not in _stop(process)
+
+
+async def test_oversized_request_heads_are_refused_and_the_server_keeps_serving() -> None:
+    process, url = await start_cli()
+    try:
+        async with aiohttp.ClientSession() as client:
+            huge = {"X-Padding": "a" * 9000}
+            async with client.post(f"{url}/chat_stream", json={"user_input": "Hi"}, headers=huge) as r:
+                assert 400 <= r.status < 500
+            many = {f"X-H{i}": "1" for i in range(80)}
+            async with client.post(f"{url}/chat_stream", json={"user_input": "Hi"}, headers=many) as r:
+                assert 400 <= r.status < 500
+            async with client.post(f"{url}/chat_stream", json={"user_input": "Hi", "max_new_tokens": 2}) as r:
+                assert r.status == 200 and await r.text()
+    finally:
+        _stop(process)
