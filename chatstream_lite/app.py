@@ -45,7 +45,9 @@ def create_app(chat_stream: ChatStream, callback: Callback | None = None) -> web
     """An application serving every endpoint over `chat_stream`; `callback(request, message)`
     is called once for every accepted `/chat_stream` request, as in
     `handle_chat_stream_request`."""
-    app = web.Application(middlewares=[json_errors])
+    # Bodies: our endpoints read at most max_body_size themselves (413 past it); aiohttp's
+    # own limit, for anything else that reads a body, is set to the same on purpose.
+    app = web.Application(middlewares=[json_errors], client_max_size=chat_stream.max_body_size)
     chat_stream.setup(app)
 
     async def chat_stream_endpoint(request: web.Request) -> web.StreamResponse:

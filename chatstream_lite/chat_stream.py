@@ -34,11 +34,12 @@ from redis.asyncio import Redis
 
 from .auth import DEFAULT_PROTECTED, ApiKey
 from .chat_request import DEFAULT_MAX_BODY_SIZE, ChatRequest, parse_chat_request, read_body
-from .engine import Engine, EngineConfig, Finished, SamplingParams, Started
+from .engine import Engine, EngineConfig, Finished, Job, SamplingParams, Started
 from .engine_protocol import EngineProtocol
 from .errors import (
     BadRequest,
     ChatStreamError,
+    ServiceUnavailable,
     SessionBusy,
     SessionStoreUnavailable,
     error_response,
@@ -48,7 +49,7 @@ from .health import CheckResult, Health
 from .metrics import Metrics
 from .mock_engine import DEFAULT_DELAY, MockEngine
 from .model_file import resolve_model_path
-from .prompt import ChatPrompt
+from .prompt import ChatPrompt, Message
 from .redis_sessions import RedisSessionStore
 from .sessions import (
     DEFAULT_IDLE_TTL,
@@ -68,6 +69,9 @@ CHAT_STREAM_KEY = web.AppKey("chatstream_lite.chat_stream", "ChatStream")
 _PROMPT_KEY = "chatstream_lite.chat_prompt"   # request key: the session's ChatPrompt
 _HISTORY_FIELD = "chat"                       # session field holding ChatPrompt.to_dict()
 ENDPOINT = "chat_stream"                      # this endpoint's name in metrics and logs
+DEFAULT_SHUTDOWN_GRACE = 10.0
+# After the grace period, how long cancelled requests may take to end (one token each).
+_CANCEL_WAIT = 10.0
 
 
 class ChatStream:
@@ -97,6 +101,7 @@ class ChatStream:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         session_idle_ttl: int = DEFAULT_IDLE_TTL,
         cookie_secure: bool = False,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         api_key: str | None = None,
         api_key_paths: Sequence[str] = DEFAULT_PROTECTED,
         load_in_background: bool = False,
@@ -148,6 +153,11 @@ class ChatStream:
         self.load_in_background = load_in_background
         self._loading: asyncio.Task[None] | None = None
         self.load_error: BaseException | None = None
+        self.shutdown_grace = shutdown_grace
+        self.draining = False
+        self._in_flight: set[Job] = set()     # admitted requests not yet finished
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # -- wiring into an aiohttp application -------------------------------------------------
     def setup(self, app: web.Application) -> None:
@@ -161,6 +171,7 @@ class ChatStream:
         aiohttp_session.setup(app, self.session_store.storage)
         app.cleanup_ctx.append(self._session_store_context)
         app.cleanup_ctx.append(self._engine_context)
+        app.on_shutdown.append(lambda _app: self.drain())
         app[CHAT_STREAM_KEY] = self
 
     async def _session_store_context(self, app: web.Application) -> AsyncIterator[None]:
@@ -202,7 +213,9 @@ class ChatStream:
     # -- /health ----------------------------------------------------------------------------
     async def _engine_health(self) -> CheckResult:
         engine, info = self.engine, self.engine.model_info
-        if engine.ready:
+        if self.draining:
+            state = "draining"  # shutting down: a load balancer should stop sending here
+        elif engine.ready:
             state = "ready"
         elif self.load_error is not None:
             state = f"failed: {self.load_error}"
@@ -210,7 +223,7 @@ class ChatStream:
             state = "loading"
         else:
             state = "stopped"
-        return CheckResult(engine.ready, {
+        return CheckResult(engine.ready and not self.draining, {
             "model": info.path.stem if info else None,
             "gpu_offload": info.gpu_offload if info else False,
             "running": engine.running,
@@ -224,15 +237,50 @@ class ChatStream:
         return CheckResult(await self.session_store.healthy(),
                            {"session_store": self.session_store.kind})
 
-    # -- the one place each request's end is counted ----------------------------------------
+    # -- admission, and the one place each request's end is counted ------------------------
+    def submit(self, messages: list[Message], params: SamplingParams) -> Job:
+        """Admit a generation for any endpoint: the engine's exact bound (429), and 503 once
+        the server is draining for shutdown."""
+        if self.draining:
+            raise ServiceUnavailable("The server is shutting down.")
+        job = self.engine.submit(messages, params)
+        self._in_flight.add(job)
+        self._idle.clear()
+        return job
+
     def request_rejected(self, endpoint: str, error: ChatStreamError) -> None:
         """A request refused before streaming (4xx, 429, 503): no callback, nothing changed."""
         self.metrics.request_rejected(endpoint, error)
 
     def request_finished(self, endpoint: str, exchange: Exchange) -> None:
-        """An admitted request has ended, with a callback status or refused late."""
+        """An admitted request has ended (its callback, if any, already ran)."""
         exchange.log_line(endpoint)
         self.metrics.request_finished(endpoint, exchange)
+        self._in_flight.discard(exchange.job)
+        if not self._in_flight:
+            self._idle.set()
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting (new requests get 503), give running streams `grace` seconds to
+        finish, then cancel the rest; returns once every accepted request had its callback.
+
+        The CLI calls this on SIGTERM/SIGINT while still listening; `setup()` also hooks it
+        to `app.on_shutdown` so an embedding app that uses `web.run_app` drains too.
+        """
+        self.draining = True
+        grace = self.shutdown_grace if grace is None else grace
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("shutdown: %d request(s) still running after %.1fs; cancelling them",
+                        len(self._in_flight), grace)
+            for job in list(self._in_flight):
+                job.cancel()
+            try:
+                await asyncio.wait_for(self._idle.wait(), _CANCEL_WAIT)
+            except asyncio.TimeoutError:
+                log.error("shutdown: %d request(s) did not end after cancelling",
+                          len(self._in_flight))
 
     # -- sessions ---------------------------------------------------------------------------
     def new_chat_prompt(self) -> ChatPrompt:
@@ -318,7 +366,7 @@ class ChatStream:
         try:
             history = self._load_prompt(session)
             turn = self._next_turn(history, chat_request)
-            job = self.engine.submit(turn.get_contents(), chat_request.params)
+            job = self.submit(turn.get_contents(), chat_request.params)
         except ChatStreamError as error:
             await locks.release(session_id)
             self.request_rejected(ENDPOINT, error)
@@ -342,9 +390,9 @@ class ChatStream:
         finally:
             await locks.release(session_id)  # already released unless something broke
         request[_PROMPT_KEY] = history
-        self.request_finished(ENDPOINT, exchange)
         if exchange.status is not None:
             await _call_back(callback, request, exchange.status)
+        self.request_finished(ENDPOINT, exchange)
         return framing.response_for(exchange)
 
     async def _write_back(self, request: web.Request, response: web.StreamResponse,

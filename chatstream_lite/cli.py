@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -18,13 +19,19 @@ from typing import Callable, Sequence
 from aiohttp import web
 
 from .app import create_app
-from .chat_stream import ChatStream
+from .auth import DEFAULT_PROTECTED
+from .chat_stream import DEFAULT_SHUTDOWN_GRACE, ChatStream
+from .cors import setup_cors
 from .mock_engine import DEFAULT_DELAY
 from .model_file import ModelNotFound
 
 log = logging.getLogger("chatstream_lite")
 
 ENV_PREFIX = "CHATSTREAM_"
+API_KEY_PATHS_WITH_CHAT = (*DEFAULT_PROTECTED, "/chat_stream", "/clear_context")
+# Request-head limits, chosen rather than inherited: a chat client sends a short request
+# line, a cookie and a few headers. Past them aiohttp answers 400 before any handler runs.
+HEADER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 64}
 
 
 def _env(name: str, default: object, convert: Callable[[str], object] = str) -> object:
@@ -74,10 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     option("--session-idle-ttl", "SESSION_IDLE_TTL", 24 * 3600, "seconds a session's history "
            "is kept after its last turn", int)
     option("--log-level", "LOG_LEVEL", "INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
+    option("--shutdown-grace", "SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, "on SIGTERM/SIGINT: "
+           "seconds running streams may take to finish before they are cancelled", float)
+    parser.add_argument("--cookie-secure", action="store_true",
+                        default=_env("COOKIE_SECURE", False, _flag),
+                        help=f"mark the session cookie Secure (behind HTTPS) "
+                             f"[env: {ENV_PREFIX}COOKIE_SECURE]")
+    parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                        default=_env("CORS_ORIGIN", None, lambda v: v.split(",")),
+                        help="allow cross-origin calls from this origin (repeatable); CORS is "
+                             f"off without it [env: {ENV_PREFIX}CORS_ORIGIN, comma-separated]")
     # The key is not read into the parser's default: --help would print it.
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
                         f"on /v1/*; prefer the variable, a flag shows in `ps` [env: "
                         f"{ENV_PREFIX}API_KEY]")
+    parser.add_argument("--api-key-guards-chat", action="store_true",
+                        default=_env("API_KEY_GUARDS_CHAT", False, _flag),
+                        help="with --api-key, also require it on /chat_stream and /clear_context "
+                             f"(the browser UI then cannot call them) "
+                             f"[env: {ENV_PREFIX}API_KEY_GUARDS_CHAT]")
     parser.add_argument("--mock", action="store_true", default=_env("MOCK", False, _flag),
                         help="no model: stream canned text at --mock-delay per word, through "
                         f"the same queue and callbacks (front-end work) [env: {ENV_PREFIX}MOCK]")
@@ -95,6 +117,7 @@ def _flag(value: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    api_key = args.api_key or os.environ.get(ENV_PREFIX + "API_KEY") or None
     logging.basicConfig(
         level=str(args.log_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -109,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_queue_size=args.max_queue_size,
             num_of_concurrent_executions=args.num_of_concurrent_executions,
             system_prompt=args.system_prompt,
-            api_key=args.api_key or os.environ.get(ENV_PREFIX + "API_KEY") or None,
+            cookie_secure=args.cookie_secure,
+            shutdown_grace=args.shutdown_grace,
+            api_key=api_key,
+            api_key_paths=API_KEY_PATHS_WITH_CHAT if args.api_key_guards_chat else DEFAULT_PROTECTED,
             load_in_background=True,
             mock=args.mock,
             mock_delay=args.mock_delay,
@@ -122,21 +148,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if api_key is None and not _is_loopback(args.host):
+        log.warning("listening on %s without an API key: anyone who can reach this address "
+                    "can use the model (set --api-key / %sAPI_KEY)", args.host, ENV_PREFIX)
     app = create_app(chat_stream)
-    app.on_startup.append(lambda app: _stop_if_loading_fails(app, chat_stream))
-    web.run_app(app, host=args.host, port=args.port,
-                print=lambda text: log.info("%s", text.strip()))
+    setup_cors(app, args.cors_origin or ())
+    asyncio.run(serve(app, chat_stream, args.host, args.port))
     return 1 if chat_stream.load_error is not None else 0
 
 
-_WATCHER_KEY = web.AppKey("chatstream_lite.load_watcher", asyncio.Task)
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
 
 
-async def _stop_if_loading_fails(app: web.Application, chat_stream: ChatStream) -> None:
-    async def watch() -> None:
-        try:
-            await chat_stream.wait_loaded()
-        except Exception:  # noqa: BLE001 - logged by ChatStream; a server without a model must stop
-            signal.raise_signal(signal.SIGTERM)  # web.run_app shuts down cleanly on it
+async def serve(app: web.Application, chat_stream: ChatStream, host: str, port: int) -> None:
+    """Serve until SIGTERM/SIGINT (or a failed model load), then shut down gracefully.
 
-    app[_WATCHER_KEY] = asyncio.create_task(watch())
+    Unlike `web.run_app`, which stops listening first, we keep the socket open while
+    running streams finish, so that a new request gets a clear 503 instead of a refused
+    connection; then the model is closed on its own thread (the engine's cleanup).
+    """
+    runner = web.AppRunner(app, handle_signals=False,
+                           shutdown_timeout=chat_stream.shutdown_grace + 5, **HEADER_LIMITS)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("serving on http://%s:%d", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        watcher = asyncio.create_task(_stop_if_loading_fails(chat_stream, stop))
+        await stop.wait()
+        watcher.cancel()
+        if chat_stream.load_error is None:
+            log.info("shutting down: new requests get 503; running streams have %.1fs to "
+                     "finish", chat_stream.shutdown_grace)
+            await chat_stream.drain()
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+async def _stop_if_loading_fails(chat_stream: ChatStream, stop: asyncio.Event) -> None:
+    try:
+        await chat_stream.wait_loaded()
+    except Exception:  # noqa: BLE001 - logged by ChatStream; a server without a model must stop
+        stop.set()

@@ -362,7 +362,7 @@ class OpenAIAPI:
             completion = parse_completion_request(body, chat_stream.defaults,
                                                   chat_stream.system_prompt)
             model = self._model_id()
-            job = chat_stream.engine.submit(completion.messages, completion.params)
+            job = chat_stream.submit(completion.messages, completion.params)
         except ChatStreamError as error:
             chat_stream.request_rejected(ENDPOINT, error)
             return openai_error_response(error)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -313,3 +314,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+async def start_cli(*args: str, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """`python -m chatstream_lite ARGS` on a free port; returns once /health says ready."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "chatstream_lite", "--port", str(port), *args],
+                               cwd=ROOT, env=subprocess_env(**env), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as client:
+        for _ in range(600):
+            try:
+                async with client.get(f"{url}/health") as health:
+                    if health.status == 200:  # listening, and the model is loaded
+                        return process, url
+            except aiohttp.ClientConnectionError:
+                pass
+            assert process.poll() is None, process.communicate()[0]
+            await asyncio.sleep(0.1)
+    process.kill()
+    raise AssertionError("the server did not become ready")
