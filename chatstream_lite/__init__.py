@@ -10,9 +10,12 @@ from .app import create_app
 from .chat_stream import ChatStream
 from .engine import SamplingParams
 from .errors import ChatStreamError
+from .health import CheckResult
 from .model_file import ModelNotFound, default_model_path
+from .openai_api import OpenAIAPI
 from .prompt import ChatPrompt, ChatTemplate
-from .sessions import MemoryStorage
+from .redis_sessions import RedisSessionStore
+from .sessions import MemorySessionStore, MemoryStorage, SessionStore
 from .status import StreamStatus
 
 __all__ = [
@@ -20,9 +23,14 @@ __all__ = [
     "ChatStream",
     "ChatStreamError",
     "ChatTemplate",
+    "CheckResult",
+    "MemorySessionStore",
     "MemoryStorage",
     "ModelNotFound",
+    "OpenAIAPI",
+    "RedisSessionStore",
     "SamplingParams",
+    "SessionStore",
     "StreamStatus",
     "create_app",
     "default_model_path",

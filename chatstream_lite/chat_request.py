@@ -92,32 +92,34 @@ def sampling_params(data: dict[str, Any], defaults: SamplingParams) -> SamplingP
     cap = defaults.max_new_tokens
     changes: dict[str, Any] = {}
     if (v := data.get("max_new_tokens")) is not None:
-        changes["max_new_tokens"] = _integer("max_new_tokens", v, 1, cap)
+        changes["max_new_tokens"] = integer_field("max_new_tokens", v, 1, cap)
     if (v := data.get("temperature")) is not None:
-        changes["temperature"] = _number("temperature", v, 0.0, 2.0)
+        changes["temperature"] = number_field("temperature", v, 0.0, 2.0)
     if (v := data.get("top_p")) is not None:
-        changes["top_p"] = _number("top_p", v, 0.0, 1.0)
+        changes["top_p"] = number_field("top_p", v, 0.0, 1.0)
     if (v := data.get("top_k")) is not None:
-        changes["top_k"] = _integer("top_k", v, 0, 1_000_000)
+        changes["top_k"] = integer_field("top_k", v, 0, 1_000_000)
     if (v := data.get("repeat_penalty")) is not None:
-        changes["repeat_penalty"] = _number("repeat_penalty", v, 0.0, 10.0)
+        changes["repeat_penalty"] = number_field("repeat_penalty", v, 0.0, 10.0)
     if (v := data.get("seed")) is not None:
-        changes["seed"] = _integer("seed", v, 0, SEED_LIMIT - 1)
+        changes["seed"] = integer_field("seed", v, 0, SEED_LIMIT - 1)
     return replace(defaults, **changes)
 
 
-def _integer(name: str, value: Any, low: int, high: int) -> int:
+def integer_field(name: str, value: Any, low: int, high: int) -> int:
+    """`value` if it is an integer from `low` to `high` (not a bool), else `BadRequest`."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise BadRequest(f"'{name}' must be an integer from {low} to {high}.")
+        raise BadRequest(f"'{name}' must be an integer from {low} to {high}.", param=name)
     return value
 
 
-def _number(name: str, value: Any, low: float, high: float) -> float:
+def number_field(name: str, value: Any, low: float, high: float) -> float:
+    """`value` as a float if it is a finite number from `low` to `high`, else `BadRequest`."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not math.isfinite(value)
         or not low <= value <= high
     ):
-        raise BadRequest(f"'{name}' must be a number from {low} to {high}.")
+        raise BadRequest(f"'{name}' must be a number from {low} to {high}.", param=name)
     return float(value)

@@ -10,7 +10,11 @@
     app.router.add_post("/chat_stream", stream_api)
 
 Every accepted request (valid, session free, admitted to the queue) gets exactly one callback
-with a `StreamStatus`; rejected ones (4xx, 429) get none and change nothing.
+with a `StreamStatus`; rejected ones (4xx, 429, 503) get none and change nothing. Both kinds
+pass one place each, `request_finished` and `request_rejected`, which count them in `metrics`.
+
+`ChatStream(mock=True)` swaps the model for `MockEngine` (canned text at a set pace) behind
+the same queue, disconnect detection and callbacks.
 """
 
 from __future__ import annotations
@@ -19,31 +23,40 @@ import asyncio
 import inspect
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Union
+from typing import AsyncIterator, Awaitable, Callable, Hashable, Sequence, Union
 
 import aiohttp_session
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiohttp_session import AbstractStorage, Session, get_session
+from redis.asyncio import Redis
 
+from .auth import DEFAULT_PROTECTED, ApiKey
 from .chat_request import DEFAULT_MAX_BODY_SIZE, ChatRequest, parse_chat_request, read_body
-from .engine import Engine, EngineConfig, Failed, Finished, Job, Piece, SamplingParams, Started
+from .engine import Engine, EngineConfig, Finished, Job, SamplingParams, Started
+from .engine_protocol import EngineProtocol
 from .errors import (
     BadRequest,
     ChatStreamError,
-    GenerationFailed,
     ServiceUnavailable,
     SessionBusy,
+    SessionStoreUnavailable,
     error_response,
 )
+from .exchange import Exchange
+from .health import CheckResult, Health
+from .metrics import Metrics
+from .mock_engine import DEFAULT_DELAY, MockEngine
 from .model_file import resolve_model_path
-from .prompt import ChatPrompt
+from .prompt import ChatPrompt, Message
+from .redis_sessions import RedisSessionStore
 from .sessions import (
     DEFAULT_IDLE_TTL,
     DEFAULT_MAX_SESSIONS,
+    MemorySessionStore,
     MemoryStorage,
-    SessionLocks,
+    SessionStore,
     ensure_identity,
 )
 from .status import StreamStatus
@@ -55,10 +68,10 @@ Callback = Callable[[web.Request, str], Union[None, Awaitable[None]]]
 CHAT_STREAM_KEY = web.AppKey("chatstream_lite.chat_stream", "ChatStream")
 _PROMPT_KEY = "chatstream_lite.chat_prompt"   # request key: the session's ChatPrompt
 _HISTORY_FIELD = "chat"                       # session field holding ChatPrompt.to_dict()
-
-# How often a waiting request looks at its connection. A closed socket is seen at the next
-# poll (aiohttp does not cancel handlers); while streaming, a failed write sees it at once.
-DISCONNECT_POLL_INTERVAL = 0.02
+ENDPOINT = "chat_stream"                      # this endpoint's name in metrics and logs
+DEFAULT_SHUTDOWN_GRACE = 10.0
+# After the grace period, how long cancelled requests may take to end (one token each).
+_CANCEL_WAIT = 10.0
 
 
 class ChatStream:
@@ -83,26 +96,41 @@ class ChatStream:
         system_prompt: str | None = None,
         stop: list[str] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        session_store: str | Redis | SessionStore | None = None,
         session_storage: AbstractStorage | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         session_idle_ttl: int = DEFAULT_IDLE_TTL,
         cookie_secure: bool = False,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        api_key: str | None = None,
+        api_key_paths: Sequence[str] = DEFAULT_PROTECTED,
+        load_in_background: bool = False,
+        mock: bool = False,
+        mock_delay: float = DEFAULT_DELAY,
+        mock_text: str | None = None,
         verbose: bool = False,
     ) -> None:
         if max_new_tokens < 1 or max_new_tokens >= n_ctx:
             raise ValueError("max_new_tokens must be at least 1 and less than n_ctx")
-        self.engine = Engine(
-            EngineConfig(
-                model_path=resolve_model_path(model_path),
-                n_ctx=n_ctx,
-                n_gpu_layers=n_gpu_layers,
-                n_threads=n_threads,
-                n_batch=n_batch,
-                num_of_concurrent_executions=num_of_concurrent_executions,
-                max_queue_size=max_queue_size,
-                verbose=verbose,
+        self.engine: EngineProtocol
+        if mock:
+            self.engine = MockEngine(
+                n_ctx=n_ctx, num_of_concurrent_executions=num_of_concurrent_executions,
+                max_queue_size=max_queue_size, delay=mock_delay, text=mock_text)
+        else:
+            self.engine = Engine(
+                EngineConfig(
+                    model_path=resolve_model_path(model_path),
+                    n_ctx=n_ctx,
+                    n_gpu_layers=n_gpu_layers,
+                    n_threads=n_threads,
+                    n_batch=n_batch,
+                    num_of_concurrent_executions=num_of_concurrent_executions,
+                    max_queue_size=max_queue_size,
+                    verbose=verbose,
+                )
             )
-        )
+        self.max_queue_size = max_queue_size
         self.defaults = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -114,24 +142,147 @@ class ChatStream:
         )
         self.system_prompt = system_prompt
         self.max_body_size = max_body_size
-        self.session_storage = session_storage or MemoryStorage(
-            max_sessions=max_sessions, idle_ttl=session_idle_ttl, secure=cookie_secure or None
-        )
-        self.session_locks = SessionLocks()
+        self.session_store = _open_session_store(
+            session_store, session_storage, max_sessions=max_sessions,
+            idle_ttl=session_idle_ttl, secure=cookie_secure or None)
+        self.api_key = ApiKey(api_key, api_key_paths)
+        self.metrics = Metrics(self.engine)
+        self.health = Health()
+        self.health.add_check("engine", self._engine_health)
+        self.health.add_check("session_store", self._session_store_health)
+        self.load_in_background = load_in_background
+        self._loading: asyncio.Task[None] | None = None
+        self.load_error: BaseException | None = None
+        self.shutdown_grace = shutdown_grace
+        self.draining = False
+        self._in_flight: set[Job] = set()     # admitted requests not yet finished
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # -- wiring into an aiohttp application -------------------------------------------------
     def setup(self, app: web.Application) -> None:
-        """Install the session middleware and run the engine on the app's lifecycle."""
-        aiohttp_session.setup(app, self.session_storage)
+        """Install the session middleware and run the engine on the app's lifecycle.
+
+        The model loads during the app's startup, so the server listens once it is ready;
+        with `load_in_background=True` it listens at once and answers 503 (`/health`
+        included) until the model is loaded.
+        """
+        app.middlewares.append(_session_store_errors)  # outside the session middleware's save
+        aiohttp_session.setup(app, self.session_store.storage)
+        app.cleanup_ctx.append(self._session_store_context)
         app.cleanup_ctx.append(self._engine_context)
+        app.on_shutdown.append(lambda _app: self.drain())
         app[CHAT_STREAM_KEY] = self
 
+    async def _session_store_context(self, app: web.Application) -> AsyncIterator[None]:
+        if await self.session_store.healthy():
+            log.info("sessions: %s", self.session_store)
+        else:  # not fatal: requests that need a session get 503 until it is back
+            log.warning("sessions: %s is unreachable", self.session_store)
+        yield
+        await self.session_store.close()
+
     async def _engine_context(self, app: web.Application) -> AsyncIterator[None]:
-        info = await self.engine.start()
+        self._loading = asyncio.create_task(self._start_engine())
+        if not self.load_in_background:
+            await self._loading
+        yield
+        if not self._loading.done():
+            log.info("waiting for the model to finish loading before closing it")
+        await asyncio.gather(self._loading, return_exceptions=True)
+        await self.engine.close()
+
+    async def _start_engine(self) -> None:
+        try:
+            info = await self.engine.start()
+        except Exception as error:
+            self.load_error = error
+            if self.load_in_background:
+                log.exception("the model failed to load; every request gets 503")
+            raise
         log.info("model ready: %s (n_ctx=%d, GPU offload %s)", info.name, info.n_ctx,
                  "on" if info.gpu_offload else "off")
-        yield
-        await self.engine.close()
+
+    async def wait_loaded(self) -> None:
+        """Return once the model is loaded (raise what failed, if it did); call it after
+        the app has started."""
+        if self._loading is None:
+            raise RuntimeError("the app has not started: setup(app), then start the app")
+        await asyncio.shield(self._loading)
+
+    # -- /health ----------------------------------------------------------------------------
+    async def _engine_health(self) -> CheckResult:
+        engine, info = self.engine, self.engine.model_info
+        if self.draining:
+            state = "draining"  # shutting down: a load balancer should stop sending here
+        elif engine.ready:
+            state = "ready"
+        elif self.load_error is not None:
+            state = f"failed: {self.load_error}"
+        elif info is None:
+            state = "loading"
+        else:
+            state = "stopped"
+        return CheckResult(engine.ready and not self.draining, {
+            "model": info.path.stem if info else None,
+            "gpu_offload": info.gpu_offload if info else False,
+            "running": engine.running,
+            "queued": engine.queued,
+            "max_queue_size": self.max_queue_size,
+            "engine": state,
+        })
+
+    async def _session_store_health(self) -> CheckResult:
+        # 503 while the store is away: requests that need a session would get 503 too.
+        return CheckResult(await self.session_store.healthy(),
+                           {"session_store": self.session_store.kind})
+
+    # -- admission, and the one place each request's end is counted ------------------------
+    def submit(self, messages: list[Message], params: SamplingParams, *,
+               cache_key: Hashable | None = None) -> Job:
+        """Admit a generation for any endpoint: the engine's exact bound (429), and 503 once
+        the server is draining for shutdown. `cache_key` (the session id): the engine may
+        reuse the KV cells of that session's previous turn."""
+        if self.draining:
+            raise ServiceUnavailable("The server is shutting down.")
+        job = self.engine.submit(messages, params, cache_key=cache_key)
+        self._in_flight.add(job)
+        self._idle.clear()
+        return job
+
+    def request_rejected(self, endpoint: str, error: ChatStreamError) -> None:
+        """A request refused before streaming (4xx, 429, 503): no callback, nothing changed."""
+        self.metrics.request_rejected(endpoint, error)
+
+    def request_finished(self, endpoint: str, exchange: Exchange) -> None:
+        """An admitted request has ended (its callback, if any, already ran)."""
+        exchange.log_line(endpoint)
+        self.metrics.request_finished(endpoint, exchange)
+        self._in_flight.discard(exchange.job)
+        if not self._in_flight:
+            self._idle.set()
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting (new requests get 503), give running streams `grace` seconds to
+        finish, then cancel the rest; returns once every accepted request had its callback.
+
+        The CLI calls this on SIGTERM/SIGINT while still listening; `setup()` also hooks it
+        to `app.on_shutdown` so an embedding app that uses `web.run_app` drains too.
+        """
+        self.draining = True
+        grace = self.shutdown_grace if grace is None else grace
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("shutdown: %d request(s) still running after %.1fs; cancelling them",
+                        len(self._in_flight), grace)
+            for job in list(self._in_flight):
+                job.cancel()
+            try:
+                await asyncio.wait_for(self._idle.wait(), _CANCEL_WAIT)
+            except asyncio.TimeoutError:
+                log.error("shutdown: %d request(s) did not end after cancelling",
+                          len(self._in_flight))
 
     # -- sessions ---------------------------------------------------------------------------
     def new_chat_prompt(self) -> ChatPrompt:
@@ -150,7 +301,7 @@ class ChatStream:
         self, request: web.Request, response: web.StreamResponse, session: Session, prompt: ChatPrompt
     ) -> None:
         session[_HISTORY_FIELD] = prompt.to_dict()
-        await self.session_storage.save_session(request, response, session)
+        await self.session_store.storage.save_session(request, response, session)
 
     def get_chat_prompt(self, request: web.Request) -> ChatPrompt:
         """The `ChatPrompt` of this request's session, e.g. inside the completion callback."""
@@ -166,12 +317,17 @@ class ChatStream:
     # -- endpoints --------------------------------------------------------------------------
     async def handle_clear_context_request(self, request: web.Request) -> web.Response:
         """Forget this session's history (its system prompt stays)."""
-        session = await get_session(request)
-        if session.new:
-            return web.json_response({"status": "cleared"})
-        session_id = ensure_identity(session)
-        if not await self.session_locks.acquire(session_id):
-            return error_response(SessionBusy("A request of this session is still running."))
+        locks = self.session_store.locks
+        try:
+            self.api_key.check(request)
+            session = await get_session(request)
+            if session.new:
+                return web.json_response({"status": "cleared"})
+            session_id = ensure_identity(session)
+            if not await locks.acquire(session_id):
+                raise SessionBusy("A request of this session is still running.")
+        except ChatStreamError as error:
+            return error_response(error)
         try:
             prompt = self._load_prompt(session)
             prompt.clear_history()
@@ -179,8 +335,10 @@ class ChatStream:
             await self._save_prompt(request, response, session, prompt)
             request[_PROMPT_KEY] = prompt
             return response
+        except SessionStoreUnavailable as error:
+            return error_response(error)
         finally:
-            await self.session_locks.release(session_id)
+            await locks.release(session_id)
 
     async def handle_chat_stream_request(
         self,
@@ -194,37 +352,58 @@ class ChatStream:
         `callback(request, message)`: called once when the stream ends; sync or async.
         """
         received = time.monotonic()
+        locks = self.session_store.locks
         try:
+            self.api_key.check(request)
             body = request_body if request_body is not None else await read_body(
                 request, self.max_body_size)
             chat_request = parse_chat_request(body, self.defaults)
             session = await get_session(request)
             session_id = ensure_identity(session)
+            if not await locks.acquire(session_id):
+                raise SessionBusy("This session already has a request in flight.")
         except ChatStreamError as error:
+            self.request_rejected(ENDPOINT, error)
             return error_response(error)
-        if not await self.session_locks.acquire(session_id):
-            return error_response(SessionBusy("This session already has a request in flight."))
         try:
             history = self._load_prompt(session)
             turn = self._next_turn(history, chat_request)
-            job = self.engine.submit(turn.get_contents(), chat_request.params,
-                                     cache_key=session_id)
+            job = self.submit(turn.get_contents(), chat_request.params, cache_key=session_id)
         except ChatStreamError as error:
-            await self.session_locks.release(session_id)
+            await locks.release(session_id)
+            self.request_rejected(ENDPOINT, error)
             return error_response(error)
-        # Accepted: from here on, exactly one callback.
-        try:
-            exchange = _Exchange(request, job, received)
-            response = await exchange.run(lambda r: self._save_prompt(request, r, session, history))
+        framing = _PlainText(request, lambda r: self._save_prompt(request, r, session, history))
+
+        async def end_turn(exchange: Exchange) -> None:
+            # Before the client sees the end of the reply: its next request, on any replica,
+            # must find this turn stored and the session free (not a 409).
+            nonlocal history
             history = self._settle_history(history, turn, exchange)
-            await self._save_prompt(request, response, session, history)
+            if framing.response is not None and framing.headers_sent:
+                await self._write_back(request, framing.response, session, history)
+            # else nothing was streamed and the history is unchanged
+            await locks.release(session_id)
+
+        # Accepted: from here on, exactly one callback (none if refused late).
+        try:
+            exchange = Exchange(request, job, framing, received, end_turn)
+            await exchange.run()
         finally:
-            await self.session_locks.release(session_id)
+            await locks.release(session_id)  # already released unless something broke
         request[_PROMPT_KEY] = history
-        exchange.log_line()
         if exchange.status is not None:
             await _call_back(callback, request, exchange.status)
-        return response
+        self.request_finished(ENDPOINT, exchange)
+        return framing.response_for(exchange)
+
+    async def _write_back(self, request: web.Request, response: web.StreamResponse,
+                          session: Session, history: ChatPrompt) -> None:
+        """Store the turn just streamed; with the store gone, the client still has its reply."""
+        try:
+            await self._save_prompt(request, response, session, history)
+        except SessionStoreUnavailable:
+            log.warning("the turn just streamed was not stored: the session store is unreachable")
 
     # -- history ----------------------------------------------------------------------------
     @staticmethod
@@ -240,7 +419,7 @@ class ChatStream:
         return turn
 
     @staticmethod
-    def _settle_history(history: ChatPrompt, turn: ChatPrompt, exchange: _Exchange) -> ChatPrompt:
+    def _settle_history(history: ChatPrompt, turn: ChatPrompt, exchange: Exchange) -> ChatPrompt:
         """What the session keeps: the finished turn (a partial reply after a stop counts),
         or the history unchanged when nothing reached the user or generation failed."""
         if exchange.status not in (StreamStatus.SUCCESS,
@@ -249,6 +428,42 @@ class ChatStream:
         turn.add_responder_msg(exchange.reply)
         turn.drop_oldest_turns(exchange.dropped_messages)
         return turn
+
+
+def _open_session_store(
+    session_store: str | Redis | SessionStore | None,
+    session_storage: AbstractStorage | None,
+    *,
+    max_sessions: int,
+    idle_ttl: int,
+    secure: bool | None,
+) -> SessionStore:
+    """`session_store`: None or "memory" (this process), a redis:// URL or a Redis client
+    (shared by every replica), or a ready `SessionStore`. `session_storage`: any
+    aiohttp-session storage, with locks in this process."""
+    if session_store is not None and session_storage is not None:
+        raise ValueError("give session_store or session_storage, not both")
+    if session_store is None or session_store == "memory":
+        return MemorySessionStore(session_storage or MemoryStorage(
+            max_sessions=max_sessions, idle_ttl=idle_ttl, secure=secure))
+    if isinstance(session_store, Redis):
+        return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
+    if isinstance(session_store, str):
+        if not session_store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"session_store must be 'memory' or a redis://, rediss:// or "
+                             f"unix:// URL, not {session_store!r}")
+        return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
+    return session_store
+
+
+@web.middleware
+async def _session_store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A session store failure anywhere, the session middleware's own save included, is a
+    JSON 503 like our other errors, not aiohttp's 500."""
+    try:
+        return await handler(request)
+    except SessionStoreUnavailable as error:
+        return error_response(error)
 
 
 async def _call_back(callback: Callback | None, request: web.Request, status: StreamStatus) -> None:
@@ -262,142 +477,47 @@ async def _call_back(callback: Callback | None, request: web.Request, status: St
         log.exception("completion callback raised")
 
 
-@dataclass
-class _Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    generation_seconds: float = 0.0
+class _PlainText:
+    """`/chat_stream`'s wire format: the reply as text/plain chunks, written as they come;
+    the session cookie goes out with the headers."""
 
-
-class _Exchange:
-    """One accepted request: relays the job's events to the client, watching the socket."""
-
-    def __init__(self, request: web.Request, job: Job, received: float) -> None:
+    def __init__(self, request: web.Request,
+                 before_headers: Callable[[web.StreamResponse], Awaitable[None]]) -> None:
         self.request = request
-        self.job = job
-        self.received = received
-        self.status: StreamStatus | None = None
-        self.reply = ""                 # exactly the text the client was sent
-        self.dropped_messages = 0
-        self.first_piece_at: float | None = None
-        self.finish_reason = ""
-        self.usage = _Usage()
-        self._pieces: list[str] = []
-        self._gone = False
+        self.before_headers = before_headers
+        self.response: web.StreamResponse | None = None
 
-    def _client_gone(self) -> None:
-        self._gone = True
-        self.job.cancel()
+    @property
+    def headers_sent(self) -> bool:
+        return self.response is not None and self.response.prepared
 
-    async def _watch(self) -> None:
-        while True:
-            transport = self.request.transport
-            if transport is None or transport.is_closing():
-                self._client_gone()
-                return
-            await asyncio.sleep(DISCONNECT_POLL_INTERVAL)
-
-    async def run(
-        self, before_headers: Callable[[web.StreamResponse], Awaitable[None]]
-    ) -> web.StreamResponse:
-        watcher = asyncio.create_task(self._watch())
-        response: web.StreamResponse | None = None
-        failure: BaseException | None = None
-        try:
-            async for event in self.job.events():
-                if isinstance(event, Piece):
-                    if not self._gone and response is not None:
-                        await self._write(response, event.text)
-                elif isinstance(event, Started):
-                    self.dropped_messages = event.dropped_messages
-                    self.usage.prompt_tokens = event.prompt_tokens
-                    if not self._gone:
-                        response = await self._prepare(before_headers)
-                elif isinstance(event, Finished):
-                    self.finish_reason = event.reason
-                    self.usage = _Usage(event.prompt_tokens, event.completion_tokens,
-                                        event.generation_seconds)
-                    if response is not None and not self._gone and event.reason != "cancelled":
-                        await self._end(response)
-                elif isinstance(event, Failed):
-                    failure = event.error
-        except Exception as error:  # noqa: BLE001 - a bug here must still end in one callback
-            log.exception("streaming failed")
-            self.job.cancel()
-            failure = error
-        finally:
-            watcher.cancel()
-        self.reply = "".join(self._pieces)
-        return self._outcome(response, failure)
-
-    def _outcome(self, response: web.StreamResponse | None, failure: BaseException | None
-                 ) -> web.StreamResponse:
-        if isinstance(failure, ChatStreamError) and response is None:
-            # Refused by the engine before it started (e.g. the prompt cannot fit): a
-            # rejection like any other 4xx, so no callback and no change to the history.
-            return error_response(failure)
-        if self.finish_reason == "cancelled" and not self._gone:
-            # Cancelled by the server itself (shutting down), not by the client.
-            failure = ServiceUnavailable("The server is shutting down.")
-        if failure is not None:
-            self.status = StreamStatus.UNKNOWN_ERROR_OCCURRED
-            self.finish_reason = "error"
-            if response is None:
-                if isinstance(failure, ChatStreamError):
-                    return error_response(failure)
-                return error_response(GenerationFailed("The model failed to generate a reply."))
-            # Mid-stream there is no status code left to change: drop the connection so the
-            # client sees an incomplete body instead of a reply that merely looks short.
-            if self.request.transport is not None:
-                self.request.transport.close()
-            return response
-        if self._gone or response is None:
-            self.status = (StreamStatus.CLIENT_DISCONNECTED_WHILE_STREAMING if self._pieces
-                           else StreamStatus.CLIENT_DISCONNECTED_BEFORE_STREAMING)
-            return response or web.Response(status=499)
-        self.status = StreamStatus.SUCCESS
-        return response
-
-    async def _prepare(
-        self, before_headers: Callable[[web.StreamResponse], Awaitable[None]]
-    ) -> web.StreamResponse:
+    async def open(self, started: Started) -> None:
         response = web.StreamResponse(
-            status=200,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+            status=200, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.content_type = "text/plain"
         response.charset = "utf-8"
         response.enable_chunked_encoding()
-        await before_headers(response)  # the session cookie must go out with the headers
-        try:
-            await response.prepare(self.request)
-        except ConnectionError:
-            self._client_gone()
-        return response
+        await self.before_headers(response)  # the session cookie must go out with the headers
+        self.response = response
+        await response.prepare(self.request)
 
-    async def _write(self, response: web.StreamResponse, text: str) -> None:
-        try:
-            await response.write(text.encode("utf-8"))
-        except ConnectionError:
-            self._client_gone()
-            return
-        if self.first_piece_at is None:
-            self.first_piece_at = time.monotonic()
-        self._pieces.append(text)
+    async def send(self, text: str) -> None:
+        assert self.response is not None
+        await self.response.write(text.encode("utf-8"))
 
-    async def _end(self, response: web.StreamResponse) -> None:
-        try:
-            await response.write_eof()
-        except ConnectionError:
-            self._client_gone()
+    async def close(self, finished: Finished) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
 
-    def log_line(self) -> None:
-        ttft = (self.first_piece_at - self.received) * 1000 if self.first_piece_at else float("nan")
-        seconds = self.usage.generation_seconds
-        rate = self.usage.completion_tokens / seconds if seconds > 0 else float("nan")
-        log.info(
-            "chat_stream status=%s finish=%s prompt_tokens=%d tokens=%d ttft_ms=%.1f "
-            "tokens_per_s=%.1f total_ms=%.1f",
-            self.status or "rejected", self.finish_reason or "-", self.usage.prompt_tokens,
-            self.usage.completion_tokens, ttft, rate, (time.monotonic() - self.received) * 1000,
-        )
+    async def abort(self, error: BaseException) -> None:
+        # Drop the connection: the client sees an incomplete body instead of a reply that
+        # merely looks short.
+        if self.request.transport is not None:
+            self.request.transport.close()
+
+    def response_for(self, exchange: Exchange) -> web.StreamResponse:
+        if exchange.error is not None:
+            return error_response(exchange.error)
+        if self.response is not None and self.headers_sent:
+            return self.response
+        return web.Response(status=499)  # the client left before the headers: nobody reads this

@@ -1,11 +1,15 @@
 """Server-side sessions: the cookie carries only a random id, the history stays on the server.
 
-Built on aiohttp-session. `MemoryStorage` is the default store: in-process, bounded by an idle
-expiry and a maximum count (least recently used sessions go first), so a server that runs
-for weeks does not grow without end. `SessionLocks` enforces one request per session.
+Built on aiohttp-session. A `SessionStore` is where sessions live: an aiohttp-session
+storage (the history), `Locks` (one request per session, else 409), and a health check.
+`MemorySessionStore` is the default: `MemoryStorage` in this process, bounded by an idle
+expiry and a maximum count (least recently used sessions go first) so that a server running
+for weeks does not grow without end, and in-process `SessionLocks`. `RedisSessionStore`
+(redis_sessions.py) is the same three things in Redis, shared by every replica.
 
-    >>> storage = MemoryStorage(max_sessions=10_000, idle_ttl=24 * 3600)
-    >>> aiohttp_session.setup(app, storage)
+    >>> store = MemorySessionStore(MemoryStorage(max_sessions=10_000, idle_ttl=24 * 3600))
+    >>> aiohttp_session.setup(app, store.storage)
+    >>> if await store.locks.acquire(session_id): ...     # and release() in a finally
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
+from typing import Protocol
+
 from aiohttp import web
 from aiohttp_session import AbstractStorage, Session
 
@@ -103,8 +109,41 @@ class MemoryStorage(AbstractStorage):
             del self._data[key]
 
 
+class Locks(Protocol):
+    """At most one request in flight per session id: `acquire` is False while another holds it.
+
+    `acquire` raises `SessionStoreUnavailable` when it cannot tell (the store is away);
+    `release` never raises: a lock that cannot be released must expire by itself.
+    """
+
+    async def acquire(self, session_id: str) -> bool: ...
+
+    async def release(self, session_id: str) -> None: ...
+
+
+class SessionStore(Protocol):
+    """Where sessions live: the history (`storage`), the per-session `locks`, and health."""
+
+    @property
+    def kind(self) -> str:
+        """"memory", "redis": what /health reports."""
+        ...
+
+    @property
+    def storage(self) -> AbstractStorage: ...
+
+    @property
+    def locks(self) -> Locks: ...
+
+    async def healthy(self) -> bool:
+        """True when requests that need a session can be served now."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class SessionLocks:
-    """At most one request in flight per session id (a second one gets 409)."""
+    """In-process `Locks`: at most one request in flight per session id (a second gets 409)."""
 
     def __init__(self) -> None:
         self._held: set[str] = set()
@@ -117,3 +156,22 @@ class SessionLocks:
 
     async def release(self, session_id: str) -> None:
         self._held.discard(session_id)
+
+
+class MemorySessionStore:
+    """The default `SessionStore`: any aiohttp-session storage, locks in this process.
+
+    Right for one replica; with several, each would keep its own sessions (RedisSessionStore).
+    """
+
+    kind = "memory"
+
+    def __init__(self, storage: AbstractStorage) -> None:
+        self.storage = storage
+        self.locks = SessionLocks()
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None

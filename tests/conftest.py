@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import aiohttp
+import llama_cpp
 import pytest
+import redis
 from aiohttp import web
 
-from chatstream_lite import ChatStream, default_model_path
+from chatstream_lite import ChatStream, create_app, default_model_path
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -97,9 +108,17 @@ def build_app(chat_stream: ChatStream, recorder: Recorder) -> web.Application:
     return app
 
 
-async def start_server(chat_stream: ChatStream) -> Server:
+def build_full_app(chat_stream: ChatStream, recorder: Recorder) -> web.Application:
+    """What `python -m chatstream_lite` serves (every endpoint and the UI), with callbacks."""
+    return create_app(chat_stream, callback=recorder.callback_for(chat_stream))
+
+
+AppBuilder = Callable[[ChatStream, Recorder], web.Application]
+
+
+async def start_server(chat_stream: ChatStream, build: AppBuilder = build_app) -> Server:
     recorder = Recorder()
-    runner = web.AppRunner(build_app(chat_stream, recorder))
+    runner = web.AppRunner(build(chat_stream, recorder))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -107,8 +126,8 @@ async def start_server(chat_stream: ChatStream) -> Server:
     return Server(chat_stream, recorder, runner, host, port)
 
 
-async def serve(chat_stream: ChatStream) -> AsyncIterator[Server]:
-    server = await start_server(chat_stream)
+async def serve(chat_stream: ChatStream, build: AppBuilder = build_app) -> AsyncIterator[Server]:
+    server = await start_server(chat_stream, build)
     try:
         yield server
     finally:
@@ -189,3 +208,130 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
             await asyncio.sleep(0.01)
     await asyncio.wait_for(poll(), timeout)
 
+
+
+async def scrape(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """`GET /metrics`, parsed by prometheus-client's own parser: {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as client:
+        async with client.get(server.url + "/metrics") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            text = await response.text()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def sample(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+           **labels: str) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+def llama_cpp_reference(model_path: str, question: str, *, n_ctx: int, n_threads: int,
+                        max_tokens: int) -> str:
+    """llama-cpp-python's own greedy streamed chat completion: what we must reproduce."""
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+    try:
+        pieces = llm.create_chat_completion(
+            [{"role": "user", "content": question}], max_tokens=max_tokens, stream=True,
+            temperature=0.0, repeat_penalty=1.0,
+        )
+        return "".join(p["choices"][0]["delta"].get("content", "") for p in pieces)  # type: ignore[index, union-attr]
+    finally:
+        llm.close()
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment minus any CHATSTREAM_* setting, with the checkout importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSTREAM_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+class RedisServer:
+    """A real `redis-server` on a free loopback port, persistence off, that a test can stop,
+    restart (same port, empty) or freeze (SIGSTOP: connections open, no answers)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A plain synchronous client for the test to look inside."""
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory),
+             "--logfile", str(self.directory / "redis.log")])
+        deadline = time.monotonic() + 10
+        with self.client() as client:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    assert self.process.poll() is None, "redis-server exited at start"
+                    assert time.monotonic() < deadline, "redis-server did not start"
+                    time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen server cannot exit
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real Redis per test module; skipped (with the reason) where it is not installed."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def start_cli(*args: str, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """`python -m chatstream_lite ARGS` on a free port; returns once /health says ready."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "chatstream_lite", "--port", str(port), *args],
+                               cwd=ROOT, env=subprocess_env(**env), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as client:
+        for _ in range(600):
+            try:
+                async with client.get(f"{url}/health") as health:
+                    if health.status == 200:  # listening, and the model is loaded
+                        return process, url
+            except aiohttp.ClientConnectionError:
+                pass
+            assert process.poll() is None, process.communicate()[0]
+            await asyncio.sleep(0.1)
+    process.kill()
+    raise AssertionError("the server did not become ready")

@@ -130,9 +130,9 @@ async def test_session_cookie_is_httponly_and_samesite_lax(server: Server) -> No
 
 async def test_second_concurrent_request_on_one_session_is_409(server: Server) -> None:
     gate = Gate()
-    server.chat_stream.engine.fault_hook = gate
     async with server.client() as client:
         await post_chat(client, user_input="Hi", max_new_tokens=4)  # establish the session
+        server.chat_stream.engine.fault_hook = gate  # hold the next generation at its first token
         before = len(server.recorder.calls)
         first = asyncio.create_task(post_chat(client, user_input="Count to five.", max_new_tokens=16, **GREEDY))
         await gate.wait_reached()

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import AsyncIterator
 
-import llama_cpp
 import pytest
 import pytest_asyncio
 
 from chatstream_lite import ChatStream
 
-from .conftest import GREEDY, Server, serve
+from .conftest import GREEDY, Server, llama_cpp_reference, serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,17 +35,8 @@ async def test_japanese_reply_is_intact_and_equals_llama_cpp_python(server: Serv
     ours = raw.decode("utf-8")  # strict: a split character would raise here
     assert "\ufffd" not in ours
 
-    def reference() -> str:
-        llm = llama_cpp.Llama(model_path=model_path, n_ctx=N_CTX, n_threads=server.chat_stream.engine.threads, verbose=False)
-        try:
-            pieces = llm.create_chat_completion(
-                [{"role": "user", "content": question}], max_tokens=48, stream=True,
-                temperature=0.0, repeat_penalty=1.0,
-            )
-            return "".join(p["choices"][0]["delta"].get("content", "") for p in pieces)
-        finally:
-            llm.close()
-
-    expected = await asyncio.get_running_loop().run_in_executor(None, reference)
+    expected = await asyncio.get_running_loop().run_in_executor(None, partial(
+        llama_cpp_reference, model_path, question, n_ctx=N_CTX,
+        n_threads=server.chat_stream.engine.threads, max_tokens=48))
     assert any(ord(c) > 0x3000 for c in expected), "the reference reply should contain Japanese"
     assert ours == expected
