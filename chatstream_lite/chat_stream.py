@@ -24,7 +24,7 @@ import inspect
 import logging
 import time
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Sequence, Union
+from typing import AsyncIterator, Awaitable, Callable, Hashable, Sequence, Union
 
 import aiohttp_session
 from aiohttp import web
@@ -238,12 +238,14 @@ class ChatStream:
                            {"session_store": self.session_store.kind})
 
     # -- admission, and the one place each request's end is counted ------------------------
-    def submit(self, messages: list[Message], params: SamplingParams) -> Job:
+    def submit(self, messages: list[Message], params: SamplingParams, *,
+               cache_key: Hashable | None = None) -> Job:
         """Admit a generation for any endpoint: the engine's exact bound (429), and 503 once
-        the server is draining for shutdown."""
+        the server is draining for shutdown. `cache_key` (the session id): the engine may
+        reuse the KV cells of that session's previous turn."""
         if self.draining:
             raise ServiceUnavailable("The server is shutting down.")
-        job = self.engine.submit(messages, params)
+        job = self.engine.submit(messages, params, cache_key=cache_key)
         self._in_flight.add(job)
         self._idle.clear()
         return job
@@ -366,7 +368,7 @@ class ChatStream:
         try:
             history = self._load_prompt(session)
             turn = self._next_turn(history, chat_request)
-            job = self.submit(turn.get_contents(), chat_request.params)
+            job = self.submit(turn.get_contents(), chat_request.params, cache_key=session_id)
         except ChatStreamError as error:
             await locks.release(session_id)
             self.request_rejected(ENDPOINT, error)

@@ -33,6 +33,10 @@ API_KEY_PATHS_WITH_CHAT = (*DEFAULT_PROTECTED, "/chat_stream", "/clear_context")
 # line, a cookie and a few headers. Past them aiohttp answers 400 before any handler runs.
 HEADER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 64}
 
+# On a 2-core CPU with SmolLM2-135M a decode step of 4 sequences gave 1.2x the aggregate
+# tokens/s of 1, and 8 or 16 only 1.05x more while halving each stream's speed.
+DEFAULT_CONCURRENT_EXECUTIONS = 4
+
 
 def _env(name: str, default: object, convert: Callable[[str], object] = str) -> object:
     raw = os.environ.get(ENV_PREFIX + name)
@@ -73,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
            "tokens", int)
     option("--max-queue-size", "MAX_QUEUE_SIZE", 16, "requests allowed to wait beyond the "
            "running ones; one more gets 429", int)
-    option("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS", 1,
-           "generations running at once", int)
+    option("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS",
+           DEFAULT_CONCURRENT_EXECUTIONS, "generations decoded together (continuous batching); "
+           "each keeps n-ctx KV cells of its own. 4 measured best on 2 CPU cores: most of the "
+           "aggregate gain of 8 at twice the speed per stream", int)
     option("--system-prompt", "SYSTEM_PROMPT", None, "system prompt put before every conversation")
     option("--session-store", "SESSION_STORE", "memory", "where session histories live: "
            "'memory' (this process) or redis://HOST:PORT/DB, shared by every replica")

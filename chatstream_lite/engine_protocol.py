@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Callable, Hashable, Protocol
 
 from .engine import EngineStats, Event, ModelInfo, SamplingParams
 from .prompt import Message
@@ -37,4 +37,5 @@ class EngineProtocol(Protocol):
     @property
     def queued(self) -> int: ...
 
-    def submit(self, messages: list[Message], params: SamplingParams) -> JobProtocol: ...
+    def submit(self, messages: list[Message], params: SamplingParams, *,
+               cache_key: Hashable | None = None) -> JobProtocol: ...

@@ -16,7 +16,7 @@ import asyncio
 import re
 from collections import deque
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Hashable
 
 from .engine import (
     EngineStats,
@@ -149,7 +149,9 @@ class MockEngine:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def submit(self, messages: list[Message], params: SamplingParams) -> MockJob:
+    def submit(self, messages: list[Message], params: SamplingParams, *,
+               cache_key: Hashable | None = None) -> MockJob:
+        """`cache_key` is accepted for the engine's interface; a mock has no KV cache."""
         if not self.ready:
             raise ServiceUnavailable("The mock engine is not running (starting up or shutting down).")
         if len(self._running) + len(self._waiting) >= self.concurrent + self.max_queue_size:

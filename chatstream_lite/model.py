@@ -1,0 +1,162 @@
+"""The loaded GGUF model and its llama.cpp context: tokens in, one batch decoded, logits out.
+
+    >>> model = Model.load(path, n_ctx=4096, n_batch=512, n_seq=4, ...)   # on the engine thread
+    >>> tokens = model.tokenize("<|im_start|>user\\nHi<|im_end|>\\n", add_bos=False)
+    >>> model.batch.add(tokens[0], pos=0, seq_id=3, logits=True)
+    >>> model.decode()                      # 0 ok, 1 no room in the KV cache, other: failure
+
+Not thread-safe: created, used and closed on the engine thread only.
+
+Loading, tokenizing, detokenizing and metadata use llama-cpp-python's own `LlamaModel`, the
+object inside `Llama`, so tokens and text are exactly what `Llama` gives. The context is made
+here with the raw API because `Llama` cannot ask for several sequences: `n_seq` sequence ids,
+each with a KV stream of its own of `n_ctx` cells (`kv_unified` off, as llama-server's
+slots). Measured on CPU: over a unified cache the logits of a sequence change with what else
+is in the batch (greedy replies drift after a few tokens); with a stream per sequence one
+token of each sequence per batch gives bit-identical logits to decoding it alone, and each
+token attends to its own conversation only. Everything else is `Llama`'s default, flash
+attention off included, so a single sequence computes what llama-cpp-python computes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp import _internals
+from llama_cpp._logger import set_verbose
+
+
+class Batch:
+    """A reusable `llama_batch`; rows are added one token at a time, then decoded together."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        # Typed views of the C arrays, looked up once: attribute access on the struct builds
+        # a new pointer object every time, which the per-token path should not pay for.
+        self._token = self._batch.token
+        self._pos = self._batch.pos
+        self._logits = self._batch.logits
+        self._seq_id = [self._batch.seq_id[i] for i in range(capacity)]
+        for i in range(capacity):
+            self._batch.n_seq_id[i] = 1
+        self.size = 0
+
+    def clear(self) -> None:
+        self.size = 0
+
+    def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        """Append one token of sequence `seq_id` at position `pos`; returns its row."""
+        row = self.size
+        self._token[row] = token
+        self._pos[row] = pos
+        self._seq_id[row][0] = seq_id
+        self._logits[row] = logits
+        self.size = row + 1
+        return row
+
+    @property
+    def native(self) -> llama_cpp.llama_batch:
+        self._batch.n_tokens = self.size
+        return self._batch
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None  # type: ignore[assignment]
+
+
+class Model:
+    """One GGUF model with one llama.cpp context of `n_seq` sequences of `n_ctx` KV cells each."""
+
+    def __init__(self, model: _internals.LlamaModel, context: _internals.LlamaContext,
+                 n_batch: int) -> None:
+        self._model = model
+        self.context = context
+        self.metadata = model.metadata()
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(context.ctx)   # per sequence
+        self.n_seq = llama_cpp.llama_n_seq_max(context.ctx)
+        self.n_vocab = model.n_vocab()
+        self.batch = Batch(n_batch)
+        self._vocab = model.vocab
+        self._memory = context.memory
+        self._pieces: dict[int, bytes] = {}
+
+    @classmethod
+    def load(cls, path: Path, *, n_ctx: int, n_batch: int, n_seq: int, n_gpu_layers: int,
+             n_threads: int, verbose: bool) -> Model:
+        _init_backend(verbose)
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+        model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=verbose)
+        n_batch = min(n_ctx, n_batch)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * n_seq               # llama.cpp splits it evenly among the streams
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, 512)        # Llama(n_ubatch=512)
+        params.n_seq_max = n_seq
+        params.kv_unified = False
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED   # Llama's default
+        try:
+            context = _internals.LlamaContext(model=model, params=params, verbose=verbose)
+        except Exception:
+            model.close()
+            raise
+        return cls(model, context, n_batch)
+
+    def close(self) -> None:
+        self.batch.close()
+        self.context.close()
+        self._model.close()
+
+    # -- vocabulary ---------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        """As llama-cpp-python's chat handler does: special tokens parsed."""
+        return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one generated token (control tokens give b""), as `Llama.detokenize`."""
+        data = self._pieces.get(token)
+        if data is None:
+            # Bounded by the vocabulary; after warm-up the hot path is one dict lookup.
+            data = self._pieces[token] = self._model.detokenize([token], special=False)
+        return data
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def token_text(self, token: int) -> str:
+        return self._model.token_get_text(token) if token != -1 else ""
+
+    @property
+    def bos_token(self) -> int:
+        return self._model.token_bos()
+
+    @property
+    def eos_token(self) -> int:
+        return self._model.token_eos()
+
+    # -- decoding -----------------------------------------------------------------------------
+    def decode(self) -> int:
+        """Evaluate the batch: 0 ok, 1 no free KV cells, 2 aborted, < 0 error (see llama.h)."""
+        return int(llama_cpp.llama_decode(self.context.ctx, self.batch.native))
+
+    # -- KV memory ------------------------------------------------------------------------------
+    def forget(self, seq_id: int, start: int = 0) -> None:
+        """Free the cells of `seq_id` from position `start` on."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, start, -1)
+
+
+_backend_ready = False
+
+
+def _init_backend(verbose: bool) -> None:
+    """What `Llama()` does once per process before loading a model."""
+    global _backend_ready
+    set_verbose(verbose)  # llama.cpp's log lines go through the bindings' own logger
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True

@@ -1,0 +1,65 @@
+"""Sampling settings and the llama.cpp sampler chain built from them, one chain per sequence.
+
+    >>> chain = SamplerChain(SamplingParams(temperature=0.0), n_vocab, seed=1)
+    >>> token = chain.sample(ctx, index)      # the logits of batch row `index`
+    >>> chain.close()
+
+The chain is the one llama-cpp-python's `Llama.generate` builds (same samplers, same order,
+same defaults), so a reply sampled here equals one from `create_chat_completion` with the
+same settings and seed. Each running sequence has its own chain: its repeat-penalty history
+and its random state belong to that request alone.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from llama_cpp import _internals
+
+# llama-cpp-python's defaults for what our API does not expose; kept equal so sampled output
+# is comparable with create_chat_completion (with temperature 0 they do not matter).
+MIN_P = 0.05
+TYPICAL_P = 1.0           # 1.0 switches the typical sampler off
+PENALTY_LAST_N = 64       # Llama(last_n_tokens_size=64): tokens the repeat penalty looks back at
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class SamplerChain:
+    """A llama.cpp sampler chain for one sequence; not thread-safe (the engine thread owns it)."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        # llama-cpp-python's own wrapper: it builds each sampler with whatever signature the
+        # installed llama.cpp has, exactly as Llama._init_sampler does.
+        chain = _internals.LlamaSampler()
+        chain.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N,
+                            penalty_repeat=params.repeat_penalty, penalty_freq=0.0,
+                            penalty_present=0.0)
+        if params.temperature == 0.0:
+            chain.add_greedy()
+        else:
+            chain.add_top_k(params.top_k)
+            chain.add_typical(TYPICAL_P, 1)
+            chain.add_top_p(params.top_p, 1)
+            chain.add_min_p(MIN_P, 1)
+            chain.add_temp(params.temperature)
+            chain.add_dist(seed)
+        self._chain = chain
+
+    def sample(self, context: _internals.LlamaContext, index: int) -> int:
+        """Sample from the logits of batch row `index`; the token joins the penalty history."""
+        return self._chain.sample(context, index)
+
+    def close(self) -> None:
+        self._chain.close()
