@@ -114,7 +114,7 @@ def _messages(raw: Any, system_prompt: str | None) -> list[Message]:
         if not isinstance(message, dict):
             raise BadRequest(f"'{where}' must be an object.", param=where)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list is unhashable
             raise BadRequest(f"'{where}.role' must be one of system, developer, user, assistant "
                              f"(tool calls are not supported), not {role!r}.", param=f"{where}.role")
         content = _content(message.get("content"), f"{where}.content")

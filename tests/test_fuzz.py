@@ -144,6 +144,7 @@ BAD_OPENAI_BODIES = [
     ("messages empty", {"messages": []}),
     ("a message not an object", {"messages": ["hi"]}),
     ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}),
+    ("role a list", {"messages": [{"role": ["user"], "content": "hi"}]}),
     ("content a number", {"messages": [{"role": "user", "content": 5}]}),
     ("content missing", {"messages": [{"role": "user"}]}),
     ("n above one", {"messages": [{"role": "user", "content": "hi"}], "n": 3}),
