@@ -152,10 +152,10 @@ async def _sse_pieces(response: aiohttp.ClientResponse) -> Any:
 async def route_status(base_url: str, path: str) -> int:
     """The status of a one-token, non-streaming POST to `path` (404: no such route)."""
     body = {"messages": [{"role": "user", "content": "Hi"}], **_greedy("max_tokens", 1)}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        async with session.post(base_url + path, json=body) as response:
-            await response.read()
-            return response.status
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session, \
+            session.post(base_url + path, json=body) as response:
+        await response.read()
+        return response.status
 
 
 # -- how many tokens did the server generate for a disconnected request? --------------------
@@ -192,9 +192,9 @@ class MetricsTokens:
     wait: float = 15.0
 
     async def _metrics(self) -> dict[str, float]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            async with session.get(self.base_url + "/metrics") as response:
-                text = await response.text()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
+                session.get(self.base_url + "/metrics") as response:
+            text = await response.text()
         values: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

@@ -20,6 +20,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from .clients import TokenSource
 from .measure import Record, Tokenizer, peak_rss_mb, rss_mb
 from .scenarios import STAGES, run_scenarios
 from .workload import REPEAT_PENALTY, TEMPERATURE, Plan
@@ -31,7 +32,7 @@ class DirectTarget:
     def __init__(self, llm: llama_cpp.Llama, tokenizer: Tokenizer) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
-        self.tokens = self  # the TokenSource: the last disconnected request's own count
+        self.tokens: TokenSource = self  # the last disconnected request's own count
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct")
         self._last_generated: int | None = None
 
@@ -59,14 +60,17 @@ class DirectTarget:
             return scores
 
         stream = self.llm.create_chat_completion(
-            messages, stream=True, max_tokens=max_tokens, temperature=TEMPERATURE,
+            messages,  # type: ignore[arg-type]
+            stream=True, max_tokens=max_tokens, temperature=TEMPERATURE,
             repeat_penalty=REPEAT_PENALTY,
             # Counting costs a callback per token, so only the disconnect test pays for it.
-            logits_processor=[count] if close_after is not None else None,
+            logits_processor=(llama_cpp.LogitsProcessorList([count])
+                              if close_after is not None else None),
         )
         try:
             for chunk in stream:
-                record.add(chunk["choices"][0]["delta"].get("content") or "")  # type: ignore[index, union-attr]
+                delta: Any = chunk["choices"][0]["delta"]  # type: ignore[index]
+                record.add(delta.get("content") or "")
                 if close_after is not None and self.tokenizer.count(record.text) >= close_after:
                     break
         except Exception as error:  # noqa: BLE001 - reported in the record, like a server's 500

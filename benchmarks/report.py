@@ -17,7 +17,7 @@ Definitions (the same for every system; times measured by the client):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .measure import Record, mean, percentile
 
@@ -35,7 +35,8 @@ def figure_list(concurrency: tuple[int, ...], turns: int) -> list[Figure]:
         Figure("stream_tps", "one stream, tokens/s"),
         Figure("ttft_p50_ms", "first token p50, ms (1 client)"),
         Figure("ttft_p95_ms", "first token p95, ms (1 client)"),
-        *(Figure(f"aggregate_tps_{c}", f"aggregate tokens/s, {c} clients") for c in concurrency),
+        *(Figure(f"aggregate_tps_{c}", f"aggregate tokens/s, {c} client{'s' * (c != 1)}")
+          for c in concurrency),
         Figure(f"ttft_p50_ms_{top}", f"first token p50, ms ({top} clients)"),
         Figure(f"ttft_p95_ms_{top}", f"first token p95, ms ({top} clients)"),
         Figure("multiturn_ttft_first_ms", "multi-turn: mean first token at turn 1, ms"),
@@ -56,7 +57,7 @@ def _aggregate(records: list[Record]) -> float | None:
     done = [r for r in records if r.ok and r.done is not None]
     if not done or len(done) < len(records):
         return None
-    span = max(r.done for r in done) - min(r.sent for r in records)  # type: ignore[type-var]
+    span = max(r.done or 0.0 for r in done) - min(r.sent for r in records)
     return sum(r.tokens for r in done) / span if span > 0 else None
 
 
@@ -132,27 +133,82 @@ def _ratio(value: Any, base: Any) -> str:
     return f" ({value / base:.2f}×)"
 
 
+def _cell(system: dict[str, Any], fig: Figure, base: dict[str, Any] | None) -> str:
+    if system["status"] != "ok":
+        return "n/a"
+    value = system["figures"].get(fig.key)
+    ratio = "" if base is None else _ratio(value, base.get(fig.key))
+    return _format(value, fig.decimals) + ratio
+
+
 def markdown_table(systems: dict[str, dict[str, Any]], figures: list[Figure],
                    baseline: str = "direct") -> str:
     """One column per system, one row per figure; each value also as a ratio to `baseline`."""
     names = list(systems)
-    base = systems.get(baseline, {}).get("figures", {})
-    lines = ["| figure | " + " | ".join(names) + " |",
-             "|---|" + "---:|" * len(names)]
-    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = []
+    base = systems.get(baseline, {}).get("figures")
+    lines = ["| figure | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for fig in figures:
-        def cell(system: dict[str, Any], fig: Figure = fig) -> str:
-            if system["status"] != "ok":
-                return "n/a"
-            value = system["figures"].get(fig.key)
-            text = _format(value, fig.decimals)
-            return text + ("" if system is systems.get(baseline) else _ratio(value, base.get(fig.key)))
-        rows.append((fig.label, cell))
-    rows.append(("same text as direct (greedy)",
-                 lambda s: s.get("same_text_as_direct") or "n/a" if s["status"] == "ok" else "n/a"))
-    rows.append(("failed requests", lambda s: str(s.get("errors", 0)) if s["status"] == "ok" else "n/a"))
-    for label, cell in rows:
-        lines.append(f"| {label} | " + " | ".join(cell(systems[n]) for n in names) + " |")
+        cells = [_cell(systems[n], fig, None if n == baseline else base) for n in names]
+        lines.append(f"| {fig.label} | " + " | ".join(cells) + " |")
+    for label, key in (("same text as direct (greedy)", "same_text_as_direct"),
+                       ("failed requests", "errors")):
+        cells = [str(systems[n].get(key, "n/a")) if systems[n]["status"] == "ok" else "n/a"
+                 for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     notes = [f"- {name}: n/a ({s['reason']})" for name, s in systems.items() if s["status"] != "ok"]
     notes += [f"- {name}: {s['note']}" for name, s in systems.items() if s.get("note")]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+# -- the targets of issue 4, section 2 ---------------------------------------------------
+OURS = ("chatstream_lite /chat_stream", "chatstream_lite /v1/chat/completions")
+
+
+def _fig(systems: dict[str, dict[str, Any]], name: str, key: str) -> float | None:
+    system = systems.get(name)
+    if not system or system["status"] != "ok":
+        return None
+    value = system["figures"].get(key)
+    return value if isinstance(value, (int, float)) else None
+
+
+def targets_table(systems: dict[str, dict[str, Any]], *, chunk_tokens: int,
+                  long_prompt_tokens: int, llama_server_np: int) -> str:
+    """Each speed target for each chatstream_lite route: measured, bound, met or not."""
+    peer = "llama-server"
+    rows: list[tuple[str, str, str, Any, Any, bool]] = []  # target, route, unit, value, bound, <=?
+    for ours in (n for n in OURS if systems.get(n, {}).get("status") == "ok"):
+        direct_tps, peer_tps = _fig(systems, "direct", "stream_tps"), _fig(systems, peer, "stream_tps")
+        tps = _fig(systems, ours, "stream_tps")
+        rows.append(("one stream ≥ 1.0× direct", ours, "tok/s", tps, direct_tps, False))
+        rows.append(("one stream ≥ 0.95× llama-server", ours, "tok/s", tps,
+                     None if peer_tps is None else 0.95 * peer_tps, False))
+        direct_ttft = _fig(systems, "direct", "ttft_p50_ms")
+        rows.append(("first token ≤ direct + 5 ms (p50, 1 client)", ours, "ms",
+                     _fig(systems, ours, "ttft_p50_ms"),
+                     None if direct_ttft is None else direct_ttft + 5, True))
+        rows.append((f"aggregate, 8 clients ≥ 1.0× llama-server (-np {llama_server_np})", ours,
+                     "tok/s", _fig(systems, ours, "aggregate_tps_8"),
+                     _fig(systems, peer, "aggregate_tps_8"), False))
+        rows.append(("≤ 1 token generated after a disconnect", ours, "tokens",
+                     _fig(systems, ours, "tokens_after_disconnect"), 1, True))
+        full = _fig(systems, ours, "long_prompt_ttft_ms")
+        short = _fig(systems, ours, "ttft_p50_ms")
+        chunk = None if full is None or short is None else (
+            full * min(1.0, chunk_tokens / max(long_prompt_tokens, 1)) + short)
+        rows.append(("abandoned prompt stops within one chunk (next request waits ≤ one "
+                     f"{chunk_tokens}-token chunk + a short first token)", ours, "ms",
+                     _fig(systems, ours, "wait_after_abort_ms"), chunk, True))
+        rows.append((f"multi-turn first token at the last turn ≤ 1.0× llama-server "
+                     f"(-np {llama_server_np})", ours, "ms",
+                     _fig(systems, ours, "multiturn_ttft_last_ms"),
+                     _fig(systems, peer, "multiturn_ttft_last_ms"), True))
+    lines = ["| target | system | measured | bound | result |", "|---|---|---:|---:|---|"]
+    for target, ours, unit, value, bound, at_most in rows:
+        if value is None or bound is None:
+            verdict = "n/a"
+        else:
+            met = value <= bound if at_most else value >= bound
+            verdict = "met" if met else f"missed by {abs(value - bound):,.1f} {unit}"
+        lines.append(f"| {target} | {ours} | {_format(value, 1)} | {_format(bound, 1)} | {verdict} |")
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 
@@ -137,7 +138,7 @@ def llama_server(binary: str, settings: Settings, port: int) -> Launch:
 class ServerProcess:
     """One started server; use as `async with ServerProcess(launch, log, port) as server:`."""
 
-    _running: set[ServerProcess] = set()
+    _running: ClassVar[set[ServerProcess]] = set()
 
     def __init__(self, launch: Launch, log_path: Path, port: int = 0) -> None:
         self.launch = launch

@@ -38,12 +38,19 @@ from chatstream_lite import default_model_path
 from chatstream_lite.cli import build_parser as chatstream_cli
 
 from . import servers
-from .clients import HttpTarget, LogTokens, MetricsTokens, NoTokens, TokenSource, route_status
+from .clients import (
+    HttpTarget,
+    LogTokens,
+    MetricsTokens,
+    NoTokens,
+    TokenSource,
+    route_status,
+)
 from .measure import Tokenizer, peak_rss_mb, rss_mb
-from .report import compute_figures, figure_list, markdown_table, same_text
+from .report import compute_figures, figure_list, markdown_table, same_text, targets_table
 from .scenarios import STAGES, run_scenarios
 from .servers import Launch, ServerProcess, Settings, StartFailed
-from .workload import Plan
+from .workload import Plan, long_prompt
 
 SYSTEMS = {                       # key: column label
     "direct": "direct",
@@ -103,7 +110,8 @@ def machine() -> dict[str, Any]:
 
 def _llama_server_version(binary: str) -> str:
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30,
+                             check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"unknown ({error})"
     lines = [line for line in (out.stdout + out.stderr).splitlines() if "version" in line]
@@ -280,13 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_end"] = os.getloadavg()
     figures = figure_list(bench.plan.concurrency, bench.plan.turns)
     table = markdown_table(systems, figures)
-    print(table)
+    targets = targets_table(
+        systems, chunk_tokens=servers.N_BATCH, llama_server_np=s.llama_server_parallel,
+        long_prompt_tokens=bench.tokenizer.count(long_prompt(bench.plan.long_prompt_paragraphs)))
+    print(table + "\n\nTargets (issue 4, section 2):\n\n" + targets)
     document = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": _command(argv), "machine": info,
         "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
                      "n_batch": servers.N_BATCH},
-        "plan": bench.plan.to_json(), "table": table, "systems": systems,
+        "plan": bench.plan.to_json(), "table": table, "targets": targets, "systems": systems,
     }
     bench.output.parent.mkdir(parents=True, exist_ok=True)
     bench.output.write_text(json.dumps(document, indent=1))

@@ -53,11 +53,11 @@ QUESTIONS = [
 
 
 def system_prompt(user: int, rules: int = 12) -> str:
-    """A long (about 300-token) system prompt, different for every user number."""
+    """A long (about 500-token) system prompt, different for every user number."""
     company, topic = _COMPANIES[user % len(_COMPANIES)], _TOPICS[user % len(_TOPICS)]
     lines = [
-        f"{company} customer assistant, desk {user + 1}. You answer questions about {topic} "
-        f"for the customers of {company}. Be short, friendly and precise.",
+        (f"{company} customer assistant, desk {user + 1}. You answer questions about {topic} "
+         f"for the customers of {company}. Be short, friendly and precise."),
         "Rules:",
     ]
     for n in range(1, rules + 1):
@@ -86,7 +86,7 @@ class Plan:
     turn_tokens: int = 32                  # reply length of each turn
     system_rules: int = 12                 # size of each user's system prompt
     disconnect_after: int = 8              # tokens a client reads before it closes
-    long_prompt_paragraphs: int = 60       # about 2,700 tokens
+    long_prompt_paragraphs: int = 40       # about 2,400 tokens: 5 chunks of n_batch
     request_timeout: float = 300.0         # seconds, for any one request
 
     @classmethod
