@@ -1,7 +1,7 @@
 """Benchmarks for chatstream_lite: side-by-side streaming figures and memory targets.
 
     python -m benchmarks.stream            # direct vs chatstream_lite vs the peers (issue 4)
-    python -m benchmarks.stream --quick    # a smoke run in well under a minute
+    python -m benchmarks.stream --quick    # a smoke run (a few minutes)
     python -m benchmarks.memory            # idle queued connections, RSS drift over requests
 
 Figures, machines and commands are kept in benchmarks/RESULTS.md; what the profiler showed

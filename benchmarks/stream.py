@@ -1,6 +1,6 @@
 """Side-by-side streaming benchmark: direct llama-cpp-python vs chatstream_lite vs its peers.
 
-    python -m benchmarks.stream                  # everything found here, full plan (~15 min)
+    python -m benchmarks.stream                  # everything found here, full plan (~20 min)
     python -m benchmarks.stream --quick --systems direct,chat_stream
     python -m benchmarks.stream --parallel 8 --llama-server ~/llama.cpp/build/bin/llama-server
 
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": _command(argv), "machine": info,
-        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
-                     "n_batch": servers.N_BATCH},
+        # The model by file name only: results are shared, machine paths are not.
+        "settings": {**vars(s), "model": s.model.name, "n_batch": servers.N_BATCH},
         "plan": bench.plan.to_json(), "table": table, "targets": targets, "systems": systems,
     }
     bench.output.parent.mkdir(parents=True, exist_ok=True)
