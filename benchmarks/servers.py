@@ -70,7 +70,7 @@ def chatstream_lite(settings: Settings, port: int) -> Launch:
          "--num-of-concurrent-executions", str(settings.parallel),
          "--max-queue-size", str(settings.max_queue_size),
          "--max-new-tokens", str(settings.max_new_tokens), "--log-level", "INFO"],
-        ready_path="/chat_stream", env=env,   # GET answers 405 once the model is loaded
+        ready_path="/health", env=env,   # 503 until the model is loaded (loads in the background)
     )
 
 
