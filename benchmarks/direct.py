@@ -106,7 +106,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     plan = Plan.from_json(json.loads(args.plan))
     llm = llama_cpp.Llama(
         model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads,
-        n_threads_batch=args.threads, n_batch=args.n_batch, verbose=False,
+        n_threads_batch=args.threads, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
+        verbose=False,
     )
     tokenizer = Tokenizer(args.model)
     target = DirectTarget(llm, tokenizer)
@@ -130,6 +131,7 @@ def main() -> int:
     parser.add_argument("--n-ctx", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--n-batch", type=int, required=True)
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--plan", required=True, help="the Plan as JSON")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--out", required=True, type=Path)

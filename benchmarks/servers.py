@@ -45,6 +45,7 @@ class Settings:
     llama_server_parallel: int  # llama-server's -np
     max_new_tokens: int         # the server-side cap (the largest reply of the plan)
     max_queue_size: int = 1024
+    n_gpu_layers: int = 0       # layers offloaded to a GPU (0: CPU only; -1: all), every system
 
 
 @dataclass
@@ -66,7 +67,7 @@ def chatstream_lite(settings: Settings, port: int) -> Launch:
     return Launch(
         [sys.executable, "-m", "chatstream_lite", "--model", str(settings.model),
          "--host", HOST, "--port", str(port), "--n-ctx", str(settings.n_ctx),
-         "--n-threads", str(settings.threads),
+         "--n-threads", str(settings.threads), "--n-gpu-layers", str(settings.n_gpu_layers),
          "--num-of-concurrent-executions", str(settings.parallel),
          "--max-queue-size", str(settings.max_queue_size),
          "--max-new-tokens", str(settings.max_new_tokens), "--log-level", "INFO"],
@@ -94,7 +95,7 @@ def llama_cpp_server(settings: Settings, port: int) -> Launch:
         [sys.executable, "-m", "llama_cpp.server", "--model", str(settings.model),
          "--host", HOST, "--port", str(port), "--n_ctx", str(settings.n_ctx),
          "--n_threads", str(settings.threads), "--n_threads_batch", str(settings.threads),
-         "--n_batch", str(N_BATCH),
+         "--n_batch", str(N_BATCH), "--n_gpu_layers", str(settings.n_gpu_layers),
          # Its default, True, makes every new request end the running stream.
          "--interrupt_requests", "False", "--verbose", "False"],
         ready_path="/v1/models",
@@ -123,7 +124,8 @@ def llama_server(binary: str, settings: Settings, port: int) -> Launch:
     return Launch(
         [binary, "-m", str(settings.model), "--host", HOST, "--port", str(port),
          "-c", str(settings.n_ctx), "-t", str(settings.threads), "-tb", str(settings.threads),
-         "-b", str(N_BATCH), "-ub", str(N_BATCH), "-np", str(settings.llama_server_parallel),
+         "-b", str(N_BATCH), "-ub", str(N_BATCH), "-ngl", str(_all_layers(settings.n_gpu_layers)),
+         "-np", str(settings.llama_server_parallel),
          # One KV pool of n_ctx cells shared by all slots, like one sequence of n_ctx; without
          # it each slot would get only n_ctx / np.
          "--kv-unified",
@@ -133,6 +135,11 @@ def llama_server(binary: str, settings: Settings, port: int) -> Launch:
          "--metrics", "--no-webui"],
         ready_path="/health",  # 503 while loading
     )
+
+
+def _all_layers(n_gpu_layers: int) -> int:
+    """llama-server spells "every layer" as a large number, not -1 (its -1 means "auto")."""
+    return 999 if n_gpu_layers < 0 else n_gpu_layers
 
 
 class ServerProcess:

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-ctx", type=int, default=4096, help="context size, every system")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="CPU threads, every system (default: all cores)")
+    parser.add_argument("--n-gpu-layers", type=int, default=0,
+                        help="layers offloaded to the GPU, every system (default 0: CPU; -1: "
+                        "all; needs a CUDA build of llama-cpp-python and llama-server)")
     parser.add_argument("--parallel", type=int, help="chatstream_lite's "
                         "--num-of-concurrent-executions (default: its CLI default)")
     parser.add_argument("--llama-server-parallel", type=int,
@@ -105,7 +108,18 @@ def machine() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "cpu": model_name or platform.processor(), "memory_gib": round(mem_gib, 1),
             "platform": platform.platform(), "python": platform.python_version(),
-            "llama_cpp_python": llama_cpp.__version__, "loadavg_start": os.getloadavg()}
+            "llama_cpp_python": llama_cpp.__version__, "gpu": _gpu_name(),
+            "loadavg_start": os.getloadavg()}
+
+
+def _gpu_name() -> str | None:
+    """The GPU as nvidia-smi names it (None without one): a GPU table must name its card."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
 
 
 def _llama_server_version(binary: str) -> str:
@@ -130,7 +144,7 @@ class Bench:
         self.settings = Settings(
             model=Path(model), n_ctx=args.n_ctx, threads=args.threads, parallel=parallel,
             llama_server_parallel=args.llama_server_parallel or parallel,
-            max_new_tokens=self.plan.largest_reply,
+            max_new_tokens=self.plan.largest_reply, n_gpu_layers=args.n_gpu_layers,
         )
         self.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
         unknown = [s for s in self.systems if s not in SYSTEMS]
@@ -209,7 +223,8 @@ class Bench:
                    + os.environ.get("PYTHONPATH", ""))
         launch = Launch([sys.executable, "-m", "benchmarks.direct", "--model", str(s.model),
                          "--n-ctx", str(s.n_ctx), "--threads", str(s.threads),
-                         "--n-batch", str(servers.N_BATCH), "--plan", json.dumps(self.plan.to_json()),
+                         "--n-gpu-layers", str(s.n_gpu_layers), "--n-batch", str(servers.N_BATCH),
+                         "--plan", json.dumps(self.plan.to_json()),
                          "--stages", ",".join(self.stages), "--out", str(out)],
                         ready_path=None, env=env)
         async with ServerProcess(launch, self.logs / "direct.log") as child:
@@ -280,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     s = bench.settings
     bench.say(f"model {s.model.name}, n_ctx {s.n_ctx}, threads {s.threads}, parallel "
               f"{s.parallel} (llama-server -np {s.llama_server_parallel}), "
-              f"{bench.plan.max_tokens} tokens; {info['nproc']} x {info['cpu']}")
+              f"{bench.plan.max_tokens} tokens, n_gpu_layers {s.n_gpu_layers}; "
+              f"{info['nproc']} x {info['cpu']}; GPU {info['gpu']}")
     try:
         systems = asyncio.run(bench.run())
     finally:
