@@ -14,7 +14,16 @@ import pytest_asyncio
 
 from chatstream_lite import ChatStream
 
-from .conftest import GREEDY, Gate, RawStream, Server, build_full_app, post_chat, serve, wait_until
+from .conftest import (
+    GREEDY,
+    Gate,
+    RawStream,
+    Server,
+    build_full_app,
+    post_chat,
+    serve,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,7 +74,7 @@ async def test_a_dead_engine_thread_fails_what_it_served_and_refuses_the_rest_wi
         await wait_until(lambda: engine.queued == 1)
         engine.kill_thread(RuntimeError(DEATH))
         gate.open()
-        body, complete = await asyncio.wait_for(_read_to_end(stream), 10)
+        _, complete = await asyncio.wait_for(_read_to_end(stream), 10)
         waiting_status, waiting_body = await asyncio.wait_for(waiting, 10)
     stream.close()
     # The stream in flight: cut so that its client can tell, and its one callback.
