@@ -253,10 +253,21 @@ class Batcher:
             self.emit(job, Piece(piece))
         if stopped:
             self._finish(seq, "stop")
-        elif seq.generated >= job.params.max_new_tokens:
+        elif seq.generated >= job.params.max_new_tokens or self._out_of_time(seq):
             self._finish(seq, "length")
         else:
             seq.pending = token
+
+    def _out_of_time(self, seq: _Sequence) -> bool:
+        """Whether the reply has used up `max_generation_time`, checked after every token.
+
+        The clock starts when the prompt has been read (its first token is sampled then):
+        prompt reading is bounded by `n_ctx` already, and a long prompt read in chunks
+        between other streams' tokens must not use up the reply's time before its first
+        token. A reply cut here ends like one cut by `max_new_tokens` ("length").
+        """
+        limit = self.config.max_generation_time
+        return limit is not None and time.monotonic() - seq.prompt_done >= limit
 
     # -- leaving --------------------------------------------------------------------------------
     def _finish(self, seq: _Sequence, reason: FinishReason) -> None:

@@ -13,6 +13,11 @@ Every accepted request (valid, session free, admitted to the queue) gets exactly
 with a `StreamStatus`; rejected ones (4xx, 429, 503) get none and change nothing. Both kinds
 pass one place each, `request_finished` and `request_rejected`, which count them in `metrics`.
 
+Two time limits, both off by default: `max_queue_wait` (seconds) refuses a request still
+waiting for a slot with 503 `queue_timeout` and `Retry-After`, like a full queue (no callback,
+it never reaches the model); `max_generation_time` (seconds, from the reply's first token)
+ends a reply as `max_new_tokens` would (finish reason "length", callback `success`).
+
 `ChatStream(mock=True)` swaps the model for `MockEngine` (canned text at a set pace) behind
 the same queue, disconnect detection and callbacks.
 """
@@ -87,6 +92,8 @@ class ChatStream:
         n_batch: int = 512,
         num_of_concurrent_executions: int = 1,
         max_queue_size: int = 16,
+        max_queue_wait: float | None = None,
+        max_generation_time: float | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.7,
         top_p: float = 0.95,
@@ -116,7 +123,8 @@ class ChatStream:
         if mock:
             self.engine = MockEngine(
                 n_ctx=n_ctx, num_of_concurrent_executions=num_of_concurrent_executions,
-                max_queue_size=max_queue_size, delay=mock_delay, text=mock_text)
+                max_queue_size=max_queue_size, max_queue_wait=max_queue_wait,
+                max_generation_time=max_generation_time, delay=mock_delay, text=mock_text)
         else:
             self.engine = Engine(
                 EngineConfig(
@@ -127,6 +135,8 @@ class ChatStream:
                     n_batch=n_batch,
                     num_of_concurrent_executions=num_of_concurrent_executions,
                     max_queue_size=max_queue_size,
+                    max_queue_wait=max_queue_wait,
+                    max_generation_time=max_generation_time,
                     verbose=verbose,
                 )
             )
@@ -217,6 +227,8 @@ class ChatStream:
             state = "draining"  # shutting down: a load balancer should stop sending here
         elif engine.ready:
             state = "ready"
+        elif engine.failure is not None:
+            state = f"thread died: {engine.failure!r}"  # for good: restart the server
         elif self.load_error is not None:
             state = f"failed: {self.load_error}"
         elif info is None:

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
            "tokens", int)
     option("--max-queue-size", "MAX_QUEUE_SIZE", 16, "requests allowed to wait beyond the "
            "running ones; one more gets 429", int)
+    option("--max-queue-wait", "MAX_QUEUE_WAIT", 0, "seconds a request may wait for a "
+           "generation slot; past it, 503 queue_timeout with Retry-After (0: no limit)", float)
+    option("--max-generation-time", "MAX_GENERATION_TIME", 0, "seconds a reply may generate "
+           "after its first token; past it, it ends as if max-new-tokens were reached, finish "
+           "reason 'length' (0: no limit)", float)
     option("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS",
            DEFAULT_CONCURRENT_EXECUTIONS, "generations decoded together (continuous batching); "
            "each keeps n-ctx KV cells of its own. 4 measured best on 2 CPU cores: most of the "
@@ -136,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_threads=args.n_threads,
             max_new_tokens=args.max_new_tokens,
             max_queue_size=args.max_queue_size,
+            max_queue_wait=args.max_queue_wait or None,     # 0: no limit
+            max_generation_time=args.max_generation_time or None,
             num_of_concurrent_executions=args.num_of_concurrent_executions,
             system_prompt=args.system_prompt,
             cookie_secure=args.cookie_secure,

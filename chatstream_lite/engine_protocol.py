@@ -32,6 +32,10 @@ class EngineProtocol(Protocol):
     def ready(self) -> bool: ...
 
     @property
+    def failure(self) -> BaseException | None:
+        """Why the engine died while serving, if it did (it stays dead: restart the server)."""
+
+    @property
     def running(self) -> int: ...
 
     @property

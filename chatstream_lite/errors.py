@@ -90,6 +90,13 @@ class ServiceUnavailable(ChatStreamError):
         return {"Retry-After": "1"}
 
 
+class QueueTimeout(ServiceUnavailable):
+    """A request waited in the queue longer than `max_queue_wait`: refused like a full queue,
+    before it reached the model (the client may retry, or try another replica)."""
+
+    code = "queue_timeout"
+
+
 class HTTPProblem(ChatStreamError):
     """An error aiohttp itself raised (404, 405, 413, ...), carried into our JSON shapes."""
 

@@ -29,8 +29,9 @@ from .engine import (
     SamplingParams,
     Started,
 )
-from .errors import QueueFull, ServiceUnavailable
+from .errors import QueueFull, QueueTimeout, ServiceUnavailable
 from .prompt import ChatTemplate, Message, fit_to_context
+from .queue_wait import QueueWait
 
 DEFAULT_DELAY = 0.05        # seconds per word: about the pace of a small model on a CPU
 MODEL_NAME = "mock"
@@ -101,11 +102,15 @@ class MockEngine:
         n_ctx: int = 4096,
         num_of_concurrent_executions: int = 1,
         max_queue_size: int = 16,
+        max_queue_wait: float | None = None,
+        max_generation_time: float | None = None,
         delay: float = DEFAULT_DELAY,
         text: str | None = None,
     ) -> None:
         if num_of_concurrent_executions < 1 or max_queue_size < 0 or delay < 0:
             raise ValueError("mock engine: concurrency >= 1, max_queue_size >= 0, delay >= 0")
+        if max_generation_time is not None and not max_generation_time > 0:
+            raise ValueError("max_generation_time must be > 0 seconds (no limit: None, or 0 on the command line)")
         self.n_ctx = n_ctx
         self.concurrent = num_of_concurrent_executions
         self.max_queue_size = max_queue_size
@@ -114,8 +119,10 @@ class MockEngine:
         self.stats = EngineStats()
         self.model_info: ModelInfo | None = None
         self.fault_hook: Callable[[int], None] | None = None
+        self.max_generation_time = max_generation_time
         self._template = ChatTemplate(CHATML, bos_token="", eos_token="<|im_end|>")
         self._waiting: deque[MockJob] = deque()
+        self._queue_wait = QueueWait[MockJob](max_queue_wait, self._expire)
         self._running: dict[MockJob, asyncio.Task[None]] = {}
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -142,6 +149,14 @@ class MockEngine:
         return self._dispatcher is not None and not self._dispatcher.done() and not self._closing
 
     @property
+    def failure(self) -> BaseException | None:
+        """Why the dispatcher died, if it did (a bug: it catches nothing on purpose)."""
+        dispatcher = self._dispatcher
+        if dispatcher is None or not dispatcher.done() or dispatcher.cancelled():
+            return None
+        return dispatcher.exception()
+
+    @property
     def running(self) -> int:
         return len(self._running)
 
@@ -161,6 +176,7 @@ class MockEngine:
             )
         job = MockJob(self, messages, params)
         self._waiting.append(job)
+        self._queue_wait.start(job)
         self.stats.jobs_submitted += 1
         self._wakeup.set()
         return job
@@ -170,8 +186,15 @@ class MockEngine:
             self._waiting.remove(job)
         except ValueError:
             return  # running: its task sees the flag before the next word
+        self._queue_wait.stop(job)
         self.stats.jobs_skipped += 1
         job._deliver(Finished("cancelled", reached_model=False))
+
+    def _expire(self, job: MockJob) -> None:
+        self._waiting.remove(job)
+        self.stats.jobs_expired += 1
+        job._deliver(Failed(QueueTimeout("The request waited too long in the queue "
+                                         "(max_queue_wait); the server is busy.")))
 
     async def _dispatch(self) -> None:
         while not self._closing:
@@ -180,6 +203,7 @@ class MockEngine:
                 await self._wakeup.wait()
                 continue
             job = self._waiting.popleft()
+            self._queue_wait.stop(job)
             self._running[job] = asyncio.create_task(self._run(job))
 
     async def _run(self, job: MockJob) -> None:
@@ -209,6 +233,9 @@ class MockEngine:
         if len(tokens) > params.max_new_tokens:
             tokens, reason = tokens[: params.max_new_tokens], "length"
         count = 0
+        loop = asyncio.get_running_loop()
+        limit = self.max_generation_time
+        deadline = None if limit is None else loop.time() + limit
         for token in tokens:
             await asyncio.sleep(self.delay)
             if job.cancelled:
@@ -217,6 +244,9 @@ class MockEngine:
                 self.fault_hook(count)
             count += 1
             job._deliver(Piece(token))
+            if deadline is not None and loop.time() >= deadline and count < len(tokens):
+                reason = "length"   # as Engine: checked after each word, cut like max_new_tokens
+                break
         self.stats.completion_tokens += count
         job._deliver(Finished("cancelled" if job.cancelled else reason, True, len(prompt), count,
                               0.0, count * self.delay))

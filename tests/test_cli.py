@@ -81,6 +81,8 @@ def test_help_explains_every_option_and_its_environment_variable() -> None:
     for flag, env in [("--model", "MODEL"), ("--host", "HOST"), ("--port", "PORT"),
                       ("--n-gpu-layers", "N_GPU_LAYERS"), ("--n-ctx", "N_CTX"),
                       ("--max-new-tokens", "MAX_NEW_TOKENS"), ("--max-queue-size", "MAX_QUEUE_SIZE"),
+                      ("--max-queue-wait", "MAX_QUEUE_WAIT"),
+                      ("--max-generation-time", "MAX_GENERATION_TIME"),
                       ("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS"),
                       ("--system-prompt", "SYSTEM_PROMPT"), ("--log-level", "LOG_LEVEL"),
                       ("--session-store", "SESSION_STORE"),
