@@ -77,9 +77,10 @@ class DisconnectWatcher:
         loop, at the next pass that finds it closing, never inside this call."""
         watch = Watch(self, transport, on_gone)
         self._watched[watch] = None
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=WATCHER_TASK)
+        loop = asyncio.get_running_loop()
+        # A task left pending by a loop that was closed under it would never tick again.
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._run(), name=WATCHER_TASK)
         return watch
 
     async def _run(self) -> None:
