@@ -49,6 +49,7 @@ from .errors import (
     SessionStoreUnavailable,
     error_response,
 )
+from .disconnects import DisconnectWatcher
 from .exchange import Exchange
 from .health import CheckResult, Health
 from .metrics import Metrics
@@ -158,6 +159,8 @@ class ChatStream:
         self.api_key = ApiKey(api_key, api_key_paths)
         self.metrics = Metrics(self.engine)
         self.health = Health()
+        # One for every request of every endpoint of this ChatStream (all on one loop).
+        self.disconnects = DisconnectWatcher()
         self.health.add_check("engine", self._engine_health)
         self.health.add_check("session_store", self._session_store_health)
         self.load_in_background = load_in_background
@@ -399,7 +402,7 @@ class ChatStream:
 
         # Accepted: from here on, exactly one callback (none if refused late).
         try:
-            exchange = Exchange(request, job, framing, received, end_turn)
+            exchange = Exchange(request, job, framing, self.disconnects, received, end_turn)
             await exchange.run()
         finally:
             await locks.release(session_id)  # already released unless something broke

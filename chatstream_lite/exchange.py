@@ -1,6 +1,7 @@
 """One accepted request on its way to the client: the job's events relayed through a framing.
 
-    exchange = Exchange(request, job, framing, received=time.monotonic(), end_turn=store)
+    exchange = Exchange(request, job, framing, disconnects, received=time.monotonic(),
+                        end_turn=store)
     await exchange.run()        # returns when the job has ended; the socket is watched meanwhile
     exchange.status             # the callback's StreamStatus; None when the request was refused
 
@@ -8,8 +9,8 @@
 before the client sees its end, so that its next request (on any replica) finds the turn
 stored and the session free.
 
-The rules every endpoint shares live here: a client that leaves (its socket closes, or a write
-fails) cancels the job, so a waiting job never reaches the model and a running one stops within
+The rules every endpoint shares live here: a client that leaves (its socket closes, seen by the
+shared `DisconnectWatcher`, or a write fails) cancels the job, so a waiting job never reaches the model and a running one stops within
 one token; the status follows from what actually reached the client. A `Framing` knows one
 endpoint's wire format: `/chat_stream`'s text/plain chunks, OpenAI's Server-Sent Events, or
 one JSON body at the end.
@@ -17,7 +18,6 @@ one JSON body at the end.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -25,16 +25,13 @@ from typing import Awaitable, Callable, Optional, Protocol
 
 from aiohttp import web
 
+from .disconnects import DisconnectWatcher
 from .engine import Failed, Finished, Piece, Started
 from .engine_protocol import JobProtocol
 from .errors import ChatStreamError, GenerationFailed, ServiceUnavailable
 from .status import StreamStatus
 
 log = logging.getLogger(__name__)
-
-# How often a request looks at its connection. A closed socket is seen at the next poll
-# (aiohttp does not cancel handlers); while streaming, a failed write sees it at once.
-DISCONNECT_POLL_INTERVAL = 0.02
 
 
 class Framing(Protocol):
@@ -68,10 +65,12 @@ class Exchange:
     """Relays one job's events to one client, watching the socket. See the module docstring."""
 
     def __init__(self, request: web.Request, job: JobProtocol, framing: Framing,
-                 received: float, end_turn: Optional[EndTurn] = None) -> None:
+                 disconnects: DisconnectWatcher, received: float,
+                 end_turn: Optional[EndTurn] = None) -> None:
         self.request = request
         self.job = job
         self.framing = framing
+        self._disconnects = disconnects
         self.received = received
         self._end_turn = end_turn
         self.status: StreamStatus | None = None
@@ -93,16 +92,8 @@ class Exchange:
         self._gone = True
         self.job.cancel()
 
-    async def _watch(self) -> None:
-        while True:
-            transport = self.request.transport
-            if transport is None or transport.is_closing():
-                self._client_gone()
-                return
-            await asyncio.sleep(DISCONNECT_POLL_INTERVAL)
-
     async def run(self) -> None:
-        watcher = asyncio.create_task(self._watch())
+        watch = self._disconnects.watch(self.request.transport, self._client_gone)
         failure: BaseException | None = None
         try:
             async for event in self.job.events():
@@ -133,7 +124,7 @@ class Exchange:
             self.job.cancel()
             failure = error
         finally:
-            watcher.cancel()
+            watch.cancel()
         self.reply = "".join(self._pieces)
         await self._settle(failure)
         await self._turn_ended()

@@ -369,7 +369,7 @@ class OpenAIAPI:
         n_ctx = chat_stream.engine.model_info.n_ctx if chat_stream.engine.model_info else 0
         framing_type = _EventStream if completion.stream else _JSONBody
         framing = framing_type(request, model, completion, n_ctx)
-        exchange = Exchange(request, job, framing, received)
+        exchange = Exchange(request, job, framing, chat_stream.disconnects, received)
         await exchange.run()
         chat_stream.request_finished(ENDPOINT, exchange)
         return framing.response_for(exchange)

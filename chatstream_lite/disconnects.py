@@ -1,0 +1,102 @@
+"""Noticing clients that leave: one watcher per `ChatStream` for every request in flight.
+
+    watcher = DisconnectWatcher()
+    watch = watcher.watch(request.transport, on_gone)   # on_gone() runs once if the client leaves
+    ...
+    watch.cancel()                                      # the request ended first: forget it
+
+Every registered transport is looked at in one pass per tick by one task, which runs only
+while something is registered. A thousand queued requests cost one wake-up per tick and a
+thousand `is_closing()` calls (about 35 µs), not a thousand timers: with a poll task per
+request they were 50,000 wake-ups a second, and the running stream lost 46 % of its speed
+to them (benchmarks/NOTES.md, H7).
+
+Why a poll and not an event. aiohttp 3.14 gives a handler no public notice that its client
+left: it cancels the handler task only when the server runs with `handler_cancellation=True`
+(an opt-in setting of whoever starts the server, not of a library, and a cancellation could
+land in the middle of the completion callback); `Request.wait_for_disconnection()` existed
+only in 3.10.0 and was removed again (aio-libs/aiohttp#8636); `RequestHandler.connection_lost`
+is no hook (the class has `__slots__`), and slipping a protocol of our own in front of it with
+`transport.set_protocol()` would put our code inside aiohttp's reading of every keep-alive
+connection. What is public and dependable is the transport itself: when the peer closes, the
+event loop reads EOF and the transport closes itself in that same iteration, so
+`is_closing()` is true from then on. The tick (`DISCONNECT_POLL_INTERVAL`) is shorter than
+one decode step on CPU, so a client that leaves while nothing is being written to it (queued,
+prompt, held-back text) is seen before the engine has finished the step after; while a reply
+streams, the next failed write sees it too (`Exchange._send`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+# Shorter than one decode step (7-10 ms per token for SmolLM2 on 2 CPU cores), and cheap:
+# 200 passes a second over 1,000 transports are well under 1 % of a core.
+DISCONNECT_POLL_INTERVAL = 0.005
+
+WATCHER_TASK = "chatstream-disconnect-watcher"
+
+Transport = asyncio.BaseTransport | None
+
+
+class Watch:
+    """One registration: `on_gone` runs at most once, from the watcher's pass."""
+
+    __slots__ = ("_watcher", "on_gone", "transport")
+
+    def __init__(self, watcher: DisconnectWatcher, transport: Transport,
+                 on_gone: Callable[[], None]) -> None:
+        self._watcher = watcher
+        self.transport = transport
+        self.on_gone = on_gone
+
+    def cancel(self) -> None:
+        """Stop watching (the request ended); harmless after `on_gone` ran."""
+        self._watcher._watched.pop(self, None)
+
+
+class DisconnectWatcher:
+    """Calls each registered request's `on_gone` once, when its connection closes."""
+
+    def __init__(self, interval: float = DISCONNECT_POLL_INTERVAL) -> None:
+        self.interval = interval
+        self.passes = 0         # ticks run so far: what a benchmark or test can count
+        self._watched: dict[Watch, None] = {}   # an insertion-ordered set
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def watching(self) -> int:
+        return len(self._watched)
+
+    def watch(self, transport: Transport, on_gone: Callable[[], None]) -> Watch:
+        """Register a request's transport (None counts as closed); `on_gone` runs on the
+        loop, at the next pass that finds it closing, never inside this call."""
+        watch = Watch(self, transport, on_gone)
+        self._watched[watch] = None
+        loop = asyncio.get_running_loop()
+        # A task left pending by a loop that was closed under it would never tick again.
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._run(), name=WATCHER_TASK)
+        return watch
+
+    async def _run(self) -> None:
+        # Ends once nothing is registered, so an idle server has no timer at all.
+        while self._watched:
+            self._pass()
+            await asyncio.sleep(self.interval)
+
+    def _pass(self) -> None:
+        self.passes += 1
+        gone = [w for w in self._watched if w.transport is None or w.transport.is_closing()]
+        for watch in gone:
+            if watch not in self._watched:   # cancelled by an earlier action of this pass
+                continue
+            del self._watched[watch]         # before the action: it runs once
+            try:
+                watch.on_gone()
+            except Exception:  # noqa: BLE001 - one request's bug must not blind the others
+                log.exception("a disconnect action failed")
