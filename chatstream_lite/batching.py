@@ -199,7 +199,12 @@ class Batcher:
         """One `llama_decode` with the last sampled token of every generating job."""
         model = self._model
         assert model is not None
-        members = [s for s in self._sequences if s.pending >= 0 and not s.job.cancelled]
+        # In sequence-id order: with a KV stream per sequence, llama.cpp splits a batch into
+        # one forward pass per run of consecutive ids *in batch order* (split_equal with
+        # sequential=true), so ids 3,0,1,2 cost two passes and 0,1,2,3 one. Admission order
+        # would cost up to one pass per job.
+        members = sorted((s for s in self._sequences if s.pending >= 0 and not s.job.cancelled),
+                         key=lambda s: s.slot.seq_id)
         if not members:
             return
         batch = model.batch
@@ -209,6 +214,7 @@ class Batcher:
         if not self._decode(members):
             return
         self.stats.generation_steps += 1
+        self.stats.generation_passes += forward_passes([s.slot.seq_id for s in members])
         for seq in members:
             seq.slot.tokens.append(seq.pending)
             seq.pending = -1
@@ -297,3 +303,9 @@ class Batcher:
         """The thread is going down: no job may be left without its last event."""
         for seq in list(self._sequences):
             self._fail(seq, error)
+
+
+def forward_passes(seq_ids: list[int]) -> int:
+    """How many forward passes llama.cpp runs for one token of each of `seq_ids` (in batch
+    order) when every sequence has its own KV stream: one per run of consecutive ids."""
+    return sum(1 for i, seq_id in enumerate(seq_ids) if i == 0 or seq_id != seq_ids[i - 1] + 1)
