@@ -149,6 +149,11 @@ class Model:
         """Free the cells of `seq_id` from position `start` on."""
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, start, -1)
 
+    def copy(self, src_seq_id: int, dst_seq_id: int) -> None:
+        """Make `dst_seq_id` hold what `src_seq_id` holds. Each sequence has its own KV
+        stream, and llama.cpp copies a stream whole, at the next decode."""
+        llama_cpp.llama_memory_seq_cp(self._memory, src_seq_id, dst_seq_id, -1, -1)
+
 
 _backend_ready = False
 

@@ -131,6 +131,35 @@ async def test_next_turn_reuses_the_previous_turn_and_equals_a_cold_start(parall
     assert warm == cold == history[-1]["content"]
 
 
+async def test_a_new_session_borrows_a_shared_prefix_and_equals_a_cold_start(
+        parallel: Server, model_path: str) -> None:
+    """A prefix another slot holds (here a long shared preamble) is copied, not evaluated."""
+    stats = parallel.chat_stream.engine.stats
+    preamble = "Read this notice first. " + " ".join(f"Rule {i}: be kind to guest {i}." for i in range(12))
+    async with parallel.client() as client:
+        await post_chat(client, user_input=preamble + " Who wrote the rules?", max_new_tokens=8, **GREEDY)
+    reused, prompt = stats.prompt_tokens_reused, stats.prompt_tokens
+    before = len(parallel.recorder.calls)
+    async with parallel.client() as client:  # a new session: no slot of its own
+        status, warm = await post_chat(client, user_input=preamble + " Name one rule.",
+                                       max_new_tokens=TOKENS, **GREEDY)
+        assert status == 200
+    await parallel.recorder.wait_for(before + 1)
+    assert stats.prompt_tokens_reused - reused > 0.7 * (stats.prompt_tokens - prompt)
+
+    engine = Engine(EngineConfig(model_path=parallel.chat_stream.engine.config.model_path,
+                                 n_ctx=N_CTX, n_batch=N_BATCH))
+    await engine.start()
+    try:
+        job = engine.submit(parallel.recorder.calls[-1][1][:-1],
+                            SamplingParams(max_new_tokens=TOKENS, temperature=0.0, repeat_penalty=1.0))
+        cold = "".join([e.text async for e in job.events() if isinstance(e, Piece)])
+        assert engine.stats.prompt_tokens_reused == 0
+    finally:
+        await engine.close()
+    assert warm == cold
+
+
 async def test_regenerate_reuses_everything_up_to_the_last_user_message(parallel: Server) -> None:
     stats = parallel.chat_stream.engine.stats
     async with parallel.client() as client:
