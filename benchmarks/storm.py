@@ -60,7 +60,10 @@ class StormServer:
         server = cls(chat_stream, runner, "127.0.0.1", 0)
 
         async def chat(request: web.Request) -> web.StreamResponse:
-            body = await request.read()
+            try:
+                body = await request.read()
+            except ConnectionResetError:  # a "before_body" client: never accepted
+                return web.Response(status=499)
             tag = json.loads(body)["user_input"].split(":", 1)[0]
 
             def callback(request: web.Request, message: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from .engine import SamplingParams
-from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from .errors import BadRequest, ClientClosedRequest, PayloadTooLarge, UnsupportedMediaType
 
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
@@ -40,11 +40,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
+            chunks.append(chunk)
+    except ConnectionResetError:  # aiohttp's "Connection lost": else a traceback per client
+        raise ClientClosedRequest("The client closed the connection before its body arrived.") from None
     return b"".join(chunks)
 
 

@@ -54,6 +54,13 @@ class PayloadTooLarge(ChatStreamError):
     code = "payload_too_large"
 
 
+class ClientClosedRequest(ChatStreamError):
+    """The client left before its whole request arrived: nothing was started, and the
+    answer (nginx's 499) is for the metrics and logs, since nobody is left to read it."""
+    status = 499
+    code = "client_closed_request"
+
+
 class UnsupportedMediaType(ChatStreamError):
     status = 415
     code = "unsupported_media_type"

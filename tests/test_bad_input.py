@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import AsyncIterator
 
 import aiohttp
@@ -126,3 +128,23 @@ async def test_server_still_answers_after_all_that(server: Server) -> None:
     async with aiohttp.ClientSession(server.url) as client:
         status, body = await post_chat(client, user_input="Hello?", max_new_tokens=8, **GREEDY)
     assert status == 200 and body
+
+
+async def test_a_client_leaving_in_the_middle_of_its_body_is_not_a_server_error(
+        server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    """Half a body, then the socket closes: no traceback in the log, no callback, no harm."""
+    calls = len(server.recorder.calls)
+    body = _json({"user_input": "Hello there, this body never arrives whole."})
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"POST /chat_stream HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
+    await writer.drain()
+    await asyncio.sleep(0.2)          # the handler is now waiting for the rest of the body
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert len(server.recorder.calls) == calls
+    async with server.client() as client:
+        status, text = await post_chat(client, user_input="Hi", max_new_tokens=4, **GREEDY)
+    assert status == 200 and text
