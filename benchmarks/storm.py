@@ -5,8 +5,8 @@
 Clients drop before sending the whole body, while queued, during prompt processing,
 mid-stream, or right after the last byte. Afterwards we check what must hold: exactly one
 callback for every request whose body arrived, a status that fits where the client left,
-histories consistent with the status, nothing left running or queued, the server still
-answering, and RSS back near where it started. The server runs in this process (so its
+histories consistent with the status, nothing left running or queued, `/health` ok and a
+normal request still answered; RSS at the start and the end is reported. The server runs in this process (so its
 callbacks can be counted); the clients are plain sockets.
 """
 
@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from chatstream_lite import ChatStream
@@ -73,6 +74,7 @@ class StormServer:
             return await chat_stream.handle_chat_stream_request(request, body, callback=callback)
 
         app.router.add_post("/chat_stream", chat)
+        app.router.add_get("/health", chat_stream.health.handle)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -156,8 +158,25 @@ async def run_storm(server: StormServer, clients: int, seed: int = 0, max_new_to
     problems = await _settle_and_check(server, plan)
     gc.collect()
     statuses = Counter(status for calls in server.calls.values() for status, _ in calls)
+    problems += await _still_serving(server)
     return StormReport(clients, Counter(p for _, p in plan), statuses, problems,
                        rss_start, _rss_mb(), time.monotonic() - started)
+
+
+async def _still_serving(server: StormServer) -> list[str]:
+    """After the storm: /health says ok and a normal request gets a reply."""
+    problems = []
+    async with aiohttp.ClientSession(f"http://{server.host}:{server.port}") as client:
+        async with client.get("/health") as response:
+            body = await response.json()
+            if response.status != 200 or body.get("status") != "ok":
+                problems.append(f"/health after the storm: {response.status} {body}")
+        async with client.post("/chat_stream", json={"user_input": "after: hello",
+                                                      "max_new_tokens": 4}) as response:
+            text = await response.text()
+            if response.status != 200 or not text:
+                problems.append(f"a request after the storm: {response.status} {text[:200]!r}")
+    return problems
 
 
 async def _settle_and_check(server: StormServer, plan: list[tuple[str, str]]) -> list[str]:
