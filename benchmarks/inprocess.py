@@ -1,0 +1,105 @@
+"""One stream without HTTP: chatstream_lite's engine against direct llama-cpp-python.
+
+    python -m benchmarks.inprocess                # 4 replies each, alternating, ~2 minutes
+
+Tells the engine's own cost per token apart from the HTTP path's: both run in this process,
+on the same prompt, greedy (temperature 0, repeat_penalty 1.0), 200 tokens, all cores, and
+count streamed pieces per second from the first piece on. Each system runs in a process of
+its own (two llama.cpp contexts driven from two threads of one process make two OpenMP
+thread teams, which fight for the cores), and the systems alternate (direct, engine with 1
+slot, engine with 8 slots, again) so that drift of the machine hits each alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import llama_cpp
+
+from chatstream_lite.engine import Engine, EngineConfig, Piece, SamplingParams
+from chatstream_lite.model_file import default_model_path
+
+MESSAGES = [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
+TOKENS = 200
+
+
+def direct(model: str, threads: int, runs: int) -> list[float]:
+    llm = llama_cpp.Llama(model, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                          verbose=False)
+    rates = []
+    for _ in range(runs):
+        first, pieces = 0.0, 0
+        for chunk in llm.create_chat_completion(MESSAGES, max_tokens=TOKENS, temperature=0.0,
+                                                repeat_penalty=1.0, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                pieces += 1
+                first = first or time.monotonic()
+        rates.append((pieces - 1) / (time.monotonic() - first))
+    llm.close()
+    return rates
+
+
+async def engine(model: str, threads: int, slots: int, runs: int) -> list[float]:
+    eng = Engine(EngineConfig(model_path=Path(model), n_threads=threads,
+                              num_of_concurrent_executions=slots))
+    await eng.start()
+    rates = []
+    try:
+        for _ in range(runs):
+            job = eng.submit(MESSAGES, SamplingParams(max_new_tokens=TOKENS, temperature=0.0,
+                                                      repeat_penalty=1.0))
+            first, pieces = 0.0, 0
+            async for event in job.events():
+                if isinstance(event, Piece):
+                    pieces += 1
+                    first = first or time.monotonic()
+            rates.append((pieces - 1) / (time.monotonic() - first))
+    finally:
+        await eng.close()
+    return rates
+
+
+SYSTEMS = ("direct", "engine, 1 slot", "engine, 8 slots")
+
+
+def run_one(system: str, model: str, threads: int, runs: int) -> list[float]:
+    if system == "direct":
+        return direct(model, threads, runs)
+    return asyncio.run(engine(model, threads, 1 if system == "engine, 1 slot" else 8, runs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--runs", type=int, default=4, help="replies per system per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--only", choices=SYSTEMS, help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    model = str(args.model or default_model_path())
+    if args.only:
+        print(json.dumps(run_one(args.only, model, args.threads, args.runs)))
+        return
+    results: dict[str, list[float]] = {system: [] for system in SYSTEMS}
+    for _ in range(args.rounds):
+        for system in SYSTEMS:
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.inprocess", "--only", system, "--model", model,
+                 "--runs", str(args.runs), "--threads", str(args.threads)],
+                capture_output=True, text=True, check=True)
+            results[system] += json.loads(out.stdout.strip().splitlines()[-1])
+    print("| system | pieces/s, median | min | max |\n|---|---:|---:|---:|")
+    for name, rates in results.items():
+        print(f"| {name} | {statistics.median(rates):.1f} | {min(rates):.1f} | {max(rates):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
