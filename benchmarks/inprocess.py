@@ -24,7 +24,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from chatstream_lite.engine import Engine, EngineConfig, Piece, SamplingParams
+from chatstream_lite.engine import Admission, Piece, SamplingParams
+from chatstream_lite.engine.llama import LlamaConfig, LlamaEngine
 from chatstream_lite.model_file import default_model_path
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
@@ -48,13 +49,13 @@ def direct(model: str, threads: int, runs: int) -> list[float]:
 
 
 async def engine(model: str, threads: int, slots: int, runs: int) -> list[float]:
-    eng = Engine(EngineConfig(model_path=Path(model), n_threads=threads,
-                              num_of_concurrent_executions=slots))
-    await eng.start()
+    eng = LlamaEngine(LlamaConfig(model_path=Path(model), n_threads=threads, parallel=slots))
+    admission = Admission(eng)
+    await eng.start(died=admission.engine_died)
     rates = []
     try:
         for _ in range(runs):
-            job = eng.submit(MESSAGES, SamplingParams(max_new_tokens=TOKENS, temperature=0.0,
+            job = admission.submit(MESSAGES,  # type: ignore[arg-type] SamplingParams(max_new_tokens=TOKENS, temperature=0.0,
                                                       repeat_penalty=1.0))
             first, pieces = 0.0, 0
             async for event in job.events():
@@ -64,6 +65,7 @@ async def engine(model: str, threads: int, slots: int, runs: int) -> list[float]
             rates.append((pieces - 1) / (time.monotonic() - first))
     finally:
         await eng.close()
+        admission.close()
     return rates
 
 

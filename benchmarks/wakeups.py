@@ -51,7 +51,7 @@ async def measure(idle: int, seconds: float) -> dict[str, Any]:
             held.set()
             release.wait(120)
 
-    chat_stream.engine.fault_hook = hold
+    chat_stream.engine.faults.before_token = hold
     writers: list[asyncio.StreamWriter] = []
 
     async def post(text: str) -> None:
@@ -68,14 +68,14 @@ async def measure(idle: int, seconds: float) -> dict[str, Any]:
         await asyncio.get_running_loop().run_in_executor(None, held.wait, 60)
         for first in range(0, idle, 100):
             await asyncio.gather(*(post(f"wait {i}") for i in range(first, min(idle, first + 100))))
-        while chat_stream.engine.queued < idle:
+        while chat_stream.runtime.admission.queued < idle:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
         _callbacks, cpu, wall = 0, time.process_time(), time.perf_counter()
         await asyncio.sleep(seconds)
         calls, cpu, wall = _callbacks, time.process_time() - cpu, time.perf_counter() - wall
         return {"idle": idle, "seconds": wall, "loop_callbacks_per_s": calls / wall,
-                "process_cpu_percent": 100 * cpu / wall, "queued": chat_stream.engine.queued}
+                "process_cpu_percent": 100 * cpu / wall, "queued": chat_stream.runtime.admission.queued}
     finally:
         release.set()
         for writer in writers:

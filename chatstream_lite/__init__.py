@@ -4,35 +4,62 @@
     chat_stream = ChatStream()              # the embedded default model
     chat_stream.setup(app)
     app.router.add_post("/chat_stream", lambda r: chat_stream.handle_chat_stream_request(r))
+
+The public names below are imported on first use, so that importing one layer
+(`chatstream_lite.engine`, say) does not import the others (aiohttp, llama_cpp).
 """
 
-from .app import create_app
-from .chat_stream import ChatStream
-from .engine import SamplingParams
-from .errors import ChatStreamError
-from .health import CheckResult
-from .model_file import ModelNotFound, default_model_path
-from .openai_api import OpenAIAPI
-from .prompt import ChatPrompt, ChatTemplate
-from .redis_sessions import RedisSessionStore
-from .sessions import MemorySessionStore, MemoryStorage, SessionStore
-from .status import StreamStatus
+from __future__ import annotations
 
-__all__ = [
-    "ChatPrompt",
-    "ChatStream",
-    "ChatStreamError",
-    "ChatTemplate",
-    "CheckResult",
-    "MemorySessionStore",
-    "MemoryStorage",
-    "ModelNotFound",
-    "OpenAIAPI",
-    "RedisSessionStore",
-    "SamplingParams",
-    "SessionStore",
-    "StreamStatus",
-    "create_app",
-    "default_model_path",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import create_app
+    from .engine import Engine, SamplingParams
+    from .engine.mock import MockEngine
+    from .errors import ChatStreamError
+    from .model_file import ModelNotFound, default_model_path
+    from .prompt import ChatPrompt, ChatTemplate
+    from .redis_sessions import RedisSessionStore
+    from .server.chat_stream import ChatStream
+    from .server.health import CheckResult
+    from .server.openai_api import OpenAIAPI
+    from .sessions import MemorySessionStore, MemoryStorage, SessionStore
+    from .status import StreamStatus
+
+_WHERE = {
+    "ChatPrompt": ".prompt",
+    "ChatStream": ".server.chat_stream",
+    "ChatStreamError": ".errors",
+    "ChatTemplate": ".prompt",
+    "CheckResult": ".server.health",
+    "Engine": ".engine",
+    "MemorySessionStore": ".sessions",
+    "MemoryStorage": ".sessions",
+    "MockEngine": ".engine.mock",
+    "ModelNotFound": ".model_file",
+    "OpenAIAPI": ".server.openai_api",
+    "RedisSessionStore": ".redis_sessions",
+    "SamplingParams": ".engine",
+    "SessionStore": ".sessions",
+    "StreamStatus": ".status",
+    "create_app": ".app",
+    "default_model_path": ".model_file",
+}
+
+__all__ = sorted(_WHERE)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'chatstream_lite' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

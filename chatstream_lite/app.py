@@ -16,9 +16,10 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .chat_stream import Callback, ChatStream
-from .errors import HTTPProblem, error_response, openai_error_response
-from .openai_api import OpenAIAPI
+from .server.chat_stream import Callback, ChatStream
+from .errors import HTTPProblem
+from .server.responses import error_response, openai_error_response
+from .server.openai_api import OpenAIAPI
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 OPENAI_PREFIX = "/v1"

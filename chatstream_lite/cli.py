@@ -20,9 +20,9 @@ from aiohttp import web
 
 from .app import create_app
 from .auth import DEFAULT_PROTECTED
-from .chat_stream import DEFAULT_SHUTDOWN_GRACE, ChatStream
+from .server.chat_stream import DEFAULT_SHUTDOWN_GRACE, ChatStream
 from .cors import setup_cors
-from .mock_engine import DEFAULT_DELAY
+from .engine.mock import DEFAULT_DELAY
 from .model_file import ModelNotFound
 
 log = logging.getLogger("chatstream_lite")

@@ -1,14 +1,12 @@
 """Our exceptions, and the one place that turns them into HTTP responses.
 
 Every failure a client can cause or meet before its stream starts is a `ChatStreamError`
-with an HTTP status and a stable machine-readable `code`; `error_response()` renders it as
-ChatStream's JSON, `openai_error_response()` in the shape OpenAI clients parse. Nothing else
-in the package builds error responses by hand.
+with an HTTP status and a stable machine-readable `code`. This module knows nothing of HTTP
+servers (the engine layer raises these too); `responses.py` is the one place that renders
+them, as ChatStream's JSON or in the shape OpenAI clients parse.
 """
 
 from __future__ import annotations
-
-from aiohttp import web
 
 
 class ChatStreamError(Exception):
@@ -39,6 +37,13 @@ class ContextLengthExceeded(BadRequest):
     """A stateless (OpenAI) request whose messages do not fit: the client must trim them."""
 
     code = "context_length_exceeded"
+
+
+class TemplateRefused(BadRequest):
+    """The model's chat template cannot render the conversation (roles out of order, say):
+    the template's own message goes back to the client."""
+
+    code = "template_refused"
 
 
 class Unauthorized(ChatStreamError):
@@ -115,6 +120,8 @@ class HTTPProblem(ChatStreamError):
 
     def headers(self) -> dict[str, str]:
         return self._headers
+
+
 class SessionStoreUnavailable(ServiceUnavailable):
     """The session store (Redis) cannot be reached; requests that need a session wait for it.
 
@@ -124,38 +131,15 @@ class SessionStoreUnavailable(ServiceUnavailable):
     code = "session_store_unavailable"
 
 
+class Cancelled(ChatStreamError):
+    """The client left while its request was being prepared; nobody reads this answer."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 class GenerationFailed(ChatStreamError):
     """The model failed before the first piece of the reply was sent."""
 
     status = 500
     code = "generation_failed"
-
-
-def error_response(error: ChatStreamError) -> web.Response:
-    """Render `error` as `{"error": code, "message": ...}` with its status and headers."""
-    return web.json_response(
-        {"error": error.code, "message": error.message},
-        status=error.status,
-        headers=error.headers(),
-    )
-
-
-# OpenAI's error `type` by status, as llama.cpp's server also names them.
-_OPENAI_TYPES = {
-    401: "authentication_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-    503: "unavailable_error",
-}
-
-
-def openai_error_response(error: ChatStreamError) -> web.Response:
-    """Render `error` as OpenAI does: `{"error": {"message", "type", "param", "code"}}`."""
-    kind = _OPENAI_TYPES.get(error.status) or (
-        "server_error" if error.status >= 500 else "invalid_request_error")
-    return web.json_response(
-        {"error": {"message": error.message, "type": kind, "param": error.param,
-                   "code": error.code}},
-        status=error.status,
-        headers=error.headers(),
-    )

@@ -1,7 +1,7 @@
-"""The conversation of one session (`ChatPrompt`) and the model's own chat template.
+"""The conversation of one session (`ChatPrompt`), rendered with the model's own chat template.
 
-The template is the Jinja2 text in the GGUF metadata (`tokenizer.chat_template`), rendered by
-llama-cpp-python's sandboxed `Jinja2ChatFormatter`: no hand-written per-model presets.
+The template is the Jinja2 text in the GGUF metadata (`tokenizer.chat_template`, see
+`engine.template.ChatTemplate`): no hand-written per-model presets.
 
     >>> prompt = ChatPrompt(template, system="You are terse.")
     >>> prompt.add_requester_msg("Hi!")
@@ -10,45 +10,11 @@ llama-cpp-python's sandboxed `Jinja2ChatFormatter`: no hand-written per-model pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Literal, TypedDict
+from typing import Any
 
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from .engine.template import ChatTemplate, Message
 
-from .errors import PromptTooLong
-
-Role = Literal["system", "user", "assistant"]
-
-
-class Message(TypedDict):
-    role: Role
-    content: str
-
-
-@dataclass(frozen=True)
-class RenderedPrompt:
-    text: str
-    stop: list[str]          # the template's end-of-turn text, never shown to the user
-    added_special: bool      # True when the template itself wrote the BOS token
-
-
-class ChatTemplate:
-    """A model's chat template; `render(messages)` gives the prompt text and its stop strings."""
-
-    def __init__(self, template: str, *, bos_token: str, eos_token: str) -> None:
-        self.source = template
-        self.bos_token = bos_token
-        self.eos_token = eos_token
-        # Two formatters: one that ends with the assistant header (ready to generate), one
-        # that renders a finished transcript. The formatter fixes this at construction.
-        self._open = Jinja2ChatFormatter(template, eos_token, bos_token, add_generation_prompt=True)
-        self._closed = Jinja2ChatFormatter(template, eos_token, bos_token, add_generation_prompt=False)
-
-    def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> RenderedPrompt:
-        formatter = self._open if add_generation_prompt else self._closed
-        result = formatter(messages=[dict(m) for m in messages])  # type: ignore[misc]
-        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
-        return RenderedPrompt(result.prompt, [s for s in stop if s], bool(result.added_special))
+__all__ = ["ChatPrompt", "ChatTemplate", "Message"]
 
 
 class ChatPrompt:
@@ -137,29 +103,3 @@ class ChatPrompt:
 
     def __repr__(self) -> str:
         return f"<ChatPrompt system={self._system is not None} turns={len(self._turns)}>"
-
-
-def fit_to_context(
-    messages: list[Message], encode: Callable[[list[Message]], list[int]], budget: int
-) -> tuple[list[int], int]:
-    """Encode `messages`, dropping the oldest turns until they fit in `budget` tokens.
-
-    Returns the tokens and how many messages were dropped. Drops whole turns (a user message
-    and the reply after it), never the system prompt and never the last (new) user message;
-    raises `PromptTooLong` when even that is too long.
-    """
-    first = 1 if messages and messages[0]["role"] == "system" else 0
-    dropped = 0
-    while True:
-        tokens = encode(messages[:first] + messages[first + dropped:])
-        if len(tokens) <= budget:
-            return tokens, dropped
-        remaining = len(messages) - first - dropped
-        if remaining <= 1:
-            raise PromptTooLong(
-                f"The message is too long for this model's context: the prompt needs "
-                f"{len(tokens)} tokens but only {budget} fit (n_ctx minus max_new_tokens)."
-            )
-        # One turn: the user message and, when present, the reply that follows it.
-        step = 2 if messages[first + dropped + 1]["role"] == "assistant" else 1
-        dropped += min(step, remaining - 1)

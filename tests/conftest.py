@@ -240,6 +240,47 @@ def llama_cpp_reference(model_path: str, question: str, *, n_ctx: int, n_threads
         return "".join(p["choices"][0]["delta"].get("content", "") for p in pieces)  # type: ignore[index, union-attr]
     finally:
         llm.close()
+
+
+def smollm2_vocabulary(model_path: str) -> tuple[Any, Callable[[], None]]:
+    """The real SmolLM2 tokenizer without a context (vocab only), and how to free it."""
+    from chatstream_lite.engine.llama.model import Vocabulary
+
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=256, vocab_only=True, verbose=False)
+    return Vocabulary(llm._model), llm.close
+
+
+def smollm2_template(model_path: str) -> Any:
+    from chatstream_lite.engine import ChatTemplate
+
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=256, vocab_only=True, verbose=False)
+    try:
+        eos = llm._model.token_get_text(llm.token_eos())
+        bos = llm._model.token_get_text(llm.token_bos())
+        return ChatTemplate(llm.metadata["tokenizer.chat_template"], bos_token=bos, eos_token=eos)
+    finally:
+        llm.close()
+
+
+async def generate_alone(model_path: str, messages: list[dict[str, str]], *, n_ctx: int,
+                         n_batch: int, max_new_tokens: int) -> tuple[str, Any]:
+    """One greedy reply from a fresh engine of one slot (nothing cached): the cold start."""
+    from chatstream_lite.engine import Admission, Piece, SamplingParams
+    from chatstream_lite.engine.llama import LlamaConfig, LlamaEngine
+
+    engine = LlamaEngine(LlamaConfig(model_path=Path(model_path), n_ctx=n_ctx, n_batch=n_batch))
+    admission = Admission(engine)
+    await engine.start(died=admission.engine_died)
+    try:
+        job = admission.submit(messages, SamplingParams(  # type: ignore[arg-type]
+            max_new_tokens=max_new_tokens, temperature=0.0, repeat_penalty=1.0))
+        text = "".join([e.text async for e in job.events() if isinstance(e, Piece)])
+        return text, engine.stats
+    finally:
+        await engine.close()
+        admission.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

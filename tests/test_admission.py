@@ -34,18 +34,19 @@ async def _post(client: aiohttp.ClientSession) -> tuple[int, dict[str, str], str
 
 async def test_burst_accepts_exactly_running_plus_queue_and_rejects_the_rest(server: Server) -> None:
     engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
     gate = Gate()
-    engine.fault_hook = gate  # the first admitted job holds the thread until the burst is in
+    engine.faults.before_token = gate  # the first admitted job holds the thread until the burst is in
     clients = [server.client() for _ in range(BURST)]
     try:
         tasks = [asyncio.create_task(_post(c)) for c in clients]
         await gate.wait_reached()
         await wait_until(lambda: sum(t.done() for t in tasks) == BURST - 1 - MAX_QUEUE_SIZE)
-        assert engine.running == 1 and engine.queued == MAX_QUEUE_SIZE
+        assert admission.running == 1 and admission.queued == MAX_QUEUE_SIZE
         gate.open()
         results = await asyncio.gather(*tasks)
     finally:
-        engine.fault_hook = None
+        engine.faults.before_token = None
         for c in clients:
             await c.close()
     accepted = [r for r in results if r[0] == 200]

@@ -15,10 +15,9 @@ import pytest
 import pytest_asyncio
 
 from chatstream_lite import ChatStream
-from chatstream_lite.batching import forward_passes
-from chatstream_lite.engine import Engine, EngineConfig, Piece, SamplingParams
+from chatstream_lite.engine.scheduler import forward_passes
 
-from .conftest import GREEDY, RawStream, Server, post_chat, serve, wait_until
+from .conftest import GREEDY, RawStream, Server, generate_alone, post_chat, serve, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -118,16 +117,9 @@ async def test_next_turn_reuses_the_previous_turn_and_equals_a_cold_start(parall
     assert stats.prompt_tokens_reused - reused > 0.5 * (stats.prompt_tokens - prompt)
 
     # The same conversation on a fresh engine: nothing cached, the whole prompt evaluated.
-    engine = Engine(EngineConfig(model_path=parallel.chat_stream.engine.config.model_path,
-                                 n_ctx=N_CTX, n_batch=N_BATCH))
-    await engine.start()
-    try:
-        job = engine.submit(history[:-1], SamplingParams(max_new_tokens=TOKENS, temperature=0.0,
-                                                         repeat_penalty=1.0))
-        cold = "".join([e.text async for e in job.events() if isinstance(e, Piece)])
-        assert engine.stats.prompt_tokens_reused == 0
-    finally:
-        await engine.close()
+    cold, cold_stats = await generate_alone(model_path, history[:-1], n_ctx=N_CTX,
+                                            n_batch=N_BATCH, max_new_tokens=TOKENS)
+    assert cold_stats.prompt_tokens_reused == 0
     assert warm == cold == history[-1]["content"]
 
 
@@ -147,16 +139,9 @@ async def test_a_new_session_borrows_a_shared_prefix_and_equals_a_cold_start(
     await parallel.recorder.wait_for(before + 1)
     assert stats.prompt_tokens_reused - reused > 0.7 * (stats.prompt_tokens - prompt)
 
-    engine = Engine(EngineConfig(model_path=parallel.chat_stream.engine.config.model_path,
-                                 n_ctx=N_CTX, n_batch=N_BATCH))
-    await engine.start()
-    try:
-        job = engine.submit(parallel.recorder.calls[-1][1][:-1],
-                            SamplingParams(max_new_tokens=TOKENS, temperature=0.0, repeat_penalty=1.0))
-        cold = "".join([e.text async for e in job.events() if isinstance(e, Piece)])
-        assert engine.stats.prompt_tokens_reused == 0
-    finally:
-        await engine.close()
+    cold, cold_stats = await generate_alone(model_path, parallel.recorder.calls[-1][1][:-1],
+                                            n_ctx=N_CTX, n_batch=N_BATCH, max_new_tokens=TOKENS)
+    assert cold_stats.prompt_tokens_reused == 0
     assert warm == cold
 
 
@@ -210,4 +195,4 @@ async def test_a_client_leaving_during_a_long_prompt_stops_its_evaluation(parall
     assert total > 10 * N_BATCH
     assert read < total / 2, f"read {read} of {total} prompt tokens after the client left"
     assert stats.completion_tokens == completion
-    await wait_until(lambda: parallel.chat_stream.engine.running == 0)
+    await wait_until(lambda: parallel.chat_stream.runtime.admission.running == 0)

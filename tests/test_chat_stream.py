@@ -25,7 +25,7 @@ async def server(model_path: str) -> AsyncIterator[Server]:
 
 @pytest.fixture(autouse=True)
 def no_hook(server: Server) -> None:
-    server.chat_stream.engine.fault_hook = None
+    server.chat_stream.engine.faults.before_token = None
 
 
 async def test_reply_streams_and_success_callback_sees_the_stored_history(server: Server) -> None:
@@ -132,7 +132,7 @@ async def test_second_concurrent_request_on_one_session_is_409(server: Server) -
     gate = Gate()
     async with server.client() as client:
         await post_chat(client, user_input="Hi", max_new_tokens=4)  # establish the session
-        server.chat_stream.engine.fault_hook = gate  # hold the next generation at its first token
+        server.chat_stream.engine.faults.before_token = gate  # hold the next generation at its first token
         before = len(server.recorder.calls)
         first = asyncio.create_task(post_chat(client, user_input="Count to five.", max_new_tokens=16, **GREEDY))
         await gate.wait_reached()
@@ -166,19 +166,20 @@ async def test_client_closing_after_first_chunk_is_disconnected_while_streaming(
 
 async def test_client_closing_while_queued_never_reaches_the_model(server: Server) -> None:
     engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
     gate = Gate()
-    engine.fault_hook = gate
+    engine.faults.before_token = gate
     before = len(server.recorder.calls)
     async with server.client() as client:
         running = asyncio.create_task(post_chat(client, user_input="Hello", max_new_tokens=8, **GREEDY))
         await gate.wait_reached()
         started_before = engine.stats.jobs_started
         queued = await RawStream.post(server, {"user_input": "I will leave", "max_new_tokens": 8})
-        await wait_until(lambda: engine.queued == 1)
+        await wait_until(lambda: admission.queued == 1)
         queued.close()
         await server.recorder.wait_for(before + 1)
         assert server.recorder.calls[-1][0] == "client_disconnected_before_streaming"
-        assert engine.queued == 0
+        assert admission.queued == 0
         gate.open()
         assert (await running)[0] == 200
         await server.recorder.wait_for(before + 2)
@@ -193,7 +194,7 @@ async def test_model_fault_is_unknown_error_and_the_next_request_succeeds(server
 
     async with server.client() as client:
         await post_chat(client, user_input="First turn", max_new_tokens=4, **GREEDY)
-        server.chat_stream.engine.fault_hook = explode
+        server.chat_stream.engine.faults.before_token = explode
         before = len(server.recorder.calls)
         async with client.post("/chat_stream", json={"user_input": "This one breaks", "max_new_tokens": 32, **GREEDY}) as response:
             assert response.status == 200
@@ -203,7 +204,7 @@ async def test_model_fault_is_unknown_error_and_the_next_request_succeeds(server
         status, history = server.recorder.calls[-1]
         assert status == "unknown_error_occurred"
         assert [m["content"] for m in history if m["role"] == "user"] == ["First turn"]
-        server.chat_stream.engine.fault_hook = None
+        server.chat_stream.engine.faults.before_token = None
         status_code, body = await post_chat(client, user_input="And now?", max_new_tokens=8, **GREEDY)
         assert status_code == 200 and body
         await server.recorder.wait_for(before + 2)
@@ -214,7 +215,7 @@ async def test_fault_before_first_piece_is_a_json_500(server: Server) -> None:
     def explode(index: int) -> None:
         raise RuntimeError("injected model fault")
 
-    server.chat_stream.engine.fault_hook = explode
+    server.chat_stream.engine.faults.before_token = explode
     before = len(server.recorder.calls)
     async with server.client() as client:
         async with client.post("/chat_stream", json={"user_input": "Hi", "max_new_tokens": 8}) as response:

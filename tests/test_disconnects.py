@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from chatstream_lite import ChatStream
-from chatstream_lite.disconnects import WATCHER_TASK, DisconnectWatcher
+from chatstream_lite.server.disconnects import WATCHER_TASK, DisconnectWatcher
 
 from .conftest import GREEDY, Gate, RawStream, Server, serve, wait_until
 
@@ -37,7 +37,7 @@ async def server(model_path: str) -> AsyncIterator[Server]:
 
 @pytest.fixture(autouse=True)
 def no_hook(server: Server) -> None:
-    server.chat_stream.engine.fault_hook = None
+    server.chat_stream.engine.faults.before_token = None
 
 
 def _ours(task: asyncio.Task[object]) -> bool:
@@ -106,7 +106,7 @@ async def test_hundreds_of_queued_clients_hanging_up_are_all_noticed_by_one_watc
     chat_stream = server.chat_stream
     engine, watcher = chat_stream.engine, chat_stream.disconnects
     gate = Gate()
-    engine.fault_hook = gate
+    engine.faults.before_token = gate
     before = len(server.recorder.calls)
     running = await RawStream.post(server, {"user_input": "Hello", "max_new_tokens": 8, **GREEDY})
     await gate.wait_reached()
@@ -114,7 +114,7 @@ async def test_hundreds_of_queued_clients_hanging_up_are_all_noticed_by_one_watc
         started_before = engine.stats.jobs_started
         queued = [await RawStream.post(server, {"user_input": f"I will leave ({i})", "max_new_tokens": 8})
                   for i in range(QUEUED)]
-        await wait_until(lambda: engine.queued == QUEUED, timeout=60)
+        await wait_until(lambda: admission.queued == QUEUED, timeout=60)
         assert watcher.watching == QUEUED + 1
         # Besides aiohttp's own tasks, one of ours: the watcher (a poll task per request
         # would make it 201).
@@ -123,7 +123,7 @@ async def test_hundreds_of_queued_clients_hanging_up_are_all_noticed_by_one_watc
             stream.close()
         await server.recorder.wait_for(before + QUEUED, timeout=60)
         assert server.recorder.statuses[before:] == ["client_disconnected_before_streaming"] * QUEUED
-        assert engine.queued == 0
+        assert admission.queued == 0
         assert watcher.watching == 1  # the running request
     finally:
         gate.open()  # a failure above must not hold the thread for a minute
@@ -144,7 +144,7 @@ async def test_a_client_leaving_during_a_step_costs_at_most_that_steps_token(
     the watcher cancels the job: token 3 still goes out, no further decode happens."""
     engine, watcher = server.chat_stream.engine, server.chat_stream.disconnects
     hold = HoldAt(3)
-    engine.fault_hook = hold
+    engine.faults.before_token = hold
     before = len(server.recorder.calls)
     tokens_before = engine.stats.completion_tokens
     stream = await RawStream.post(server, STORY)
@@ -174,8 +174,9 @@ async def test_a_client_leaving_mid_stream_costs_at_most_two_more_tokens(server:
     token; with a 20 ms tick, 13 of 20 emitted one.
     """
     engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
     emitted: list[float] = []
-    engine.fault_hook = lambda _index: emitted.append(time.monotonic())
+    engine.faults.before_token = lambda _index: emitted.append(time.monotonic())
     before = len(server.recorder.calls)
     stream = await RawStream.post(server, STORY)
     await stream.read_headers()

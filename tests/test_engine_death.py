@@ -63,7 +63,7 @@ async def test_a_dead_engine_thread_fails_what_it_served_and_refuses_the_rest_wi
         server: Server) -> None:
     engine, recorder = server.chat_stream.engine, server.recorder
     gate = Gate()
-    engine.fault_hook = gate
+    engine.faults.before_token = gate
     stream = await RawStream.post(server, {"user_input": "Tell me a story.", "max_new_tokens": 64,
                                            **GREEDY})
     await stream.read_headers()
@@ -71,8 +71,8 @@ async def test_a_dead_engine_thread_fails_what_it_served_and_refuses_the_rest_wi
     await gate.wait_reached()
     async with server.client() as waiting_client:
         waiting = asyncio.create_task(post_chat(waiting_client, user_input="Hi"))
-        await wait_until(lambda: engine.queued == 1)
-        engine.kill_thread(RuntimeError(DEATH))
+        await wait_until(lambda: admission.queued == 1)
+        engine.faults.kill_thread(RuntimeError(DEATH))
         gate.open()
         _, complete = await asyncio.wait_for(_read_to_end(stream), 10)
         waiting_status, waiting_body = await asyncio.wait_for(waiting, 10)
@@ -84,7 +84,7 @@ async def test_a_dead_engine_thread_fails_what_it_served_and_refuses_the_rest_wi
     assert recorder.calls[0][1] == [], "a failed turn leaves the history unchanged"
     # The request that was waiting: refused, no callback.
     assert waiting_status == 503 and json.loads(waiting_body)["error"] == "service_unavailable"
-    assert engine.running == 0 and engine.queued == 0
+    assert admission.running == 0 and admission.queued == 0
     # /health says why, and stays 503.
     status, _, health = await asyncio.wait_for(_get_json(server, "GET", "/health"), 5)
     assert status == 503 and health["status"] == "unavailable"

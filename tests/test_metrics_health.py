@@ -10,9 +10,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from chatstream_lite import ChatStream, health
+from chatstream_lite import ChatStream
+from chatstream_lite.server import health
 from chatstream_lite.engine import ModelInfo
-from chatstream_lite.health import CheckResult
+from chatstream_lite.engine.protocol import Died
+from chatstream_lite.server.health import CheckResult
 
 from .conftest import (
     GREEDY,
@@ -44,7 +46,7 @@ async def server(model_path: str) -> AsyncIterator[Server]:
 
 @pytest.fixture(autouse=True)
 def no_hook(server: Server) -> None:
-    server.chat_stream.engine.fault_hook = None
+    server.chat_stream.engine.faults.before_token = None
 
 
 async def _get(server: Server, path: str) -> tuple[int, dict[str, object]]:
@@ -64,28 +66,29 @@ async def test_health_reports_the_loaded_model_and_the_queue(server: Server) -> 
 
 async def test_metrics_count_every_outcome_tokens_and_latency(server: Server) -> None:
     engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
     before = await scrape(server)
     calls_before = len(server.recorder.calls)
     stats_before = (engine.stats.prompt_tokens, engine.stats.completion_tokens)
     gate = Gate()
-    engine.fault_hook = gate
+    engine.faults.before_token = gate
     async with server.client() as alice, server.client() as bob, server.client() as carol:
         running = asyncio.create_task(post_chat(alice, user_input="Hello", max_new_tokens=8, **GREEDY))
         await gate.wait_reached()
         queued = asyncio.create_task(post_chat(bob, user_input="Hi", max_new_tokens=8, **GREEDY))
-        await wait_until(lambda: engine.queued == 1)
+        await wait_until(lambda: admission.queued == 1)
         held = await scrape(server)                       # gauges, read while the gate holds
         full, _ = await post_chat(carol, user_input="Hey", max_new_tokens=8)
         bad, _ = await post_chat(carol, user_input=5)
         gate.open()
         assert [(await running)[0], (await queued)[0], full, bad] == [200, 200, 429, 400]
-    engine.fault_hook = None
+    engine.faults.before_token = None
     stream = await RawStream.post(server, {"user_input": "Write a long story.", "max_new_tokens": 32})
     await stream.read_headers()
     assert await stream.read_chunk()
     stream.close()
     await server.recorder.wait_for(calls_before + 3)
-    await wait_until(lambda: engine.running == 0)
+    await wait_until(lambda: admission.running == 0)
     after = await scrape(server)
 
     def delta(name: str, **labels: str) -> float:
@@ -146,11 +149,12 @@ async def test_a_plugged_in_check_adds_its_field_and_can_fail_the_probe(
 async def test_health_is_503_until_the_model_is_loaded(model_path: str) -> None:
     chat_stream = ChatStream(model_path, n_ctx=512, max_new_tokens=8, load_in_background=True)
     engine = chat_stream.engine
+    admission = chat_stream.runtime.admission
     real_start, loading_may_finish = engine.start, asyncio.Event()
 
-    async def slow_start() -> ModelInfo:       # a model that takes a while to load
+    async def slow_start(died: Died) -> ModelInfo:    # a model that takes a while to load
         await loading_may_finish.wait()
-        return await real_start()
+        return await real_start(died)
 
     engine.start = slow_start  # type: ignore[method-assign]
     server = await start_server(chat_stream, build_full_app)

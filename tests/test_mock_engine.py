@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from chatstream_lite import ChatStream
-from chatstream_lite.mock_engine import split_tokens
+from chatstream_lite.engine.mock import split_tokens
 
 from .conftest import (
     ROOT,

@@ -48,7 +48,7 @@ async def server(model_path: str) -> AsyncIterator[Server]:
 
 @pytest.fixture(autouse=True)
 def no_hook(server: Server) -> None:
-    server.chat_stream.engine.fault_hook = None
+    server.chat_stream.engine.faults.before_token = None
 
 
 @pytest_asyncio.fixture
@@ -184,20 +184,21 @@ async def test_messages_that_do_not_fit_are_400_context_length_exceeded(
     after = await scrape(server)
     assert _more(after, before, "chatstream_rejected_requests_total", endpoint=ENDPOINT,
                  code="context_length_exceeded") == 1
-    await wait_until(lambda: server.chat_stream.engine.running == 0)  # the job was cancelled
+    await wait_until(lambda: server.chat_stream.runtime.admission.running == 0)  # the job was cancelled
 
 
 async def test_queue_full_is_an_openai_shaped_429(server: Server, client: AsyncOpenAI) -> None:
     engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
     gate = Gate()
-    engine.fault_hook = gate
+    engine.faults.before_token = gate
     request = {"model": "anything", "max_tokens": 4, "temperature": 0,
                "messages": [{"role": "user", "content": "Hi"}]}
     running = asyncio.create_task(client.chat.completions.create(**request))
     try:
         await gate.wait_reached()
         waiting = asyncio.create_task(client.chat.completions.create(**request))
-        await wait_until(lambda: engine.queued == MAX_QUEUE_SIZE)
+        await wait_until(lambda: admission.queued == MAX_QUEUE_SIZE)
         with pytest.raises(openai.RateLimitError) as caught:
             await client.chat.completions.create(**request)
     finally:
@@ -212,6 +213,7 @@ async def test_queue_full_is_an_openai_shaped_429(server: Server, client: AsyncO
 async def test_closing_a_stream_stops_generation_within_one_token(
         server: Server, client: AsyncOpenAI) -> None:
     engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
     reached, release = threading.Event(), threading.Event()
 
     def hold_at_second_token(index: int) -> None:
@@ -219,7 +221,7 @@ async def test_closing_a_stream_stops_generation_within_one_token(
             reached.set()
             release.wait(timeout=30)
 
-    engine.fault_hook = hold_at_second_token
+    engine.faults.before_token = hold_at_second_token
     before = await scrape(server)
     tokens_before = engine.stats.completion_tokens
     stream = await client.chat.completions.create(
@@ -234,7 +236,7 @@ async def test_closing_a_stream_stops_generation_within_one_token(
     # Noticed by the server's disconnect watcher (so the job is cancelled) while held.
     await wait_until(lambda: server.chat_stream.disconnects.watching == 0)
     release.set()
-    await wait_until(lambda: engine.running == 0)
+    await wait_until(lambda: admission.running == 0)
     after = await scrape(server)
     assert _more(after, before, "chatstream_requests_total", endpoint=ENDPOINT,
                  status="client_disconnected_while_streaming") == 1
@@ -244,8 +246,9 @@ async def test_closing_a_stream_stops_generation_within_one_token(
 
 async def test_client_leaving_a_non_streaming_request_stops_it(server: Server) -> None:
     engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
     gate = Gate()
-    engine.fault_hook = gate
+    engine.faults.before_token = gate
     before = await scrape(server)
     tokens_before = engine.stats.completion_tokens
     raw = await RawStream.post(server, {"model": "x", "max_tokens": MAX_NEW_TOKENS,
@@ -255,7 +258,7 @@ async def test_client_leaving_a_non_streaming_request_stops_it(server: Server) -
     raw.close()
     await asyncio.sleep(0.5)
     gate.open()
-    await wait_until(lambda: engine.running == 0)
+    await wait_until(lambda: admission.running == 0)
     after = await scrape(server)
     assert _more(after, before, "chatstream_requests_total", endpoint=ENDPOINT,
                  status="client_disconnected_before_streaming") == 1

@@ -27,6 +27,7 @@ async def server(model_path: str) -> AsyncIterator[Server]:
 
 async def test_a_client_that_never_reads_does_not_hold_up_the_next_request(server: Server) -> None:
     engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
     # A tiny receive window, and this client never reads a byte of its reply.
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
@@ -39,7 +40,7 @@ async def test_a_client_that_never_reads_does_not_hold_up_the_next_request(serve
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     await writer.drain()
     try:
-        await wait_until(lambda: engine.running == 1, timeout=60)
+        await wait_until(lambda: admission.running == 1, timeout=60)
         started = engine.stats.jobs_started
         # With one generation at a time, this request can only run once the silent client's
         # job has left the engine: it must not wait for that client to read.
@@ -51,4 +52,4 @@ async def test_a_client_that_never_reads_does_not_hold_up_the_next_request(serve
         assert not reader.at_eof() and not writer.is_closing(), "the silent client is still there"
     finally:
         writer.close()
-    await wait_until(lambda: engine.running == 0 and engine.queued == 0, timeout=60)
+    await wait_until(lambda: admission.running == 0 and admission.queued == 0, timeout=60)

@@ -34,7 +34,9 @@ pytestmark = pytest.mark.timeout(120)
 MAX_QUEUE_WAIT = 0.5
 MAX_GENERATION_TIME = 0.5
 LONG = 1500     # far more tokens than MAX_GENERATION_TIME allows on any CPU
-# Greedy, this never stops by itself before LONG tokens.
+# Greedy, this runs on far longer than MAX_GENERATION_TIME allows. Its exact text differs from
+# one CPU to another (llama.cpp's kernels round differently: "1, 2, 3, ..." on one machine,
+# "1234567890123..." on another), so no test below looks at the text, only at its length.
 COUNTING = "Write the numbers from 1 to 3000 separated by commas."
 
 
@@ -50,7 +52,7 @@ async def server(model_path: str) -> AsyncIterator[Server]:
 
 @pytest.fixture(autouse=True)
 def no_hook(server: Server) -> None:
-    server.chat_stream.engine.fault_hook = None
+    server.chat_stream.engine.faults.before_token = None
 
 
 async def _post(client: aiohttp.ClientSession, path: str, body: dict[str, Any]
@@ -68,7 +70,7 @@ async def test_a_request_waiting_past_max_queue_wait_gets_503_and_never_reaches_
         server: Server) -> None:
     engine, recorder = server.chat_stream.engine, server.recorder
     gate = Gate()
-    engine.fault_hook = gate  # the running generation holds the only slot until opened
+    engine.faults.before_token = gate  # the running generation holds the only slot until opened
     async with server.client() as alice, server.client() as bob, server.client() as carol:
         running = asyncio.create_task(post_chat(alice, user_input="Hello", max_new_tokens=4,
                                                 **GREEDY))
@@ -84,7 +86,7 @@ async def test_a_request_waiting_past_max_queue_wait_gets_503_and_never_reaches_
         waited = time.monotonic() - sent
         after = await scrape(server)
         # Refused while alice still holds the slot: they never got one.
-        assert engine.running == 1 and engine.queued == 0 and not running.done()
+        assert admission.running == 1 and admission.queued == 0 and not running.done()
         assert engine.stats.jobs_started == started
         assert engine.stats.jobs_expired == expired + 2
         assert len(recorder.calls) == calls, "no callback for a refused request"
@@ -118,15 +120,16 @@ async def test_a_request_waiting_past_max_queue_wait_gets_503_and_never_reaches_
 async def test_a_request_that_gets_its_slot_in_time_is_served_and_not_expired_later(
         server: Server, caplog: pytest.LogCaptureFixture) -> None:
     engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
     gate = Gate()
-    engine.fault_hook = gate
+    engine.faults.before_token = gate
     expired = engine.stats.jobs_expired
     async with server.client() as alice, server.client() as bob:
         first = asyncio.create_task(post_chat(alice, user_input="Hello", max_new_tokens=4,
                                               **GREEDY))
         await gate.wait_reached()
         second = asyncio.create_task(post_chat(bob, user_input="Hi", max_new_tokens=4, **GREEDY))
-        await wait_until(lambda: engine.queued == 1)
+        await wait_until(lambda: admission.queued == 1)
         gate.open()         # well before MAX_QUEUE_WAIT
         assert [(await first)[0], (await second)[0]] == [200, 200]
     await asyncio.sleep(MAX_QUEUE_WAIT * 2)  # the started job's timer, had it been left running
@@ -137,6 +140,7 @@ async def test_a_request_that_gets_its_slot_in_time_is_served_and_not_expired_la
 async def test_max_generation_time_ends_an_openai_stream_with_finish_reason_length(
         server: Server) -> None:
     engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
     tokens = engine.stats.completion_tokens
     chunks: list[dict[str, Any]] = []
     async with server.client() as client:
@@ -152,7 +156,7 @@ async def test_max_generation_time_ends_an_openai_stream_with_finish_reason_leng
     reasons = [c["choices"][0]["finish_reason"] for c in chunks]
     assert reasons[-1] == "length" and set(reasons[:-1]) == {None}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text.startswith("1, 2, 3")
+    assert text
     generated = engine.stats.completion_tokens - tokens
     assert 0 < generated < LONG          # cut by time, not by max_tokens
     assert took >= MAX_GENERATION_TIME
@@ -165,7 +169,7 @@ async def test_max_generation_time_ends_a_chat_stream_normally_and_keeps_the_par
     async with server.client() as client:
         status, reply = await post_chat(client, user_input=COUNTING, max_new_tokens=LONG,
                                         **GREEDY)
-    assert status == 200 and reply.startswith("1, 2, 3")
+    assert status == 200 and reply
     assert 0 < engine.stats.completion_tokens - tokens < LONG
     await recorder.wait_for(calls + 1)
     status_called, history = recorder.calls[calls]

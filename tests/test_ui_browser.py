@@ -53,7 +53,7 @@ async def server(model_path: str) -> AsyncIterator[Server]:
 
 @pytest.fixture(autouse=True)
 def no_hook(server: Server) -> None:
-    server.chat_stream.engine.fault_hook = None
+    server.chat_stream.engine.faults.before_token = None
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -90,7 +90,7 @@ async def test_send_stop_regenerate_clear_in_chromium(server: Server, browser: B
         await expect(page.locator("#model")).to_have_text("SmolLM2-135M-Instruct.Q4_1")
 
         # Send: the reply appears piece by piece.
-        server.chat_stream.engine.fault_hook = _slow_tokens
+        server.chat_stream.engine.faults.before_token = _slow_tokens
         calls = len(recorder.calls)
         await page.fill("#input", "Write a long story about a brave cat.")
         await page.press("#input", "Enter")
@@ -115,7 +115,7 @@ async def test_send_stop_regenerate_clear_in_chromium(server: Server, browser: B
         await page.screenshot(path=str(ARTIFACTS / "ui-stopped.png"))
 
         # Regenerate: a new whole reply replaces the partial one, on screen and on the server.
-        server.chat_stream.engine.fault_hook = None
+        server.chat_stream.engine.faults.before_token = None
         await page.click("#regenerate")
         await recorder.wait_for(calls + 2)
         assert recorder.statuses[-1] == "success"
@@ -157,7 +157,7 @@ async def test_busy_session_is_explained_in_words(server: Server, browser: Brows
     try:
         for page in (first, second):
             await page.goto(server.url + "/")
-        server.chat_stream.engine.fault_hook = _slow_tokens
+        server.chat_stream.engine.faults.before_token = _slow_tokens
         await first.fill("#input", "Count from one to twenty.")
         await first.press("#input", "Enter")
         await first.wait_for_function("() => document.querySelector("

@@ -6,7 +6,7 @@
 
 Each ChatStream has its own registry (not the process-wide default), so two servers in one
 process, as in the tests, never count into each other. Queue depth and running generations
-are read from the engine at scrape time; everything else is counted when a request ends.
+are read from the admission layer at scrape time; everything else is counted when a request ends.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .engine_protocol import EngineProtocol
-from .errors import ChatStreamError
+from ..engine import Admission
+from ..errors import ChatStreamError
+from ..status import StreamStatus
 from .exchange import Exchange
-from .status import StreamStatus
 
 REJECTED = "rejected"   # the `status` of a refused request, beside the four callback statuses
 
@@ -36,7 +36,7 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.07, 0.1, 0.25, 0.5, 1
 class Metrics:
     """The counters, gauges and histograms of one ChatStream."""
 
-    def __init__(self, engine: EngineProtocol) -> None:
+    def __init__(self, admission: Admission) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "chatstream_requests", "Requests by endpoint and final status: the four callback "
@@ -46,9 +46,9 @@ class Metrics:
             "chatstream_rejected_requests", "Refused requests by endpoint and error code.",
             ["endpoint", "code"], registry=self.registry)
         Gauge("chatstream_queue_depth", "Requests waiting for a generation slot.",
-              registry=self.registry).set_function(lambda: engine.queued)
+              registry=self.registry).set_function(lambda: admission.queued)
         Gauge("chatstream_running_generations", "Generations running now.",
-              registry=self.registry).set_function(lambda: engine.running)
+              registry=self.registry).set_function(lambda: admission.running)
         self.prompt_tokens = Counter(
             "chatstream_prompt_tokens", "Prompt tokens of the requests that reached the model.",
             registry=self.registry)

@@ -1,7 +1,7 @@
 """The loaded GGUF model and its llama.cpp context: tokens in, one batch decoded, logits out.
 
     >>> model = Model.load(path, n_ctx=4096, n_batch=512, n_seq=4, ...)   # on the engine thread
-    >>> tokens = model.tokenize("<|im_start|>user\\nHi<|im_end|>\\n", add_bos=False)
+    >>> tokens = model.vocabulary.tokenize("Hi", special=False)          # any thread
     >>> model.batch.add(tokens[0], pos=0, seq_id=3, logits=True)
     >>> model.decode()                      # 0 ok, 1 no room in the KV cache, other: failure
 
@@ -49,6 +49,8 @@ class Batch:
     def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
         """Append one token of sequence `seq_id` at position `pos`; returns its row."""
         row = self.size
+        if row >= self.capacity:  # the ctypes writes below are not bounds-checked
+            raise IndexError(f"batch full ({self.capacity} rows)")
         self._token[row] = token
         self._pos[row] = pos
         self._seq_id[row][0] = seq_id
@@ -67,6 +69,22 @@ class Batch:
             self._batch = None  # type: ignore[assignment]
 
 
+class Vocabulary:
+    """The model's tokenizer. Read-only after loading, so safe to use from any thread: the
+    request path tokenizes in its own worker while the engine thread decodes."""
+
+    def __init__(self, model: _internals.LlamaModel) -> None:
+        self._model = model
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """`special`: parse control-token text (`<|im_start|>`) as control tokens. True for
+        the chat template's own text only, never for what a user wrote. No BOS is added:
+        templates write it themselves, as llama-cpp-python's Jinja2 chat formatter assumes."""
+        if not text:
+            return []
+        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+
 class Model:
     """One GGUF model with one llama.cpp context of `n_seq` sequences of `n_ctx` KV cells each."""
 
@@ -80,6 +98,7 @@ class Model:
         self.n_vocab = model.n_vocab()
         self.batch = Batch(n_batch)
         self._vocab = model.vocab
+        self.vocabulary = Vocabulary(model)
         self._memory = context.memory
         self._pieces: dict[int, bytes] = {}
 
@@ -113,10 +132,6 @@ class Model:
         self._model.close()
 
     # -- vocabulary ---------------------------------------------------------------------------
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        """As llama-cpp-python's chat handler does: special tokens parsed."""
-        return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
-
     def piece(self, token: int) -> bytes:
         """The bytes of one generated token (control tokens give b""), as `Llama.detokenize`."""
         data = self._pieces.get(token)

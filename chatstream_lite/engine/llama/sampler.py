@@ -13,26 +13,16 @@ and its random state belong to that request alone.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from llama_cpp import _internals
+
+from ..sampling import SamplingParams
 
 # llama-cpp-python's defaults for what our API does not expose; kept equal so sampled output
 # is comparable with create_chat_completion (with temperature 0 they do not matter).
 MIN_P = 0.05
 TYPICAL_P = 1.0           # 1.0 switches the typical sampler off
 PENALTY_LAST_N = 64       # Llama(last_n_tokens_size=64): tokens the repeat penalty looks back at
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    repeat_penalty: float = 1.1
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 class SamplerChain:

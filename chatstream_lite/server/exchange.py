@@ -11,44 +11,27 @@ stored and the session free.
 
 The rules every endpoint shares live here: a client that leaves (its socket closes, seen by the
 shared `DisconnectWatcher`, or a write fails) cancels the job, so a waiting job never reaches the model and a running one stops within
-one token; the status follows from what actually reached the client. A `Framing` knows one
-endpoint's wire format: `/chat_stream`'s text/plain chunks, OpenAI's Server-Sent Events, or
-one JSON body at the end.
+one token; the status follows from what actually reached the client. A `Framing`
+(framing.py) knows one endpoint's wire format.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional, Protocol
+from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 
+from ..engine import Failed, Finished, Job, Piece, Started
+from ..errors import ChatStreamError, GenerationFailed, ServiceUnavailable
+from ..status import StreamStatus
 from .disconnects import DisconnectWatcher
-from .engine import Failed, Finished, Piece, Started
-from .engine_protocol import JobProtocol
-from .errors import ChatStreamError, GenerationFailed, ServiceUnavailable
-from .status import StreamStatus
+from .framing import Framing
 
 log = logging.getLogger(__name__)
-
-
-class Framing(Protocol):
-    """How one endpoint puts a reply on the wire. Methods raise `ConnectionError` when the
-    client is gone; `open` may raise a `ChatStreamError` to refuse the request instead."""
-
-    @property
-    def headers_sent(self) -> bool: ...
-
-    async def open(self, started: Started) -> None: ...
-
-    async def send(self, text: str) -> None: ...
-
-    async def close(self, finished: Finished) -> None: ...
-
-    async def abort(self, error: BaseException) -> None:
-        """The job failed after the headers went out: end so that the client can tell."""
 
 
 @dataclass
@@ -64,7 +47,7 @@ EndTurn = Callable[["Exchange"], Awaitable[None]]
 class Exchange:
     """Relays one job's events to one client, watching the socket. See the module docstring."""
 
-    def __init__(self, request: web.Request, job: JobProtocol, framing: Framing,
+    def __init__(self, request: web.Request, job: Job, framing: Framing,
                  disconnects: DisconnectWatcher, received: float,
                  end_turn: Optional[EndTurn] = None) -> None:
         self.request = request
@@ -116,6 +99,15 @@ class Exchange:
                         await self._close(event)
                 elif isinstance(event, Failed):
                     failure = event.error
+        except asyncio.CancelledError:
+            # The handler itself was cancelled (aiohttp's shutdown timeout, or an app with
+            # handler_cancellation=True): nobody will read the rest, so the job stops and the
+            # request still ends with its one status before the cancellation goes on.
+            self._client_gone()
+            self.reply = "".join(self._pieces)
+            await self._settle(None)
+            await self._turn_ended()
+            raise
         except ChatStreamError as error:  # ours, e.g. the session store failing
             self.job.cancel()
             failure = error

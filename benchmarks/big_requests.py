@@ -1,0 +1,123 @@
+"""Big requests beside a running stream: how long each takes, and the longest gap it causes.
+
+    python -m benchmarks.big_requests            # figures for benchmarks/RESULTS.md
+
+A stream of `/chat_stream` runs (greedy, 300 tokens); meanwhile one big request arrives:
+`/v1/chat/completions` with 1,000 or 20,000 short messages, or `/chat_stream` with a 1 MiB
+`user_input` on a session with a long history. For each, we print how long the big request
+took to be answered or refused, its status, and the longest gap between two pieces of the
+running stream while it was handled (median gap for comparison). The server runs in this
+process on the embedded SmolLM2 model with 2 parallel slots. Issue 10 wants each big
+request answered or refused within 1 s of work and no gap over 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from chatstream_lite import ChatStream, create_app
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _messages(count: int) -> list[dict[str, str]]:
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"}
+               for i in range(count - 1)]
+    return [*history, {"role": "user", "content": "Say hi."}]
+
+
+async def _stream(url: str, gaps: list[tuple[float, float]], started: asyncio.Event) -> None:
+    async with aiohttp.ClientSession() as client:
+        async with client.post(url + "/chat_stream", json={
+                "user_input": "Tell me a long story about a dragon.", "max_new_tokens": 300,
+                "temperature": 0.0, "repeat_penalty": 1.0}) as response:
+            last = None
+            async for _ in response.content.iter_any():
+                now = time.monotonic()
+                if last is not None:
+                    gaps.append((now, now - last))
+                last = now
+                started.set()
+
+
+async def _big(url: str, case: str) -> tuple[int, float]:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+        if case.startswith("v1"):
+            count = int(case.split("-")[1])
+            body: dict[str, Any] = {"messages": _messages(count), "max_tokens": 8}
+            sent = time.monotonic()
+            async with client.post(url + "/v1/chat/completions", json=body) as response:
+                await response.read()
+                return response.status, time.monotonic() - sent
+        # A session with a long history, then a 1 MiB user_input.
+        for i in range(20):
+            async with client.post(url + "/chat_stream", json={
+                    "user_input": f"Remember the number {i} and say ok.", "max_new_tokens": 4,
+                    "temperature": 0.0}) as response:
+                await response.read()
+        sent = time.monotonic()
+        async with client.post(url + "/chat_stream", json={
+                "user_input": "word " * (1024 * 1024 // 5 - 10), "max_new_tokens": 4}) as response:
+            await response.read()
+            return response.status, time.monotonic() - sent
+
+
+async def run(cases: list[str]) -> list[dict[str, Any]]:
+    chat_stream = ChatStream(num_of_concurrent_executions=2, max_new_tokens=300,
+                             max_body_size=2 * 1024 * 1024)
+    runner = web.AppRunner(create_app(chat_stream), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}"
+    rows = []
+    try:
+        for case in cases:
+            gaps: list[tuple[float, float]] = []
+            started = asyncio.Event()
+            stream = asyncio.create_task(_stream(url, gaps, started))
+            await started.wait()
+            await asyncio.sleep(0.3)
+            begin = time.monotonic()
+            status, took = await _big(url, case)
+            end = time.monotonic()
+            await stream
+            during = [gap for at, gap in gaps if begin <= at <= end + 0.2]
+            rows.append({"case": case, "status": status, "seconds": round(took, 3),
+                         "max_gap_ms_during": round(1000 * max(during, default=0.0), 1),
+                         "median_gap_ms": round(1000 * statistics.median(g for _, g in gaps), 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        await runner.cleanup()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="v1-1000,v1-20000,chat-1MiB")
+    parser.add_argument("--out", default=str(RESULTS / "big-requests.json"))
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    rows = asyncio.run(run(args.cases.split(",")))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    Path(args.out).write_text(json.dumps({
+        "commit": commit, "load_average_before": load,
+        "command": "python -m benchmarks.big_requests --cases " + args.cases,
+        "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

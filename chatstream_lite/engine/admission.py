@@ -1,0 +1,208 @@
+"""Admission: the one bounded queue in front of every engine, written once.
+
+    admission = Admission(engine, max_queue_size=16, max_queue_wait=None)
+    job = admission.submit(messages, params, cache_key=session_id)  # QueueFull, ServiceUnavailable
+    async for event in job.events(): ...
+    await admission.drain(grace=10.0)     # shutting down: refuse new work, let the rest end
+
+What happens to a job here, in order:
+1. **The bound** (synchronous, so exact however many requests arrive at once): at most
+   `engine.capacity` running plus `max_queue_size` waiting; one more is `QueueFull` (429).
+2. **Preparation** (`prepare.py`) in a worker thread: the template rendered, the text
+   tokenized, the oldest turns dropped to fit. A job whose client leaves stops there; one
+   that cannot fit fails with the request's own error (a 400, no callback).
+3. **Waiting** for a free place in the engine, oldest first, with an optional time limit
+   (`max_queue_wait`: `QueueTimeout`, 503). A job cancelled while it waits leaves the queue
+   at once and never reaches the model.
+4. **Running** in the engine until its last event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Hashable
+
+from ..errors import ChatStreamError, QueueFull, QueueTimeout, ServiceUnavailable
+from .events import Failed, Finished
+from .job import Job, Prompt
+from .prepare import check_limits, prepare
+from .protocol import Engine
+from .queue_wait import QueueWait
+from .sampling import SamplingParams
+from .template import Message
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_QUEUE_SIZE = 16
+DEFAULT_MAX_MESSAGES = 1024
+DEFAULT_MAX_INPUT_CHARS = 200_000
+# After a drain's grace period, how long cancelled jobs may take to end (one token each).
+CANCEL_WAIT = 10.0
+
+
+class Admission:
+    """See the module docstring."""
+
+    def __init__(self, engine: Engine, *, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+                 max_queue_wait: float | None = None,
+                 max_messages: int = DEFAULT_MAX_MESSAGES,
+                 max_input_chars: int = DEFAULT_MAX_INPUT_CHARS) -> None:
+        if max_queue_size < 0:
+            raise ValueError("max_queue_size must be >= 0")
+        if max_messages < 1 or max_input_chars < 1:
+            raise ValueError("max_messages and max_input_chars must be >= 1")
+        self.engine = engine
+        self.max_queue_size = max_queue_size
+        self.max_messages = max_messages
+        self.max_input_chars = max_input_chars
+        self.draining = False
+        self._waiting: deque[Job] = deque()     # admitted: being prepared, or prepared
+        self._running: set[Job] = set()         # handed to the engine
+        self._queue_wait = QueueWait[Job](max_queue_wait, self._expire)
+        self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-prepare")
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def in_flight(self) -> list[Job]:
+        return [*self._waiting, *self._running]
+
+    # -- the way in -----------------------------------------------------------------------
+    def submit(self, messages: list[Message], params: SamplingParams, *,
+               cache_key: Hashable | None = None, drop_oldest: bool = True) -> Job:
+        """Admit a job or raise: `ServiceUnavailable` (not ready, draining, dead), `QueueFull`,
+        or the request's own error when it is too big to prepare (`check_limits`)."""
+        engine = self.engine
+        if self.draining:
+            raise ServiceUnavailable("The server is shutting down.")
+        if engine.failure is not None:
+            raise self._dead(engine.failure)
+        if not engine.ready or engine.model_info is None:
+            raise ServiceUnavailable("The model is not loaded (starting up or shutting down).")
+        check_limits(messages, max_messages=self.max_messages, max_chars=self.max_input_chars)
+        if len(self._running) + len(self._waiting) >= engine.capacity + self.max_queue_size:
+            raise QueueFull(
+                f"The server is busy: {len(self._running)} running and "
+                f"{len(self._waiting)} waiting (max_queue_size={self.max_queue_size}).")
+        job = Job(messages, params, cache_key=cache_key, drop_oldest=drop_oldest)
+        job.on_cancel = self._withdraw
+        job.on_end = self._ended
+        self._waiting.append(job)
+        self._idle.clear()
+        self._queue_wait.start(job)
+        engine.stats.jobs_submitted += 1
+        info = engine.model_info
+        budget = info.n_ctx - params.max_new_tokens
+        stops = tuple(s for s in (info.chat_template.eos_token, *params.stop) if s)
+        future = self._workers.submit(
+            prepare, messages, info.chat_template, info.tokenizer, budget=budget,
+            drop_oldest=drop_oldest, cancelled=lambda: job.cancelled, stops=stops)
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._prepared, job, done))
+        return job
+
+    def _prepared(self, job: Job, done: Future[Prompt]) -> None:
+        """On the loop: the worker is done with `job`."""
+        if job.done:
+            return  # cancelled or expired meanwhile: it has had its last event
+        error = done.exception()
+        if error is None:
+            job.prompt = done.result()
+            self._start_waiting()
+            return
+        if not isinstance(error, ChatStreamError):
+            log.error("preparing a request failed", exc_info=error)
+        self._remove(job)
+        job.deliver(Failed(error))
+
+    def _start_waiting(self) -> None:
+        """Hand prepared jobs to the engine, oldest first, while it has room."""
+        engine = self.engine
+        if engine.failure is not None:
+            return
+        for job in list(self._waiting):
+            if len(self._running) >= engine.capacity:
+                return
+            if job.prompt is None:
+                continue        # still being prepared; a later one may start first
+            self._remove(job)
+            self._running.add(job)
+            engine.run(job)
+
+    # -- the ways out ---------------------------------------------------------------------
+    def _withdraw(self, job: Job) -> None:
+        """A cancelled job still waiting leaves the queue now and never reaches the model."""
+        if job not in self._waiting:
+            return  # running: the engine sees the flag within a step
+        self._remove(job)
+        self.engine.stats.jobs_skipped += 1
+        job.deliver(Finished("cancelled", reached_model=False))
+
+    def _expire(self, job: Job) -> None:
+        """A job waited `max_queue_wait` without a place: refused like a full queue."""
+        self._remove(job)
+        self.engine.stats.jobs_expired += 1
+        job.deliver(Failed(QueueTimeout(
+            f"The request waited {self._queue_wait.seconds:g}s in the queue without getting "
+            "a slot (max_queue_wait); the server is busy.")))
+
+    def _remove(self, job: Job) -> None:
+        self._queue_wait.stop(job)
+        try:
+            self._waiting.remove(job)
+        except ValueError:
+            pass
+
+    def _ended(self, job: Job) -> None:
+        """On the loop: `job` had its last event; its place goes to the next one."""
+        self._remove(job)
+        self._running.discard(job)
+        if not self._waiting and not self._running:
+            self._idle.set()
+        self._start_waiting()
+
+    def engine_died(self, error: BaseException) -> None:
+        """On the loop: nobody will serve the waiting jobs (the engine failed its own)."""
+        dead = self._dead(error)
+        for job in list(self._waiting):
+            self._remove(job)
+            job.deliver(Failed(dead))
+        for job in list(self._running):
+            job.deliver(Failed(dead))    # a no-op for the jobs the engine failed already
+
+    @staticmethod
+    def _dead(error: BaseException) -> ServiceUnavailable:
+        return ServiceUnavailable(f"The engine died ({error!r}); the server must be restarted.")
+
+    # -- shutting down --------------------------------------------------------------------
+    async def drain(self, grace: float) -> None:
+        """Refuse new jobs (503), give the admitted ones `grace` seconds to end, then cancel
+        the rest; returns once every admitted job has had its last event."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("shutdown: %d request(s) still running after %.1fs; cancelling them",
+                        len(self.in_flight), grace)
+            for job in self.in_flight:
+                job.cancel()
+            try:
+                await asyncio.wait_for(self._idle.wait(), CANCEL_WAIT)
+            except asyncio.TimeoutError:
+                log.error("shutdown: %d request(s) did not end after cancelling",
+                          len(self.in_flight))
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,28 @@
+"""Fault injection: the one seam through which tests make an engine fail on purpose.
+
+    engine.faults.before_token = lambda index: raise_if(index == 3)   # fails that job
+    engine.faults.kill_thread(RuntimeError("boom"))                  # the engine dies
+
+Both engines consult their `Faults` at the same points; production code never sets them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Faults:
+    # Called where the engine works (its thread, or the loop for the mock) before each token
+    # is emitted, with the token's index in its reply; what it raises fails that job as a
+    # model error would.
+    before_token: Callable[[int], None] | None = None
+    # Raised by the engine's own loop at its next turn, as a bug in the engine would be;
+    # the engine stays dead (503 for everything) until the server restarts.
+    thread_error: BaseException | None = None
+    wake: Callable[[], None] = field(default=lambda: None, repr=False)  # set by the engine
+
+    def kill_thread(self, error: BaseException) -> None:
+        self.thread_error = error
+        self.wake()

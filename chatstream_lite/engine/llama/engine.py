@@ -1,0 +1,256 @@
+"""`LlamaEngine`: one executor thread that owns the llama.cpp model and serves prepared jobs.
+
+    >>> engine = LlamaEngine(LlamaConfig(model_path=path, parallel=4))
+    >>> info = await engine.start(died=admission.engine_died)
+    >>> engine.run(job)        # from the loop; job.prompt holds its token ids already
+    >>> await engine.close()
+
+Jobs arrive prepared (`Admission` rendered, tokenized and fitted them in a worker), so this
+thread only decodes and samples. Each turn of its loop takes the new jobs, asks the
+`Scheduler` for a step, has the `Runner` execute it, and hands the step's events to the event
+loop in exactly one place, `_flush` (one `call_soon_threadsafe` per phase of a step).
+
+llama.cpp objects are not thread-safe, so they are created, used and closed only on this
+thread. Cancelling is a flag per job, read between steps and between prompt chunks. If the
+thread's loop itself raises, the engine is dead for good: every job it holds fails, `failure`
+says why, and `died` tells the admission layer, which fails the waiting ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from ..events import Event, Failed
+from ..faults import Faults
+from ..job import Job
+from ..kv_slots import KVSlots
+from ..protocol import Died, EngineStats, ModelInfo
+from ..scheduler import Scheduler, Sequence
+from ..template import ChatTemplate
+from .model import Model
+from .runner import DecodeFailed, Runner
+
+log = logging.getLogger(__name__)
+
+DEFAULT_N_CTX = 4096
+DEFAULT_N_BATCH = 512
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    model_path: Path
+    n_ctx: int = DEFAULT_N_CTX        # one conversation's KV cells (history + reply), per sequence
+    n_gpu_layers: int = -1
+    n_threads: int | None = None      # None: every core this process may use
+    n_batch: int = DEFAULT_N_BATCH    # tokens per decode; also the prompt chunk between cancel checks
+    parallel: int = 1                 # sequences decoded together (num_of_concurrent_executions)
+    max_generation_time: float | None = None  # seconds of generation per reply; None: no limit
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        most = llama_cpp.llama_max_parallel_sequences()
+        if not 1 <= self.parallel <= most:
+            raise ValueError(f"num_of_concurrent_executions must be between 1 and {most}")
+        if self.n_batch < self.parallel:
+            # One generation step puts a token of every running sequence in one batch.
+            raise ValueError(f"n_batch ({self.n_batch}) must be at least "
+                             f"num_of_concurrent_executions ({self.parallel})")
+        if self.max_generation_time is not None and not self.max_generation_time > 0:
+            raise ValueError("max_generation_time must be > 0 seconds "
+                             "(no limit: None, or 0 on the command line)")
+
+
+class LlamaEngine:
+    """Runs up to `config.parallel` jobs together on one thread that owns the model."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        self.config = config
+        self.threads = config.n_threads or len(os.sched_getaffinity(0))
+        self.stats = EngineStats()
+        self.faults = Faults(wake=self._wake)
+        self.model_info: ModelInfo | None = None
+        self.failure: BaseException | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-engine")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._died: Died | None = None
+        self._model: Model | None = None
+        self._scheduler: Scheduler | None = None
+        self._runner: Runner | None = None
+        self._outbox: list[tuple[Job, Event]] = []   # the thread's events since the last flush
+        self._inbox: deque[Job] = deque()            # loop -> thread: jobs to start
+        self._work = threading.Event()               # wakes the idle thread
+        self._serving: asyncio.Future[None] | None = None
+        self._stopping = False                       # the thread exits once idle
+        self._closing = False
+
+    @property
+    def capacity(self) -> int:
+        return self.config.parallel
+
+    @property
+    def ready(self) -> bool:
+        return self._serving is not None and not self._serving.done() and not self._closing
+
+    # -- on the loop ----------------------------------------------------------------------
+    async def start(self, died: Died) -> ModelInfo:
+        self._loop = asyncio.get_running_loop()
+        self._died = died
+        self.model_info = await self._loop.run_in_executor(self._executor, self._load)
+        self._serving = self._loop.run_in_executor(self._executor, self._serve)
+        self._serving.add_done_callback(self._thread_ended)
+        return self.model_info
+
+    def run(self, job: Job) -> None:
+        self._inbox.append(job)
+        self._work.set()
+
+    async def close(self) -> None:
+        """Let the thread cancel what it holds and stop, then close the model there."""
+        self._closing = True
+        self._stopping = True
+        self._work.set()
+        if self._serving is not None:
+            # A thread that died was logged and recorded (`failure`) already.
+            await asyncio.gather(self._serving, return_exceptions=True)
+            self._serving = None
+        if self._loop is not None:
+            await self._loop.run_in_executor(self._executor, self._unload)
+        self._executor.shutdown(wait=True)
+
+    def _wake(self) -> None:
+        self._work.set()
+
+    def _thread_ended(self, serving: asyncio.Future[None]) -> None:
+        if serving.cancelled() or serving.exception() is None:
+            return
+        self.failure = serving.exception()
+        if self._died is not None:
+            self._died(self.failure)    # type: ignore[arg-type]
+
+    def _deliver(self, events: list[tuple[Job, Event]]) -> None:
+        for job, event in events:
+            job.deliver(event)
+
+    # -- on the thread --------------------------------------------------------------------
+    def _load(self) -> ModelInfo:
+        cfg = self.config
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, n_threads=%d, parallel=%d); GPU "
+                 "offload %s", cfg.model_path, cfg.n_ctx, cfg.n_gpu_layers, self.threads,
+                 cfg.parallel, "supported" if gpu else
+                 "not supported by this llama-cpp-python build (CPU only)")
+        # One sequence per running job; each keeps its cells when its job ends, so an idle
+        # session's next turn finds them unless a newer session needed the slot.
+        model = Model.load(cfg.model_path, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch,
+                           n_seq=cfg.parallel, n_gpu_layers=cfg.n_gpu_layers,
+                           n_threads=self.threads, verbose=cfg.verbose)
+        template_text = model.metadata.get("tokenizer.chat_template")
+        if not template_text:
+            model.close()
+            raise ValueError(f"{cfg.model_path} has no tokenizer.chat_template in its metadata")
+        template = ChatTemplate(template_text, bos_token=model.token_text(model.bos_token),
+                                eos_token=model.token_text(model.eos_token))
+        self._model = model
+        self._runner = Runner(model)
+        self._scheduler = Scheduler(KVSlots(model, model.n_seq), n_batch=model.batch.capacity,
+                                    emit=self._post, stats=self.stats, faults=self.faults,
+                                    max_generation_time=cfg.max_generation_time)
+        name = model.metadata.get("general.name") or cfg.model_path.stem
+        return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary)
+
+    def _unload(self) -> None:
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+    def _post(self, job: Job, event: Event) -> None:
+        self._outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """The one place where the executor thread hands something to the event loop."""
+        if self._outbox:
+            assert self._loop is not None
+            events, self._outbox = self._outbox, []
+            self._loop.call_soon_threadsafe(self._deliver, events)
+
+    def _serve(self) -> None:
+        """The thread's loop: take new jobs, run a step, hand the events over; sleep when idle."""
+        scheduler, runner = self._scheduler, self._runner
+        assert scheduler is not None and runner is not None
+        try:
+            while True:
+                if self.faults.thread_error is not None:
+                    raise self.faults.thread_error
+                while self._inbox:
+                    seq = scheduler.admit(self._inbox.popleft())
+                    if seq is not None:
+                        runner.attach(seq)
+                if self._stopping:
+                    for seq in list(scheduler.sequences):
+                        scheduler.finish(seq, "cancelled")
+                self._flush()
+                if scheduler.active:
+                    self._step(scheduler, runner)
+                    continue
+                if self._stopping and not self._inbox:
+                    return
+                # A job handed over after the inbox check set the event already: no lost wakeup.
+                self._work.wait()
+                self._work.clear()
+        except BaseException as error:  # a bug here must not leave a client waiting forever
+            log.exception("the engine thread failed")
+            scheduler.fail_everything(error)
+            while self._inbox:
+                self._post(self._inbox.popleft(), Failed(error))
+            self._flush()
+            raise
+
+    def _step(self, scheduler: Scheduler, runner: Runner) -> None:
+        scheduler.leave_cancelled()
+        for chunk in scheduler.plan_prompts():
+            try:
+                row = runner.decode_chunk(chunk)
+            except DecodeFailed as error:
+                self._failed_decode(scheduler, [chunk.seq], error)
+                continue
+            scheduler.chunk_read(chunk)
+            if chunk.last:
+                self._sample(scheduler, runner, chunk.seq, row)
+        self._flush()           # a first token goes out before the others' step
+        members = scheduler.plan_generation()
+        if not members:
+            return
+        try:
+            runner.decode_tokens(members)
+        except DecodeFailed as error:
+            self._failed_decode(scheduler, members, error)
+            return
+        scheduler.generated(members)
+        for seq in members:
+            self._sample(scheduler, runner, seq, seq.row)
+        self._flush()
+
+    def _sample(self, scheduler: Scheduler, runner: Runner, seq: Sequence, row: int) -> None:
+        model = self._model
+        assert model is not None
+        try:
+            token = runner.sample(seq, row)
+            scheduler.take(seq, token, model.piece(token), model.is_end_of_generation(token))
+        except Exception as error:  # noqa: BLE001 - fails this job, not the others
+            log.exception("generation failed")
+            scheduler.fail(seq, error)
+
+    @staticmethod
+    def _failed_decode(scheduler: Scheduler, members: list[Sequence], error: DecodeFailed) -> None:
+        log.error("%s; failing the %d jobs in the batch", error, len(members))
+        for seq in members:
+            scheduler.fail(seq, error, clear_slot=True)

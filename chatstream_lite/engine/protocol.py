@@ -1,0 +1,76 @@
+"""The engine seam: what the admission layer needs from an engine (llama.cpp, or the mock).
+
+    engine: Engine = LlamaEngine(config)      # or MockEngine(...)
+    info = await engine.start(died=on_death)  # loads the model; ModelInfo
+    engine.run(job)                           # a prepared job; events come through job.deliver
+    await engine.close()
+
+An engine runs up to `capacity` jobs at once and reports every job it was given with events
+ending in exactly one `Finished` or `Failed`, delivered on the event loop. Queueing, the
+bound, time limits, draining and preparation are not its business: `Admission` does them
+once for every engine. This module imports no llama_cpp and no HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from .faults import Faults
+from .job import Job
+from .prepare import Tokenizer
+from .template import ChatTemplate
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    name: str
+    n_ctx: int                   # one conversation's KV cells: history + reply
+    gpu_offload: bool
+    chat_template: ChatTemplate
+    tokenizer: Tokenizer         # thread-safe: preparation runs in its own worker
+
+
+@dataclass
+class EngineStats:
+    jobs_submitted: int = 0
+    jobs_started: int = 0           # jobs whose prompt reached the model
+    jobs_skipped: int = 0           # cancelled before they reached the model
+    jobs_expired: int = 0           # waited longer than max_queue_wait: never reached the model
+    prompt_tokens: int = 0          # prompt length of every started job
+    prompt_tokens_reused: int = 0   # of those, found in the KV cache (a session's earlier turn)
+    prompt_tokens_evaluated: int = 0  # prompt tokens decoded (a cancelled prompt stops early)
+    completion_tokens: int = 0
+    generation_steps: int = 0       # llama_decode calls that carried generated tokens
+    generation_passes: int = 0      # forward passes those took (one per run of adjacent slots)
+
+
+Died = Callable[[BaseException], None]
+
+
+class Engine(Protocol):
+    stats: EngineStats
+    faults: Faults
+    model_info: ModelInfo | None
+
+    @property
+    def capacity(self) -> int:
+        """How many jobs it runs at once."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the engine died while serving, if it did (it stays dead: restart the server)."""
+
+    async def start(self, died: Died) -> ModelInfo:
+        """Load the model; `died(error)` is called on the loop if the engine dies later."""
+
+    async def close(self) -> None:
+        """Cancel what runs, stop, free the model."""
+
+    def run(self, job: Job) -> None:
+        """On the loop: serve a prepared job (`job.prompt` is set) alongside the others."""

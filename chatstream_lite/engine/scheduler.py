@@ -1,0 +1,231 @@
+"""The step plan of continuous batching, with no model in it (a runner executes the plan).
+
+    >>> scheduler = Scheduler(slots, n_batch=512, emit=outbox.append)
+    >>> scheduler.admit(job)                     # picks its KV slot (prefix reuse); Started
+    >>> for chunk in scheduler.plan_prompts():   # the next chunk of each prompt being read
+    ...     ok = runner.decode_chunk(chunk)      # the model
+    ...     scheduler.chunk_read(chunk)          # or scheduler.fail(...)
+    >>> members = scheduler.plan_generation()    # the sampled token of every generating job
+    >>> scheduler.generated(members)             # after one llama_decode of them all
+    >>> scheduler.take(seq, token, data, end)    # a sampled token: Piece, Finished...
+
+As vLLM's scheduler, it never touches the model: what a step does is decided here, the
+runner does it, and the outcome comes back here. So the rules get fast tests with fake
+tokens (tests/test_scheduler.py).
+
+A step reads the next `n_batch`-token chunk of the prompts still being read (oldest job
+first, at least one chunk, more while they fit in `n_batch` tokens together), then decodes,
+in one `llama_decode`, the token every generating job sampled last. A long new prompt is
+read in chunks between the other streams' tokens instead of freezing them, and a job
+cancelled while its prompt is read stops within one chunk. Each prompt chunk is decoded on
+its own, with the boundaries it would have alone. New jobs join between steps; finished or
+cancelled ones leave before the next.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from .events import Event, Failed, Finished, FinishReason, Piece, Started
+from .faults import Faults
+from .job import Job
+from .kv_slots import KVSlots, Slot
+from .protocol import EngineStats
+from .text import TextAssembler
+
+Emit = Callable[[Job, Event], None]
+
+
+class Sampler(Protocol):
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One running job: its prompt, KV slot, sampler and reply so far."""
+
+    job: Job
+    slot: Slot
+    prompt: list[int]
+    text: TextAssembler
+    started: float
+    sampler: Sampler | None = None   # the runner's, for this sequence alone
+    pending: int = -1           # the token sampled last, decoded in the next step
+    row: int = -1               # its row in this step's generation batch
+    generated: int = 0
+    prompt_done: float = 0.0
+
+    @property
+    def reading(self) -> bool:
+        return len(self.slot.tokens) < len(self.prompt)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens `start:end` of `seq`, decoded alone; the last one's logits are kept."""
+
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seq.prompt[self.start:self.end]
+
+    @property
+    def last(self) -> bool:
+        return self.end == len(self.seq.prompt)
+
+
+class Scheduler:
+    def __init__(self, slots: KVSlots, *, n_batch: int, emit: Emit, stats: EngineStats,
+                 faults: Faults | None = None,
+                 max_generation_time: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.slots = slots
+        self.n_batch = n_batch
+        self.emit = emit
+        self.faults = faults or Faults()
+        self.max_generation_time = max_generation_time
+        self.clock = clock
+        self.stats = stats
+        self.sequences: list[Sequence] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sequences)
+
+    # -- joining --------------------------------------------------------------------------
+    def admit(self, job: Job) -> Sequence | None:
+        """Give a prepared job its KV slot and announce it; None if it was cancelled."""
+        if job.cancelled:
+            self.stats.jobs_skipped += 1
+            self.emit(job, Finished("cancelled", reached_model=False))
+            return None
+        assert job.prompt is not None, "jobs are prepared before they reach the engine"
+        prompt = job.prompt
+        slot, reused = self.slots.acquire(job.cache_key, prompt.tokens)
+        self.stats.jobs_started += 1
+        self.stats.prompt_tokens += len(prompt.tokens)
+        self.stats.prompt_tokens_reused += reused
+        self.emit(job, Started(len(prompt.tokens), prompt.dropped_messages))
+        seq = Sequence(job, slot, prompt.tokens, TextAssembler(list(prompt.stops)),
+                       started=self.clock())
+        self.sequences.append(seq)
+        return seq
+
+    # -- planning -------------------------------------------------------------------------
+    def leave_cancelled(self) -> None:
+        for seq in [s for s in self.sequences if s.job.cancelled]:
+            self.finish(seq, "cancelled")
+
+    def plan_prompts(self) -> list[Chunk]:
+        """This step's prompt chunks: at least one, more while they fit in `n_batch` tokens."""
+        chunks: list[Chunk] = []
+        budget = self.n_batch
+        for seq in [s for s in self.sequences if s.reading]:
+            start = len(seq.slot.tokens)
+            end = min(len(seq.prompt), start + self.n_batch)
+            if end - start > budget:
+                break
+            budget -= end - start
+            chunks.append(Chunk(seq, start, end))
+        return chunks
+
+    def chunk_read(self, chunk: Chunk) -> None:
+        chunk.seq.slot.tokens.extend(chunk.tokens)
+        self.stats.prompt_tokens_evaluated += chunk.end - chunk.start
+        if chunk.last:
+            chunk.seq.prompt_done = self.clock()
+
+    def plan_generation(self) -> list[Sequence]:
+        """The sequences with a sampled token to decode, in sequence-id order.
+
+        With a KV stream per sequence, llama.cpp splits a batch into one forward pass per
+        run of consecutive ids *in batch order* (split_equal with sequential=true), so ids
+        3,0,1,2 cost two passes and 0,1,2,3 one; admission order would cost up to one pass
+        per job.
+        """
+        return sorted((s for s in self.sequences if s.pending >= 0 and not s.job.cancelled),
+                      key=lambda s: s.slot.seq_id)
+
+    def generated(self, members: list[Sequence]) -> None:
+        """`members`' pending tokens were decoded: they are in the KV cells now."""
+        self.stats.generation_steps += 1
+        self.stats.generation_passes += forward_passes([s.slot.seq_id for s in members])
+        for seq in members:
+            seq.slot.tokens.append(seq.pending)
+            seq.pending = -1
+
+    # -- outcomes -------------------------------------------------------------------------
+    def take(self, seq: Sequence, token: int, data: bytes, end_of_generation: bool) -> None:
+        """One sampled token (`data`: its bytes): end of reply, or a piece and the next input."""
+        job = seq.job
+        if job.cancelled:
+            self.finish(seq, "cancelled")
+            return
+        if end_of_generation:
+            self.finish(seq, "stop")
+            return
+        if self.faults.before_token is not None:
+            try:
+                self.faults.before_token(seq.generated)
+            except Exception as error:  # noqa: BLE001 - an injected model failure
+                self.fail(seq, error)
+                return
+        seq.generated += 1
+        piece, stopped = seq.text.add(data)
+        if piece:
+            self.emit(job, Piece(piece))
+        if stopped:
+            self.finish(seq, "stop")
+        elif seq.generated >= job.params.max_new_tokens or self._out_of_time(seq):
+            self.finish(seq, "length")
+        else:
+            seq.pending = token
+
+    def _out_of_time(self, seq: Sequence) -> bool:
+        """Whether the reply has used up `max_generation_time`, checked after every token.
+
+        The clock starts when the prompt has been read: a long prompt read in chunks between
+        other streams' tokens must not use up the reply's time before its first token.
+        """
+        limit = self.max_generation_time
+        return limit is not None and self.clock() - seq.prompt_done >= limit
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if reason != "cancelled":
+            tail = seq.text.flush()
+            if tail:
+                self.emit(seq.job, Piece(tail))
+        now = self.clock()
+        prompt_done = seq.prompt_done or now
+        self.emit(seq.job, Finished(reason, True, len(seq.prompt), seq.generated,
+                                    prompt_done - seq.started, now - prompt_done))
+        self._leave(seq)
+
+    def fail(self, seq: Sequence, error: BaseException, *, clear_slot: bool = False) -> None:
+        if clear_slot:
+            self.slots.clear(seq.slot)  # its cells are in an unknown state now
+        self.emit(seq.job, Failed(error))
+        self._leave(seq)
+
+    def _leave(self, seq: Sequence) -> None:
+        self.stats.completion_tokens += seq.generated
+        if seq.sampler is not None:
+            seq.sampler.close()
+        self.slots.release(seq.slot)
+        self.sequences.remove(seq)
+
+    def fail_everything(self, error: BaseException) -> None:
+        """The engine is going down: no job may be left without its last event."""
+        for seq in list(self.sequences):
+            self.fail(seq, error)
+
+
+def forward_passes(seq_ids: list[int]) -> int:
+    """How many forward passes llama.cpp runs for one token of each of `seq_ids` (in batch
+    order) when every sequence has its own KV stream: one per run of consecutive ids."""
+    return sum(1 for i, seq_id in enumerate(seq_ids) if i == 0 or seq_id != seq_ids[i - 1] + 1)

@@ -1,0 +1,334 @@
+"""`ChatStream`: ChatStream's web API on aiohttp. A request goes HTTP -> admission -> engine ->
+StreamResponse.
+
+    chat_stream = ChatStream(model_path="models/my-model.gguf", n_gpu_layers=-1)
+    app = web.Application()
+    chat_stream.setup(app)                       # sessions + engine on the app's lifecycle
+
+    async def stream_api(request: web.Request) -> web.StreamResponse:
+        return await chat_stream.handle_chat_stream_request(request)
+
+    app.router.add_post("/chat_stream", stream_api)
+
+Every accepted request (valid, session free, admitted to the queue) gets exactly one callback
+with a `StreamStatus`; rejected ones (4xx, 429, 503) get none and change nothing.
+
+`ChatStream` keeps the original's face and delegates: `runtime` (engine lifecycle, admission,
+drain, health, metrics: what `OpenAIAPI` shares), `conversations` (load, lock, save and
+settle each session's history), the framings (framing.py) and one handler skeleton
+(handler.py) that both endpoints use. `ChatStream(engine=...)` takes any `Engine`;
+`mock=True` is a shortcut for `MockEngine` (canned text at a set pace).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import AsyncIterator, Sequence
+
+import aiohttp_session
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp_session import AbstractStorage, get_session
+from redis.asyncio import Redis
+
+from ..auth import DEFAULT_PROTECTED, ApiKey
+from ..chat_request import DEFAULT_MAX_BODY_SIZE, parse_chat_request, read_body
+from ..engine import Admission, Engine, SamplingParams
+from ..engine.admission import (
+    DEFAULT_MAX_INPUT_CHARS,
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_QUEUE_SIZE,
+)
+from ..engine.mock import DEFAULT_DELAY, MockEngine
+from ..errors import ChatStreamError, SessionStoreUnavailable
+from ..model_file import resolve_model_path
+from ..prompt import ChatPrompt
+from ..redis_sessions import RedisSessionStore
+from ..sessions import (
+    DEFAULT_IDLE_TTL,
+    DEFAULT_MAX_SESSIONS,
+    MemorySessionStore,
+    MemoryStorage,
+    SessionStore,
+)
+from .conversations import PROMPT_KEY, Conversations
+from .exchange import Exchange
+from .framing import PlainText
+from .handler import Accepted, Callback, serve_exchange
+from .health import CheckResult, Health
+from .metrics import Metrics
+from .responses import error_response
+from .runtime import DEFAULT_SHUTDOWN_GRACE, Runtime
+
+log = logging.getLogger(__name__)
+
+CHAT_STREAM_KEY = web.AppKey("chatstream_lite.chat_stream", "ChatStream")
+ENDPOINT = "chat_stream"                      # this endpoint's name in metrics and logs
+DEFAULT_N_CTX = 4096
+DEFAULT_N_BATCH = 512
+
+__all__ = ["CHAT_STREAM_KEY", "Callback", "ChatStream", "DEFAULT_SHUTDOWN_GRACE"]
+
+
+class ChatStream:
+    """A streaming chat endpoint over one model. See the module docstring."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        n_ctx: int = DEFAULT_N_CTX,
+        n_gpu_layers: int = -1,
+        n_threads: int | None = None,
+        n_batch: int = DEFAULT_N_BATCH,
+        num_of_concurrent_executions: int = 1,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        max_queue_wait: float | None = None,
+        max_generation_time: float | None = None,
+        max_new_tokens: int = 256,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        max_input_chars: int = DEFAULT_MAX_INPUT_CHARS,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        repeat_penalty: float = 1.1,
+        seed: int | None = None,
+        system_prompt: str | None = None,
+        stop: list[str] | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        session_store: str | Redis | SessionStore | None = None,
+        session_storage: AbstractStorage | None = None,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        session_idle_ttl: int = DEFAULT_IDLE_TTL,
+        cookie_secure: bool = False,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        api_key: str | None = None,
+        api_key_paths: Sequence[str] = DEFAULT_PROTECTED,
+        load_in_background: bool = False,
+        engine: Engine | None = None,
+        mock: bool = False,
+        mock_delay: float = DEFAULT_DELAY,
+        mock_text: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if max_new_tokens < 1 or max_new_tokens >= n_ctx:
+            raise ValueError("max_new_tokens must be at least 1 and less than n_ctx")
+        if engine is None:
+            engine = _make_engine(
+                mock, model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+                n_batch=n_batch, parallel=num_of_concurrent_executions,
+                max_generation_time=max_generation_time, verbose=verbose,
+                mock_delay=mock_delay, mock_text=mock_text)
+        self.engine = engine
+        self.runtime = Runtime(
+            engine, Admission(engine, max_queue_size=max_queue_size,
+                              max_queue_wait=max_queue_wait, max_messages=max_messages,
+                              max_input_chars=max_input_chars),
+            shutdown_grace=shutdown_grace, load_in_background=load_in_background)
+        self.defaults = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repeat_penalty=repeat_penalty, seed=seed, stop=tuple(stop or ()))
+        self.system_prompt = system_prompt
+        self.max_body_size = max_body_size
+        self.session_store = _open_session_store(
+            session_store, session_storage, max_sessions=max_sessions,
+            idle_ttl=session_idle_ttl, secure=cookie_secure or None)
+        self.conversations = Conversations(
+            self.session_store, system_prompt=system_prompt,
+            template=lambda: info.chat_template if (info := engine.model_info) else None)
+        self.api_key = ApiKey(api_key, api_key_paths)
+        self.runtime.health.add_check("session_store", self._session_store_health)
+
+    # -- what the runtime holds, under the names ChatStream has always had ------------------
+    @property
+    def metrics(self) -> Metrics:
+        return self.runtime.metrics
+
+    @property
+    def health(self) -> Health:
+        return self.runtime.health
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self.runtime.load_error
+
+    @property
+    def draining(self) -> bool:
+        return self.runtime.draining
+
+    @property
+    def shutdown_grace(self) -> float:
+        return self.runtime.shutdown_grace
+
+    async def wait_loaded(self) -> None:
+        """Return once the model is loaded (raise what failed, if it did)."""
+        await self.runtime.wait_loaded()
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting (503), give running streams `grace` seconds, cancel the rest;
+        returns once every accepted request had its callback. The CLI calls it on
+        SIGTERM/SIGINT; `setup()` hooks it to `app.on_shutdown` too."""
+        await self.runtime.drain(grace)
+
+    # -- wiring into an aiohttp application -------------------------------------------------
+    def setup(self, app: web.Application) -> None:
+        """Install the session middleware and run the engine on the app's lifecycle.
+
+        The model loads during the app's startup, so the server listens once it is ready;
+        with `load_in_background=True` it listens at once and answers 503 (`/health`
+        included) until the model is loaded.
+        """
+        app.middlewares.append(_session_store_errors)  # outside the session middleware's save
+        aiohttp_session.setup(app, self.session_store.storage)
+        app.cleanup_ctx.append(self._session_store_context)
+        self.runtime.setup(app)
+        app[CHAT_STREAM_KEY] = self
+
+    async def _session_store_context(self, app: web.Application) -> AsyncIterator[None]:
+        if await self.session_store.healthy():
+            log.info("sessions: %s", self.session_store)
+        else:  # not fatal: requests that need a session get 503 until it is back
+            log.warning("sessions: %s is unreachable", self.session_store)
+        yield
+        await self.session_store.close()
+
+    async def _session_store_health(self) -> CheckResult:
+        # 503 while the store is away: requests that need a session would get 503 too.
+        return CheckResult(await self.session_store.healthy(),
+                           {"session_store": self.session_store.kind})
+
+    # -- sessions ---------------------------------------------------------------------------
+    def new_chat_prompt(self) -> ChatPrompt:
+        return self.conversations.new()
+
+    def get_chat_prompt(self, request: web.Request) -> ChatPrompt:
+        """The `ChatPrompt` of this request's session, e.g. inside the completion callback."""
+        return self.conversations.get_chat_prompt(request)
+
+    # -- endpoints --------------------------------------------------------------------------
+    async def handle_clear_context_request(self, request: web.Request) -> web.Response:
+        """Forget this session's history (its system prompt stays)."""
+        conversations = self.conversations
+        try:
+            self.api_key.check(request)
+            session = await get_session(request)
+            if session.new:
+                return web.json_response({"status": "cleared"})
+            session_id = await conversations.lock(session)
+        except ChatStreamError as error:
+            return error_response(error)
+        try:
+            prompt = conversations.load(session)
+            prompt.clear_history()
+            response = web.json_response({"status": "cleared"})
+            await conversations.save(request, response, session, prompt)
+            request[PROMPT_KEY] = prompt
+            return response
+        except SessionStoreUnavailable as error:
+            return error_response(error)
+        finally:
+            await conversations.release(session_id)
+
+    async def handle_chat_stream_request(
+        self,
+        request: web.Request,
+        request_body: bytes | None = None,
+        callback: Callback | None = None,
+    ) -> web.StreamResponse:
+        """Stream the reply to `{"user_input": ..., "regenerate": false}` as text/plain.
+
+        `request_body`: the raw body when the caller already read it (message interception).
+        `callback(request, message)`: called once when the stream ends; sync or async.
+        """
+        conversations = self.conversations
+
+        async def admit() -> Accepted:
+            self.api_key.check(request)
+            body = request_body if request_body is not None else await read_body(
+                request, self.max_body_size)
+            chat_request = parse_chat_request(body, self.defaults)
+            session = await get_session(request)
+            session_id = await conversations.lock(session)
+            try:
+                history = conversations.load(session)
+                turn = conversations.next_turn(history, chat_request.user_input,
+                                               chat_request.regenerate)
+                job = self.runtime.submit(turn.get_contents(), chat_request.params,
+                                          cache_key=session_id)
+            except BaseException:
+                await conversations.release(session_id)
+                raise
+            framing = PlainText(request, lambda response: conversations.save(
+                request, response, session, history))
+            released = False
+
+            async def release() -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    await conversations.release(session_id)
+
+            async def end_turn(exchange: Exchange) -> None:
+                # Before the client sees the end of the reply: its next request, on any
+                # replica, must find this turn stored and the session free (not a 409).
+                settled = conversations.settle(history, turn, exchange)
+                request[PROMPT_KEY] = settled
+                if framing.response is not None and framing.headers_sent:
+                    await conversations.save_streamed(request, framing.response, session, settled)
+                await release()
+
+            return Accepted(job, framing, end_turn, release)
+
+        return await serve_exchange(self.runtime, ENDPOINT, request, admit, error_response,
+                                    callback)
+
+
+def _make_engine(mock: bool, model_path: str | Path | None, *, n_ctx: int, n_gpu_layers: int,
+                 n_threads: int | None, n_batch: int, parallel: int,
+                 max_generation_time: float | None, verbose: bool, mock_delay: float,
+                 mock_text: str | None) -> Engine:
+    if mock:
+        return MockEngine(n_ctx=n_ctx, parallel=parallel, max_generation_time=max_generation_time,
+                          delay=mock_delay, text=mock_text)
+    from ..engine.llama import LlamaConfig, LlamaEngine  # the one import of llama_cpp
+    return LlamaEngine(LlamaConfig(
+        model_path=resolve_model_path(model_path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+        n_threads=n_threads, n_batch=n_batch, parallel=parallel,
+        max_generation_time=max_generation_time, verbose=verbose))
+
+
+def _open_session_store(
+    session_store: str | Redis | SessionStore | None,
+    session_storage: AbstractStorage | None,
+    *,
+    max_sessions: int,
+    idle_ttl: int,
+    secure: bool | None,
+) -> SessionStore:
+    """`session_store`: None or "memory" (this process), a redis:// URL or a Redis client
+    (shared by every replica), or a ready `SessionStore`. `session_storage`: any
+    aiohttp-session storage, with locks in this process."""
+    if session_store is not None and session_storage is not None:
+        raise ValueError("give session_store or session_storage, not both")
+    if session_store is None or session_store == "memory":
+        return MemorySessionStore(session_storage or MemoryStorage(
+            max_sessions=max_sessions, idle_ttl=idle_ttl, secure=secure))
+    if isinstance(session_store, Redis):
+        return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
+    if isinstance(session_store, str):
+        if not session_store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"session_store must be 'memory' or a redis://, rediss:// or "
+                             f"unix:// URL, not {session_store!r}")
+        return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
+    return session_store
+
+
+@web.middleware
+async def _session_store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A session store failure anywhere, the session middleware's own save included, is a
+    JSON 503 like our other errors, not aiohttp's 500."""
+    try:
+        return await handler(request)
+    except SessionStoreUnavailable as error:
+        return error_response(error)

@@ -1,0 +1,122 @@
+"""Conversations: each session's history — loaded, locked, saved, and settled after a turn.
+
+    conversations = Conversations(store, system_prompt="Be brief.", template=lambda: info.chat_template)
+    session_id = await conversations.lock(session)        # SessionBusy (409) if in flight
+    history = conversations.load(session)
+    ...
+    await conversations.save(request, response, session, history)
+    await conversations.release(session_id)
+
+A session holds one request at a time (the lock, cross-replica with Redis). What the session
+keeps after a turn is decided in one place, `settle`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import aiohttp_session
+from aiohttp import web
+from aiohttp_session import Session
+
+from ..engine import ChatTemplate
+from ..errors import BadRequest, SessionBusy, SessionStoreUnavailable
+from ..prompt import ChatPrompt
+from ..sessions import SessionStore, ensure_identity
+from ..status import StreamStatus
+from .exchange import Exchange
+
+log = logging.getLogger(__name__)
+
+PROMPT_KEY = "chatstream_lite.chat_prompt"   # request key: the session's ChatPrompt
+HISTORY_FIELD = "chat"                       # session field holding ChatPrompt.to_dict()
+
+
+class Conversations:
+    def __init__(self, store: SessionStore, *, system_prompt: str | None,
+                 template: Callable[[], ChatTemplate | None]) -> None:
+        self.store = store
+        self.system_prompt = system_prompt
+        self._template = template
+
+    # -- the lock ---------------------------------------------------------------------------
+    async def lock(self, session: Session) -> str:
+        """The session's id, with its lock held; `SessionBusy` when a request holds it."""
+        session_id = ensure_identity(session)
+        if not await self.store.locks.acquire(session_id):
+            raise SessionBusy("This session already has a request in flight.")
+        return session_id
+
+    async def release(self, session_id: str) -> None:
+        await self.store.locks.release(session_id)
+
+    # -- history ----------------------------------------------------------------------------
+    def new(self) -> ChatPrompt:
+        return ChatPrompt(self._template(), system=self.system_prompt)
+
+    def load(self, session: Session) -> ChatPrompt:
+        """The stored history; one that cannot be read is logged and started afresh (a
+        stored history must never make a session unusable)."""
+        prompt = self.new()
+        stored = session.get(HISTORY_FIELD)
+        if not stored:
+            return prompt
+        try:
+            loaded = ChatPrompt.from_dict(stored, prompt.template)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            log.warning("a stored history could not be read (%s); the session starts afresh",
+                        error)
+            return prompt
+        loaded.set_system(self.system_prompt)  # the server's setting wins over the stored one
+        return loaded
+
+    async def save(self, request: web.Request, response: web.StreamResponse, session: Session,
+                   prompt: ChatPrompt) -> None:
+        session[HISTORY_FIELD] = prompt.to_dict()
+        await self.store.storage.save_session(request, response, session)
+
+    async def save_streamed(self, request: web.Request, response: web.StreamResponse,
+                            session: Session, prompt: ChatPrompt) -> None:
+        """Store the turn just streamed; with the store gone, the client still has its reply."""
+        try:
+            await self.save(request, response, session, prompt)
+        except SessionStoreUnavailable:
+            log.warning("the turn just streamed was not stored: the session store is unreachable")
+
+    def get_chat_prompt(self, request: web.Request) -> ChatPrompt:
+        """The `ChatPrompt` of this request's session, e.g. inside the completion callback."""
+        prompt = request.get(PROMPT_KEY)
+        if prompt is not None:
+            return prompt  # type: ignore[no-any-return]
+        session = request.get(aiohttp_session.SESSION_KEY)
+        if session is None:
+            raise LookupError("No session loaded for this request yet; call this from the "
+                              "callback, or after `await aiohttp_session.get_session(request)`.")
+        return self.load(session)
+
+    # -- one turn ---------------------------------------------------------------------------
+    @staticmethod
+    def next_turn(history: ChatPrompt, user_input: str, regenerate: bool) -> ChatPrompt:
+        """The conversation the model must answer: history + user message, or for a
+        regenerate, the history without its last reply."""
+        if regenerate:
+            if history.last_reply() is None:
+                raise BadRequest("Nothing to regenerate: this session has no reply yet.")
+            return history.without_last_reply()
+        turn = history.copy()
+        turn.add_requester_msg(user_input)
+        return turn
+
+    @staticmethod
+    def settle(history: ChatPrompt, turn: ChatPrompt, exchange: Exchange) -> ChatPrompt:
+        """What the session keeps: the finished turn (a partial reply after a stop counts),
+        or the history unchanged when nothing reached the user or generation failed.
+        Dropped oldest turns leave the stored history too, so that `create_prompt()` is
+        what the model saw."""
+        if exchange.status not in (StreamStatus.SUCCESS,
+                                   StreamStatus.CLIENT_DISCONNECTED_WHILE_STREAMING):
+            return history
+        turn.add_responder_msg(exchange.reply)
+        turn.drop_oldest_turns(exchange.dropped_messages)
+        return turn

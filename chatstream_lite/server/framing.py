@@ -1,0 +1,234 @@
+"""Framings: how each endpoint puts a reply on the wire, behind one protocol.
+
+    framing = PlainText(request, before_headers=save_cookie)      # /chat_stream
+    framing = EventStream(request, completion) / JSONBody(...)    # /v1, stream or not
+    exchange = Exchange(request, job, framing, ...)               # drives any of them
+
+`Exchange` calls `open` when the engine takes the job, `send` for each piece, `close` at the
+end, or `abort` when the job fails after the headers went out; then `response_for` gives the
+handler what to return. Methods raise `ConnectionError` when the client is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from ..engine import Finished, FinishReason, Started
+from ..errors import ChatStreamError, GenerationFailed
+from .responses import error_response, openai_error_response
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .openai_api import CompletionRequest
+
+
+class Framing(Protocol):
+    """How one endpoint puts a reply on the wire (see the module docstring)."""
+
+    @property
+    def headers_sent(self) -> bool: ...
+
+    async def open(self, started: Started) -> None: ...
+
+    async def send(self, text: str) -> None: ...
+
+    async def close(self, finished: Finished) -> None: ...
+
+    async def abort(self, error: BaseException) -> None:
+        """The job failed after the headers went out: end so that the client can tell."""
+
+    def response_for(self, exchange: Exchange) -> web.StreamResponse:
+        """What the handler returns once the exchange has ended."""
+
+
+class PlainText:
+    """`/chat_stream`'s wire format: the reply as text/plain chunks, written as they come;
+    the session cookie goes out with the headers."""
+
+    def __init__(self, request: web.Request,
+                 before_headers: Callable[[web.StreamResponse], Awaitable[None]]) -> None:
+        self.request = request
+        self.before_headers = before_headers
+        self.response: web.StreamResponse | None = None
+
+    @property
+    def headers_sent(self) -> bool:
+        return self.response is not None and self.response.prepared
+
+    async def open(self, started: Started) -> None:
+        response = web.StreamResponse(
+            status=200, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        response.content_type = "text/plain"
+        response.charset = "utf-8"
+        response.enable_chunked_encoding()
+        await self.before_headers(response)  # the session cookie must go out with the headers
+        self.response = response
+        await response.prepare(self.request)
+
+    async def send(self, text: str) -> None:
+        assert self.response is not None
+        await self.response.write(text.encode("utf-8"))
+
+    async def close(self, finished: Finished) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    async def abort(self, error: BaseException) -> None:
+        # Drop the connection: the client sees an incomplete body instead of a reply that
+        # merely looks short.
+        if self.request.transport is not None:
+            self.request.transport.close()
+
+    def response_for(self, exchange: Exchange) -> web.StreamResponse:
+        if exchange.error is not None:
+            return error_response(exchange.error)
+        if self.response is not None and self.headers_sent:
+            return self.response
+        return web.Response(status=499)  # the client left before the headers: nobody reads this
+
+
+class _Completion:
+    """What every framing of one completion shares: its id, the model, the context check."""
+
+    def __init__(self, request: web.Request, model: str, completion: CompletionRequest) -> None:
+        self.request = request
+        self.model = model
+        self.completion = completion
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def error_response(self, error: ChatStreamError) -> web.Response:
+        return openai_error_response(error)
+
+
+def _finish_reason(reason: FinishReason | str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+class JSONBody(_Completion):
+    """`stream: false`: one `chat.completion` object once the reply is complete."""
+
+    headers_sent = False
+
+    async def open(self, started: Started) -> None:
+        pass
+
+    async def send(self, text: str) -> None:
+        pass  # the Exchange keeps the text; it goes out whole at the end
+
+    async def close(self, finished: Finished) -> None:
+        pass
+
+    async def abort(self, error: BaseException) -> None:
+        pass  # never called: no header goes out before the end
+
+    def response_for(self, exchange: Exchange) -> web.StreamResponse:
+        if exchange.error is not None:
+            return self.error_response(exchange.error)
+        if exchange.status != "success":
+            return web.Response(status=499)  # the client left: nobody reads this
+        return web.json_response({
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": exchange.reply},
+                "logprobs": None,
+                "finish_reason": _finish_reason(exchange.finish_reason),
+            }],
+            "usage": self.usage(exchange.usage.prompt_tokens,
+                                exchange.usage.completion_tokens),
+        }, dumps=dumps)
+
+
+class EventStream(_Completion):
+    """`stream: true`: `chat.completion.chunk` events, then `data: [DONE]`."""
+
+    response: EventSourceResponse | None = None
+
+    @property
+    def headers_sent(self) -> bool:
+        return self.response is not None and self.response.prepared
+
+    async def open(self, started: Started) -> None:
+        self.response = _event_source_response()
+        await self.response.prepare(self.request)
+        await self._chunk({"role": "assistant", "content": ""}, None)
+
+    async def send(self, text: str) -> None:
+        await self._chunk({"content": text}, None)
+
+    async def close(self, finished: Finished) -> None:
+        await self._chunk({}, _finish_reason(finished.reason))
+        if self.completion.include_usage:
+            await self._event({**self._head(), "choices": [], "usage": self.usage(finished.prompt_tokens,
+                                                                   finished.completion_tokens)})
+        await self._event("[DONE]")
+        assert self.response is not None
+        await self.response.write_eof()
+
+    async def abort(self, error: BaseException) -> None:
+        # An error event (the `openai` client raises it as an APIError), then drop the
+        # connection: no [DONE], so no client mistakes the reply for a complete one.
+        problem = error if isinstance(error, ChatStreamError) else GenerationFailed(
+            "The model failed while generating the reply.")
+        try:
+            await self._event({"error": {"message": problem.message, "type": "server_error",
+                                         "param": None, "code": problem.code}})
+        except ConnectionError:
+            pass
+        if self.request.transport is not None:
+            self.request.transport.close()
+
+    def response_for(self, exchange: Exchange) -> web.StreamResponse:
+        if self.response is not None and self.response.prepared:
+            self.response.stop_streaming()   # its keep-alive pings end with the stream
+            return self.response
+        if exchange.error is not None:
+            return self.error_response(exchange.error)
+        return web.Response(status=499)  # the client left before the headers
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model}
+
+    async def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> None:
+        chunk = {**self._head(), "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                              "finish_reason": finish_reason}]}
+        if self.completion.include_usage:
+            chunk["usage"] = None   # as OpenAI: every chunk but the last has usage null
+        await self._event(chunk)
+
+    async def _event(self, data: dict[str, Any] | str) -> None:
+        assert self.response is not None
+        text = data if isinstance(data, str) else dumps(data)
+        try:
+            await self.response.send(text)
+        except TimeoutError as stalled:  # aiohttp-sse aborted a client that stopped reading
+            raise ConnectionError("the client stopped reading") from stalled
+
+
+def _event_source_response() -> EventSourceResponse:
+    # "\n" ends lines as OpenAI's own stream does (aiohttp-sse defaults to "\r\n").
+    # aiohttp-sse >= 3.0 refuses non-GET requests unless told; 2.x (Python 3.10) has no flag.
+    try:
+        return EventSourceResponse(sep="\n", allow_all_methods=True)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        return EventSourceResponse(sep="\n")
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,195 @@
+"""The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`.
+
+    OpenAIAPI(chat_stream).add_routes(app)          # create_app() does this
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused-or-your-key")
+    client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi"}])
+
+Stateless: the history comes in `messages`, nothing is stored. It shares ChatStream's engine,
+queue bound, disconnect detection and metrics with `/chat_stream`. With `"stream": true` the
+reply is Server-Sent Events framed as OpenAI frames them (`aiohttp-sse`). Messages that do not
+fit the context are refused with 400 `context_length_exceeded`, as OpenAI does, instead of
+silently dropping the oldest turns: the client owns the history, so it must decide what to cut.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..chat_request import integer_field, parse_json_object, read_body, sampling_params
+from ..engine import Message, SamplingParams
+from ..errors import BadRequest, ChatStreamError
+from .framing import EventStream, JSONBody
+from .handler import Accepted, serve_exchange
+from .responses import openai_error_response
+
+if TYPE_CHECKING:
+    from .chat_stream import ChatStream
+
+ENDPOINT = "chat_completions"     # this endpoint's name in metrics and logs
+MAX_STOP_STRINGS = 4              # OpenAI's limit
+
+# Parameters we implement (top_k and repeat_penalty are llama.cpp extensions, as in
+# llama-server), parameters we accept and ignore, and parameters we accept only at the
+# value that asks for nothing. Anything else is a 400: silently ignoring e.g. `tools` would
+# let a client believe it got tool calling.
+SUPPORTED = {"messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+             "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop"}
+IGNORED = {"model", "user"}
+NEUTRAL: dict[str, Any] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0,
+                           "logprobs": False}
+ROLES = {"system", "developer", "user", "assistant"}
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    messages: list[Message]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def parse_completion_request(body: bytes, defaults: SamplingParams,
+                             system_prompt: str | None = None) -> CompletionRequest:
+    """Check a `/v1/chat/completions` body; every problem is a `BadRequest` naming its param."""
+    data = parse_json_object(body)
+    for name, value in data.items():
+        if name in SUPPORTED or name in IGNORED or value is None:
+            continue
+        if name in NEUTRAL:
+            if value != NEUTRAL[name] or isinstance(value, bool) != isinstance(NEUTRAL[name], bool):
+                raise BadRequest(f"Only {name}={json.dumps(NEUTRAL[name])} is supported.",
+                                 param=name)
+            continue
+        raise BadRequest(f"Unsupported parameter: '{name}'.", param=name)
+    stream = data.get("stream") or False
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false.", param="stream")
+    include_usage = _stream_options(data.get("stream_options"), stream)
+    messages = _messages(data.get("messages"), system_prompt)
+    return CompletionRequest(messages, _params(data, defaults), stream, include_usage)
+
+
+def _stream_options(options: Any, stream: bool) -> bool:
+    if options is None:
+        return False
+    if not stream:
+        raise BadRequest("'stream_options' is only allowed with stream=true.",
+                         param="stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise BadRequest("'stream_options' supports only {\"include_usage\": bool}.",
+                         param="stream_options")
+    include_usage = options.get("include_usage") or False
+    if not isinstance(include_usage, bool):
+        raise BadRequest("'stream_options.include_usage' must be true or false.",
+                         param="stream_options.include_usage")
+    return include_usage
+
+
+def _messages(raw: Any, system_prompt: str | None) -> list[Message]:
+    """The conversation as the engine takes it: leading system/developer messages merged
+    into one system message (the server's `system_prompt` when there is none), then user
+    and assistant turns, ending with the user's."""
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest("'messages' must be a non-empty list.", param="messages")
+    systems: list[str] = []
+    turns: list[Message] = []
+    for index, message in enumerate(raw):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"'{where}' must be an object.", param=where)
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:  # a list is unhashable
+            raise BadRequest(f"'{where}.role' must be one of system, developer, user, assistant "
+                             f"(tool calls are not supported), not {role!r}.", param=f"{where}.role")
+        content = _content(message.get("content"), f"{where}.content")
+        if role in ("system", "developer"):
+            if turns:
+                raise BadRequest(f"'{where}': system messages must come before the others.",
+                                 param=f"{where}.role")
+            systems.append(content)
+        else:
+            turns.append({"role": role, "content": content})
+    if not turns or turns[-1]["role"] != "user":
+        raise BadRequest("The last message must be the user's.", param="messages")
+    system = "\n\n".join(systems) if systems else system_prompt
+    head: list[Message] = [{"role": "system", "content": system}] if system else []
+    return head + turns
+
+
+def _content(content: Any, where: str) -> str:
+    """A message's text: a string, or a list of text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise BadRequest(f"'{where}' must be a string or a list of text parts "
+                     "(images and audio are not supported).", param=where)
+
+
+def _params(data: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
+    """OpenAI's names for what /chat_stream calls max_new_tokens and stop; the rest shared."""
+    shared: dict[str, Any] = {
+        k: data[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed") if k in data}
+    params = sampling_params(shared, defaults)
+    for name in ("max_tokens", "max_completion_tokens"):
+        if (v := data.get(name)) is not None:
+            params = replace(params, max_new_tokens=integer_field(
+                name, v, 1, defaults.max_new_tokens))
+    if (v := data.get("stop")) is not None:
+        stops = [v] if isinstance(v, str) else v
+        if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+                or not all(isinstance(s, str) and s for s in stops)):
+            raise BadRequest(f"'stop' must be a string or a list of up to {MAX_STOP_STRINGS} "
+                             "non-empty strings.", param="stop")
+        params = replace(params, stop=(*defaults.stop, *stops))
+    return params
+
+
+class OpenAIAPI:
+    """The `/v1` routes over one ChatStream's runtime (engine, queue, metrics) and API key."""
+
+    def __init__(self, chat_stream: ChatStream) -> None:
+        self.chat_stream = chat_stream
+        self.runtime = chat_stream.runtime
+
+    def add_routes(self, app: web.Application, prefix: str = "/v1") -> None:
+        app.router.add_post(f"{prefix}/chat/completions", self.handle_chat_completions)
+        app.router.add_get(f"{prefix}/models", self.handle_models)
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        """`GET /v1/models`: the one loaded model."""
+        try:
+            self.chat_stream.api_key.check(request)
+            info = self.runtime.require_model()
+        except ChatStreamError as error:
+            return openai_error_response(error)
+        return web.json_response({"object": "list", "data": [{
+            "id": info.path.stem, "object": "model", "created": int(info.path.stat().st_mtime)
+            if info.path.is_file() else 0, "owned_by": "chatstream_lite",
+        }]})
+
+    async def handle_chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/chat/completions`: a reply to `messages`, streamed or whole."""
+        chat_stream = self.chat_stream
+
+        async def admit() -> Accepted:
+            chat_stream.api_key.check(request)
+            body = await read_body(request, chat_stream.max_body_size)
+            completion = parse_completion_request(body, chat_stream.defaults,
+                                                  chat_stream.system_prompt)
+            model = self.runtime.require_model().path.stem
+            # The client owns the history: what does not fit is refused, never cut silently.
+            job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)
+            framing_type = EventStream if completion.stream else JSONBody
+            return Accepted(job, framing_type(request, model, completion))
+
+        return await serve_exchange(self.runtime, ENDPOINT, request, admit, openai_error_response)

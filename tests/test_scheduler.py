@@ -1,0 +1,235 @@
+"""The scheduler, KV slots, text assembly and queue wait, without a model: fake outputs in,
+the step plan and the events out (as vLLM tests its scheduler)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chatstream_lite.engine import (
+    EngineStats,
+    Event,
+    Failed,
+    Finished,
+    Job,
+    Piece,
+    Prompt,
+    SamplingParams,
+    Started,
+)
+from chatstream_lite.engine.kv_slots import KVSlots
+from chatstream_lite.engine.queue_wait import QueueWait
+from chatstream_lite.engine.scheduler import Scheduler, forward_passes
+from chatstream_lite.engine.text import TextAssembler
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeMemory:
+    def __init__(self) -> None:
+        self.forgotten: list[tuple[int, int]] = []
+        self.copied: list[tuple[int, int]] = []
+
+    def forget(self, seq_id: int, start: int = 0) -> None:
+        self.forgotten.append((seq_id, start))
+
+    def copy(self, src_seq_id: int, dst_seq_id: int) -> None:
+        self.copied.append((src_seq_id, dst_seq_id))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _job(prompt: list[int], *, key: str | None = None, max_new_tokens: int = 8,
+         stops: tuple[str, ...] = ()) -> Job:
+    job = Job([], SamplingParams(max_new_tokens=max_new_tokens), cache_key=key)
+    job.prompt = Prompt(prompt, 0, stops)
+    return job
+
+
+def _scheduler(slots: int = 4, n_batch: int = 8, **kwargs: object
+               ) -> tuple[Scheduler, list[tuple[Job, Event]], FakeMemory]:
+    events: list[tuple[Job, Event]] = []
+    memory = FakeMemory()
+    kwargs.setdefault("clock", Clock())
+    scheduler = Scheduler(KVSlots(memory, slots), n_batch=n_batch,
+                          emit=lambda job, event: events.append((job, event)),
+                          stats=EngineStats(), **kwargs)  # type: ignore[arg-type]
+    return scheduler, events, memory
+
+
+def _read_all_prompts(scheduler: Scheduler) -> None:
+    while chunks := scheduler.plan_prompts():
+        for chunk in chunks:
+            scheduler.chunk_read(chunk)
+
+
+def _of(events: list[tuple[Job, Event]], job: Job) -> list[Event]:
+    return [event for owner, event in events if owner is job]
+
+
+def test_a_long_prompt_is_read_in_chunks_of_n_batch_and_shares_steps_with_others() -> None:
+    scheduler, _, _ = _scheduler(n_batch=8)
+    long, short = _job(list(range(20))), _job([1, 2, 3])
+    scheduler.admit(long)
+    scheduler.admit(short)
+    first = scheduler.plan_prompts()
+    # The oldest job's chunk first; the next job's chunk does not fit in the same step.
+    assert [(c.start, c.end) for c in first] == [(0, 8)]
+    for chunk in first:
+        scheduler.chunk_read(chunk)
+    second = scheduler.plan_prompts()
+    assert [(c.start, c.end) for c in second] == [(8, 16)]
+    for chunk in second:
+        scheduler.chunk_read(chunk)
+    third = scheduler.plan_prompts()
+    assert [(c.start, c.end, c.last) for c in third] == [(16, 20, True), (0, 3, True)]
+
+
+def test_generation_members_are_in_sequence_id_order() -> None:
+    scheduler, _, _ = _scheduler(slots=4)
+    jobs = [_job([i, 100 + i]) for i in range(4)]
+    seqs = [scheduler.admit(job) for job in jobs]
+    _read_all_prompts(scheduler)
+    for seq in reversed(seqs):
+        assert seq is not None
+        scheduler.take(seq, 7, b"x", False)
+    members = scheduler.plan_generation()
+    assert [s.slot.seq_id for s in members] == sorted(s.slot.seq_id for s in members)
+    scheduler.generated(members)
+    assert scheduler.stats.generation_passes == forward_passes([s.slot.seq_id for s in members]) == 1
+
+
+def test_tokens_become_pieces_until_max_new_tokens() -> None:
+    scheduler, events, _ = _scheduler()
+    job = _job([1, 2], max_new_tokens=3)
+    seq = scheduler.admit(job)
+    assert seq is not None
+    _read_all_prompts(scheduler)
+    for token in (10, 11, 12):
+        scheduler.take(seq, token, f"t{token} ".encode(), False)
+    assert _of(events, job)[0] == Started(2, 0)
+    assert [e.text for e in _of(events, job) if isinstance(e, Piece)] == ["t10 ", "t11 ", "t12 "]
+    finished = _of(events, job)[-1]
+    assert isinstance(finished, Finished) and finished.reason == "length"
+    assert finished.completion_tokens == 3
+    assert not scheduler.active
+
+
+def test_end_of_generation_and_stop_strings_end_the_reply_without_showing_the_stop() -> None:
+    scheduler, events, _ = _scheduler()
+    job = _job([1], stops=("<|im_end|>",))
+    seq = scheduler.admit(job)
+    assert seq is not None
+    _read_all_prompts(scheduler)
+    scheduler.take(seq, 5, b"Hello <|im", False)
+    scheduler.take(seq, 6, b"_end|> more", False)
+    assert "".join(e.text for e in _of(events, job) if isinstance(e, Piece)) == "Hello "
+    assert _of(events, job)[-1] == Finished("stop", True, 1, 2, 0.0, 0.0)
+
+
+def test_a_character_split_between_tokens_is_never_sent_in_halves() -> None:
+    text = TextAssembler([])
+    data = "日本🎉".encode()
+    pieces = [text.add(data[i:i + 1])[0] for i in range(len(data))]
+    assert all(p in ("", "日", "本", "🎉") for p in pieces)
+    assert "".join(pieces) + text.flush() == "日本🎉"
+
+
+def test_a_cancelled_job_leaves_before_the_next_step_and_its_slot_is_free() -> None:
+    scheduler, events, _ = _scheduler(slots=1)
+    job = _job([1, 2, 3])
+    scheduler.admit(job)
+    job.cancel()
+    scheduler.leave_cancelled()
+    assert _of(events, job)[-1].reason == "cancelled"  # type: ignore[union-attr]
+    assert not scheduler.active
+    assert scheduler.admit(_job([4])) is not None   # the one slot is free again
+
+
+def test_a_job_cancelled_before_the_engine_took_it_never_gets_a_slot() -> None:
+    scheduler, events, _ = _scheduler()
+    job = _job([1])
+    job.cancel()
+    assert scheduler.admit(job) is None
+    assert _of(events, job) == [Finished("cancelled", reached_model=False)]
+    assert scheduler.stats.jobs_started == 0
+
+
+def test_max_generation_time_counts_from_the_first_token_not_the_prompt() -> None:
+    clock = Clock()
+    scheduler, events, _ = _scheduler(max_generation_time=1.0, clock=clock)
+    job = _job(list(range(30)), max_new_tokens=100)
+    seq = scheduler.admit(job)
+    assert seq is not None
+    for _ in range(4):            # a slow prompt: 40 s of reading does not count
+        clock.now += 10
+        for chunk in scheduler.plan_prompts():
+            scheduler.chunk_read(chunk)
+    scheduler.take(seq, 1, b"a", False)
+    clock.now += 0.5
+    scheduler.take(seq, 1, b"b", False)
+    assert scheduler.active
+    clock.now += 0.6
+    scheduler.take(seq, 1, b"c", False)
+    assert _of(events, job)[-1].reason == "length"  # type: ignore[union-attr]
+
+
+def test_an_injected_fault_fails_only_that_job() -> None:
+    scheduler, events, _ = _scheduler()
+    scheduler.faults.before_token = lambda index: (_ for _ in ()).throw(RuntimeError("boom"))
+    bad, good = _job([1]), _job([2])
+    bad_seq, good_seq = scheduler.admit(bad), scheduler.admit(good)
+    assert bad_seq is not None and good_seq is not None
+    _read_all_prompts(scheduler)
+    scheduler.take(bad_seq, 1, b"a", False)
+    scheduler.faults.before_token = None
+    scheduler.take(good_seq, 1, b"a", False)
+    assert isinstance(_of(events, bad)[-1], Failed)
+    assert isinstance(_of(events, good)[-1], Piece)
+
+
+def test_a_session_finds_its_previous_turn_and_the_lru_slot_is_evicted_first() -> None:
+    memory = FakeMemory()
+    slots = KVSlots(memory, 2)
+    a, reused = slots.acquire("a", [1, 2, 3])
+    assert reused == 0
+    a.tokens[:] = [1, 2, 3, 9]
+    slots.release(a)
+    b, _ = slots.acquire("b", [5, 6])
+    b.tokens[:] = [5, 6]
+    slots.release(b)
+    again, reused = slots.acquire("a", [1, 2, 3, 9, 4])
+    assert again is a and reused == 4
+    slots.release(a)
+    c, _ = slots.acquire("c", [7])
+    assert c is b           # b was used least recently
+    assert (b.seq_id, 0) in memory.forgotten
+
+
+def test_a_new_conversation_borrows_a_long_shared_prefix_from_another_slot() -> None:
+    memory = FakeMemory()
+    slots = KVSlots(memory, 2)
+    prefix = list(range(40))
+    first, _ = slots.acquire("a", prefix + [100])
+    first.tokens[:] = prefix + [100, 101]
+    slots.release(first)
+    second, reused = slots.acquire("b", prefix + [200])
+    assert second is not first and reused == 40
+    assert memory.copied == [(first.seq_id, second.seq_id)]
+
+
+async def test_queue_wait_expires_only_jobs_still_waiting() -> None:
+    expired: list[str] = []
+    wait = QueueWait[str](0.05, expired.append)
+    wait.start("slow")
+    wait.start("served")
+    wait.stop("served")
+    await asyncio.sleep(0.1)
+    assert expired == ["slow"]
