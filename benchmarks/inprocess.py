@@ -55,8 +55,8 @@ async def engine(model: str, threads: int, slots: int, runs: int) -> list[float]
     rates = []
     try:
         for _ in range(runs):
-            job = admission.submit(MESSAGES,  # type: ignore[arg-type] SamplingParams(max_new_tokens=TOKENS, temperature=0.0,
-                                                      repeat_penalty=1.0))
+            job = admission.submit(MESSAGES, SamplingParams(  # type: ignore[arg-type]
+                max_new_tokens=TOKENS, temperature=0.0, repeat_penalty=1.0))
             first, pieces = 0.0, 0
             async for event in job.events():
                 if isinstance(event, Piece):

@@ -104,7 +104,8 @@ async def test_watcher_fires_once_per_closed_socket_and_stops_when_idle() -> Non
 async def test_hundreds_of_queued_clients_hanging_up_are_all_noticed_by_one_watcher(
         server: Server) -> None:
     chat_stream = server.chat_stream
-    engine, watcher = chat_stream.engine, chat_stream.disconnects
+    engine, watcher = chat_stream.engine, chat_stream.runtime.disconnects
+    admission = chat_stream.runtime.admission
     gate = Gate()
     engine.faults.before_token = gate
     before = len(server.recorder.calls)
@@ -142,7 +143,8 @@ async def test_a_client_leaving_during_a_step_costs_at_most_that_steps_token(
         server: Server) -> None:
     """The thread is held inside a step (before emitting token 3) while the client leaves and
     the watcher cancels the job: token 3 still goes out, no further decode happens."""
-    engine, watcher = server.chat_stream.engine, server.chat_stream.disconnects
+    engine, watcher = server.chat_stream.engine, server.chat_stream.runtime.disconnects
+    admission = server.chat_stream.runtime.admission
     hold = HoldAt(3)
     engine.faults.before_token = hold
     before = len(server.recorder.calls)

@@ -62,6 +62,7 @@ async def _get_json(server: Server, method: str, path: str, body: Any = None
 async def test_a_dead_engine_thread_fails_what_it_served_and_refuses_the_rest_with_503(
         server: Server) -> None:
     engine, recorder = server.chat_stream.engine, server.recorder
+    admission = server.chat_stream.runtime.admission
     gate = Gate()
     engine.faults.before_token = gate
     stream = await RawStream.post(server, {"user_input": "Tell me a story.", "max_new_tokens": 64,

@@ -234,7 +234,7 @@ async def test_closing_a_stream_stops_generation_within_one_token(
     await asyncio.get_running_loop().run_in_executor(None, reached.wait, 30)
     await stream.close()             # closes the connection, as a client that goes away
     # Noticed by the server's disconnect watcher (so the job is cancelled) while held.
-    await wait_until(lambda: server.chat_stream.disconnects.watching == 0)
+    await wait_until(lambda: server.chat_stream.runtime.disconnects.watching == 0)
     release.set()
     await wait_until(lambda: admission.running == 0)
     after = await scrape(server)

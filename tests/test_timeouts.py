@@ -69,6 +69,7 @@ def _openai_body(content: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
 async def test_a_request_waiting_past_max_queue_wait_gets_503_and_never_reaches_the_model(
         server: Server) -> None:
     engine, recorder = server.chat_stream.engine, server.recorder
+    admission = server.chat_stream.runtime.admission
     gate = Gate()
     engine.faults.before_token = gate  # the running generation holds the only slot until opened
     async with server.client() as alice, server.client() as bob, server.client() as carol:

@@ -184,7 +184,8 @@ class Admission:
 
     @staticmethod
     def _dead(error: BaseException) -> ServiceUnavailable:
-        return ServiceUnavailable(f"The engine died ({error!r}); the server must be restarted.")
+        return ServiceUnavailable(f"The engine thread died ({error!r}); the server must be "
+                                  "restarted.")
 
     # -- shutting down --------------------------------------------------------------------
     async def drain(self, grace: float) -> None:
