@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields
 from functools import cache
 from types import UnionType
-from typing import Any, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 ENV_PREFIX = "CHATSTREAM_"
 ENV_HELP = (f"Every option can also be set by its environment variable ({ENV_PREFIX}..., shown "
@@ -293,6 +294,11 @@ def flag_name(name: str) -> str:
 def env_name(name: str) -> str:
     """`n_ctx` -> `CHATSTREAM_N_CTX`."""
     return ENV_PREFIX + name.upper()
+
+
+def option_of(name: str) -> Option:
+    """One field's metadata, e.g. for a request's own range: `option_of("top_p").maximum`."""
+    return next(opt for f, opt in _options() if f.name == name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
