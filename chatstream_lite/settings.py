@@ -322,11 +322,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                default=default, help=help_text)
         elif kind is tuple:
             group.add_argument(flag_name(f.name), action=_Repeat, default=default,
-                               type=_argparse_type(f, opt, str), metavar=opt.metavar,
+                               type=_argparse_type(opt, str), metavar=opt.metavar,
                                help=help_text)
         else:
             metavar = opt.metavar or ("N" if kind is int else "X" if kind is float else "TEXT")
-            group.add_argument(flag_name(f.name), type=_argparse_type(f, opt, kind),
+            group.add_argument(flag_name(f.name), type=_argparse_type(opt, kind),
                                default=default, metavar=None if opt.choices else metavar,
                                choices=opt.choices or None, help=help_text)
 
@@ -389,7 +389,7 @@ def _check_type(f: Field[Any], value: object) -> None:
         raise ValueError(f"must be {expected}, got {type(value).__name__}")
 
 
-def _convert(f: Field[Any], opt: Option, kind: type, raw: str) -> Any:
+def _convert(opt: Option, kind: type, raw: str) -> Any:
     """The value of text from a flag or a variable, checked; ValueError says what is wrong."""
     got = "" if opt.secret else f", got {raw!r}"
     if kind is bool:
@@ -417,10 +417,10 @@ def _convert(f: Field[Any], opt: Option, kind: type, raw: str) -> Any:
     return value
 
 
-def _argparse_type(f: Field[Any], opt: Option, kind: type) -> Any:
+def _argparse_type(opt: Option, kind: type) -> Any:
     def convert(raw: str) -> Any:
         try:
-            return _convert(f, opt, kind, raw)
+            return _convert(opt, kind, raw)
         except ValueError as error:   # argparse prefixes "argument --flag: "
             raise argparse.ArgumentTypeError(str(error)) from None
     convert.__name__ = kind.__name__
@@ -435,9 +435,9 @@ def _from_env(f: Field[Any], opt: Option, environ: Mapping[str, str]) -> Any:
     kind = _kind(f)
     try:
         if kind is tuple:
-            return tuple(_convert(f, opt, str, item.strip()) for item in raw.split(",")
+            return tuple(_convert(opt, str, item.strip()) for item in raw.split(",")
                          if item.strip())
-        return _convert(f, opt, kind, raw)
+        return _convert(opt, kind, raw)
     except ValueError as error:
         raise ValueError(f"{name}: {error}") from None
 
