@@ -19,8 +19,9 @@ from typing import Callable, Sequence
 from aiohttp import web
 
 from .app import create_app
-from .auth import DEFAULT_PROTECTED
+from .auth import DEFAULT_PROTECTED, OPEN_CHAT
 from .chat_stream import DEFAULT_SHUTDOWN_GRACE, ChatStream
+from .connections import ConnectionGuard
 from .cors import setup_cors
 from .mock_engine import DEFAULT_DELAY
 from .model_file import ModelNotFound
@@ -186,11 +187,19 @@ async def serve(app: web.Application, chat_stream: ChatStream, host: str, port: 
     running streams finish, so that a new request gets a clear 503 instead of a refused
     connection; then the model is closed on its own thread (the engine's cleanup).
     """
-    runner = web.AppRunner(app, handle_signals=False,
+    # Until the settings object has them: CHATSTREAM_HEAD_TIMEOUT, _KEEPALIVE_TIMEOUT,
+    # _MAX_CONNECTIONS (connections.py) and CHATSTREAM_API_KEY_OPEN_CHAT (auth.OPEN_CHAT).
+    try:
+        guard = ConnectionGuard.from_env(os.environ)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if _env("API_KEY_OPEN_CHAT", False, _flag):
+        chat_stream.api_key.protect = OPEN_CHAT
+    runner = web.AppRunner(app, handle_signals=False, keepalive_timeout=guard.keepalive_timeout,
                            shutdown_timeout=chat_stream.shutdown_grace + 5, **HEADER_LIMITS)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await guard.site(runner, host, port).start()
         log.info("serving on http://%s:%d", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
