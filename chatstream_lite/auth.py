@@ -1,11 +1,18 @@
-"""The optional API key: `Authorization: Bearer KEY` on the paths it protects.
+"""The optional API key: `Authorization: Bearer KEY` on everything that reaches the model or
+shows the server's state.
 
-    api_key = ApiKey("s3cret", protect=("/v1/",))     # ChatStream(api_key=..., api_key_paths=...)
+    api_key = ApiKey("s3cret")                  # ChatStream(api_key=..., api_key_paths=...)
     api_key.check(request)       # raises Unauthorized (401) when the path needs the key
 
-Handlers call `check` first thing, inside the code that turns errors into responses, so a
-refused key is rendered in the endpoint's own error shape and counted as a rejection. The
-comparison is constant-time (`hmac.compare_digest`) so timing does not leak the key.
+Every handler that reaches the model or shows state (`/chat_stream`, `/clear_context`,
+`/v1/*`, `/metrics`) calls `check` first thing, inside the code that turns errors into
+responses, so a refused key is rendered in the endpoint's own error shape and counted as a
+rejection. `/health` and the chat page (`GET /`, `/static/`) never call it: they stay open.
+By default a key guards every path those handlers are routed at (`EVERY_PATH`), so an app
+that mounts them elsewhere is guarded too; `protect` narrows it to some path prefixes, e.g.
+`OPEN_CHAT` to let the browser page's chat routes through without the key.
+
+The comparison is constant-time (`hmac.compare_digest`) so timing does not leak the key.
 """
 
 from __future__ import annotations
@@ -17,7 +24,11 @@ from aiohttp import hdrs, web
 
 from .errors import Unauthorized
 
-DEFAULT_PROTECTED = ("/v1/",)
+EVERY_PATH = ("/",)
+DEFAULT_PROTECTED = EVERY_PATH
+# With the chat routes opened on purpose (`--api-key-open-chat`): the key still guards the
+# OpenAI API and the metrics.
+OPEN_CHAT = ("/v1/", "/metrics")
 
 
 class ApiKey:
