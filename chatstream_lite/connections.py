@@ -16,6 +16,8 @@ logged a traceback for every failed accept() (RESULTS.md, "Attacks (issue 11)").
   whole head has been parsed.
 - **Keep-alive**: between requests, aiohttp itself closes a connection that has not sent its
   next head within `keepalive_timeout` (the runner's argument: it reaches every connection).
+  aiohttp 3.14 also starts that timer when a connection opens, so a first head gets at most
+  the shorter of the two limits.
 - **Cap**: at start the soft `RLIMIT_NOFILE` is raised to the hard limit, and connections are
   capped at that limit minus the accept backlog and `FD_RESERVE`. At the cap, a new connection
   makes room by closing the oldest one that has not yet sent a request head (what nginx does
