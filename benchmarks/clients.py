@@ -103,7 +103,7 @@ class ChatStreamUser(_HttpUser):
 
     async def clear(self) -> int:
         """Forget this user's history on the server (`POST /clear_context`)."""
-        async with self._session.post("/clear_context") as response:
+        async with self._session.post("/clear_context", json={}) as response:
             await response.read()
             return response.status
 

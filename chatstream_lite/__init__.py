@@ -48,7 +48,13 @@ _WHERE = {
     "default_model_path": ".model_file",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "ChatPrompt", "ChatStream", "ChatStreamError", "ChatTemplate", "CheckResult", "Engine",
+    "MemorySessionStore", "MemoryStorage", "MockEngine", "ModelNotFound", "OpenAIAPI",
+    "RedisSessionStore", "SamplingParams", "SessionStore", "StreamStatus", "create_app",
+    "default_model_path",
+]
+assert sorted(__all__) == sorted(_WHERE)
 __version__ = "0.1.0"
 
 

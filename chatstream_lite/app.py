@@ -7,6 +7,12 @@
 Routes: `POST /chat_stream`, `POST /clear_context` (ChatStream's API), `POST
 /v1/chat/completions` and `GET /v1/models` (OpenAI's), `GET /health`, `GET /metrics`, and the
 browser chat UI at `GET /` (static files shipped in the package, no build step, no CDN).
+
+Every response carries `SECURITY_HEADERS`: a Content-Security-Policy that lets the page run
+only its own script and style files (no inline code) and never be framed, and `nosniff`.
+With an API key, `/metrics` needs it like the model's endpoints; `/health` and the page stay
+open. `POST /clear_context`, like every other POST, must say it is JSON (415 otherwise):
+see `chat_request.require_json`.
 """
 
 from __future__ import annotations
@@ -16,13 +22,23 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .errors import ChatStreamError, HTTPProblem
 from .server.chat_stream import Callback, ChatStream
-from .errors import HTTPProblem
-from .server.responses import error_response, openai_error_response
 from .server.openai_api import OpenAIAPI
+from .server.responses import error_response, openai_error_response
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 OPENAI_PREFIX = "/v1"
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",              # frame-ancestors for browsers without CSP 2
+    "Referrer-Policy": "no-referrer",
+}
 
 
 @web.middleware
@@ -42,6 +58,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(problem)
 
 
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: so streamed responses get them too; a handler's own win."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
 def create_app(chat_stream: ChatStream, callback: Callback | None = None) -> web.Application:
     """An application serving every endpoint over `chat_stream`; `callback(request, message)`
     is called once for every accepted `/chat_stream` request, as in
@@ -50,12 +72,20 @@ def create_app(chat_stream: ChatStream, callback: Callback | None = None) -> web
     # own limit, for anything else that reads a body, is set to the same on purpose.
     app = web.Application(middlewares=[json_errors], client_max_size=chat_stream.max_body_size)
     chat_stream.setup(app)
+    app.on_response_prepare.append(security_headers)
 
     async def chat_stream_endpoint(request: web.Request) -> web.StreamResponse:
         return await chat_stream.handle_chat_stream_request(request, callback=callback)
 
     async def clear_context_endpoint(request: web.Request) -> web.StreamResponse:
         return await chat_stream.handle_clear_context_request(request)
+
+    async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
+        try:
+            chat_stream.api_key.check(request)
+        except ChatStreamError as error:
+            return error_response(error)
+        return await chat_stream.metrics.handle(request)
 
     async def index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
@@ -64,7 +94,7 @@ def create_app(chat_stream: ChatStream, callback: Callback | None = None) -> web
     app.router.add_post("/clear_context", clear_context_endpoint)
     OpenAIAPI(chat_stream).add_routes(app, OPENAI_PREFIX)
     app.router.add_get("/health", chat_stream.health.handle)
-    app.router.add_get("/metrics", chat_stream.metrics.handle)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR)
     return app

@@ -1,11 +1,18 @@
-"""The optional API key: `Authorization: Bearer KEY` on the paths it protects.
+"""The optional API key: `Authorization: Bearer KEY` on everything that reaches the model or
+shows the server's state.
 
-    api_key = ApiKey("s3cret", protect=("/v1/",))     # ChatStream(api_key=..., api_key_paths=...)
+    api_key = ApiKey("s3cret")                  # ChatStream(api_key=..., api_key_paths=...)
     api_key.check(request)       # raises Unauthorized (401) when the path needs the key
 
-Handlers call `check` first thing, inside the code that turns errors into responses, so a
-refused key is rendered in the endpoint's own error shape and counted as a rejection. The
-comparison is constant-time (`hmac.compare_digest`) so timing does not leak the key.
+Every handler that reaches the model or shows state (`/chat_stream`, `/clear_context`,
+`/v1/*`, `/metrics`) calls `check` first thing, inside the code that turns errors into
+responses, so a refused key is rendered in the endpoint's own error shape and counted as a
+rejection. `/health` and the chat page (`GET /`, `/static/`) never call it: they stay open.
+By default a key guards every path those handlers are routed at (`DEFAULT_PROTECTED`: every path), so an app
+that mounts them elsewhere is guarded too; `protect` narrows it to some path prefixes, e.g.
+`OPEN_CHAT` to let the browser page's chat routes through without the key.
+
+The comparison is constant-time (`hmac.compare_digest`) so timing does not leak the key.
 """
 
 from __future__ import annotations
@@ -16,8 +23,12 @@ from typing import Sequence
 from aiohttp import hdrs, web
 
 from .errors import Unauthorized
+from .settings import DEFAULT_API_KEY_PATHS, OPEN_CHAT_API_KEY_PATHS
 
-DEFAULT_PROTECTED = ("/v1/",)
+DEFAULT_PROTECTED = DEFAULT_API_KEY_PATHS
+# With the chat routes opened on purpose (`--api-key-open-chat`): the key still guards the
+# OpenAI API and the metrics.
+OPEN_CHAT = OPEN_CHAT_API_KEY_PATHS
 
 
 class ApiKey:

@@ -30,12 +30,9 @@ class ChatRequest:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, refusing wrong content types (415) and bodies over `limit` bytes (413)."""
-    content_type = request.headers.get(hdrs.CONTENT_TYPE)
-    if content_type is not None and not _is_json(request.content_type):
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, not {request.content_type!r}."
-        )
+    """The raw body, refusing other content types than JSON (415) and bodies over `limit`
+    bytes (413)."""
+    require_json(request)
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
     chunks: list[bytes] = []
@@ -49,6 +46,22 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     except ConnectionResetError:  # aiohttp's "Connection lost": else a traceback per client
         raise ClientClosedRequest("The client closed the connection before its body arrived.") from None
     return b"".join(chunks)
+
+
+def require_json(request: web.Request) -> None:
+    """`UnsupportedMediaType` (415) unless the request says it is JSON, a missing header too.
+
+    A page on another origin cannot send a JSON content type without a CORS preflight, which
+    only `--cors-origin` origins pass: so a cross-site form or `fetch` cannot write turns into
+    a user's history with the user's cookie (SameSite=Lax lets same-site pages, such as
+    another port of localhost, send it).
+    """
+    if hdrs.CONTENT_TYPE not in request.headers:
+        raise UnsupportedMediaType("Content-Type must be application/json; it is missing.")
+    if not _is_json(request.content_type):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.content_type!r}."
+        )
 
 
 def _is_json(content_type: str) -> bool:

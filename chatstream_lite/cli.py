@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from .app import create_app
+from .connections import ConnectionGuard
 from .cors import setup_cors
 from .model_file import ModelNotFound
 from .server.chat_stream import ChatStream
@@ -68,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "can use the model (set --api-key / %sAPI_KEY)", settings.host, ENV_PREFIX)
     app = create_app(chat_stream)
     setup_cors(app, settings.cors_origin)
-    asyncio.run(serve(app, chat_stream, settings.host, settings.port))
+    guard = ConnectionGuard(**settings.connection_guard_kwargs())
+    asyncio.run(serve(app, chat_stream, settings.host, settings.port, guard))
     return 1 if chat_stream.load_error is not None else 0
 
 
@@ -81,18 +83,20 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: assume it is reachable from elsewhere
 
 
-async def serve(app: web.Application, chat_stream: ChatStream, host: str, port: int) -> None:
+async def serve(app: web.Application, chat_stream: ChatStream, host: str, port: int,
+                guard: ConnectionGuard | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or a failed model load), then shut down gracefully.
 
     Unlike `web.run_app`, which stops listening first, we keep the socket open while
     running streams finish, so that a new request gets a clear 503 instead of a refused
     connection; then the model is closed on its own thread (the engine's cleanup).
     """
-    runner = web.AppRunner(app, handle_signals=False,
+    guard = guard or ConnectionGuard()
+    runner = web.AppRunner(app, handle_signals=False, keepalive_timeout=guard.keepalive_timeout,
                            shutdown_timeout=chat_stream.shutdown_grace + 5, **HEADER_LIMITS)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await guard.site(runner, host, port).start()
         log.info("serving on http://%s:%d", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -3,7 +3,9 @@
     setup_cors(app, ["https://chat.example.com"])
 
 Headers are added in `on_response_prepare`, so they reach streamed responses too (a
-middleware would see a StreamResponse only after its headers were sent). Preflight
+middleware would see a StreamResponse only after its headers were sent). With CORS on, every
+response says `Vary: Origin`, the refused and the origin-less ones too: they differ by
+`Origin`, and a cache in between must not hand one origin's answer to another. Preflight
 `OPTIONS` requests from an allowed origin are answered here; others get nothing extra, and
 the browser blocks the call.
 """
@@ -51,8 +53,9 @@ async def _preflight(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if "origin" not in ",".join(response.headers.getall(hdrs.VARY, ())).lower():
+        response.headers.add(hdrs.VARY, "Origin")
     origin = _allowed_origin(request)
     if origin is not None:
         response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
         response.headers[hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS] = "true"
-        response.headers.add(hdrs.VARY, "Origin")

@@ -32,10 +32,10 @@ ENV_HELP = (f"Every option can also be set by its environment variable ({ENV_PRE
             "in brackets); a flag wins over its variable, and an empty variable counts as "
             "unset. Switches take 1/0, true/false, yes/no or on/off.")
 
-# Path prefixes the API key guards: /v1/* only, so that the browser UI (which has no key)
-# keeps working; --api-key-guards-chat adds the UI's two endpoints.
-DEFAULT_API_KEY_PATHS = ("/v1/",)
-API_KEY_PATHS_WITH_CHAT = (*DEFAULT_API_KEY_PATHS, "/chat_stream", "/clear_context")
+# Path prefixes the API key guards: every path whose handler checks it (the chat routes,
+# /v1/*, /metrics); --api-key-open-chat leaves the page's two chat routes open.
+DEFAULT_API_KEY_PATHS = ("/",)
+OPEN_CHAT_API_KEY_PATHS = ("/v1/", "/metrics")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
@@ -133,6 +133,16 @@ class Settings:
     cors_origin: tuple[str, ...] = field(default=(), metadata=option(
         "allow cross-origin calls from this origin (repeatable); CORS is off without it",
         group=_SERVER, nonempty=True, metavar="ORIGIN"))
+    head_timeout: float = field(default=10.0, metadata=option(
+        "seconds a new connection has to send a whole request head; then it is closed "
+        "(0: no limit)", group=_SERVER, minimum=0, metavar="SECONDS"))
+    keepalive_timeout: float = field(default=15.0, metadata=option(
+        "seconds an idle keep-alive connection is kept; a proxy's upstream keep-alive must be "
+        "shorter", group=_SERVER, minimum=0.1, metavar="SECONDS"))
+    max_connections: int | None = field(default=None, metadata=option(
+        "open connections at most; at the cap the oldest connection that has not sent a "
+        "request is closed, else 503 (0: no cap; always at most the open-file limit less "
+        "192)", group=_SERVER, minimum=0, shown_default="the open-file limit less 192"))
 
     # -- limits ----------------------------------------------------------------------------
     max_new_tokens: int = field(default=256, metadata=option(
@@ -190,11 +200,16 @@ class Settings:
 
     # -- access ----------------------------------------------------------------------------
     api_key: str | None = field(default=None, repr=False, metadata=option(
-        "require 'Authorization: Bearer KEY' on /v1/*; prefer the variable: a flag shows in "
-        "`ps`", group=_ACCESS, nonempty=True, secret=True, metavar="KEY", shown_default="none"))
+        "require 'Authorization: Bearer KEY' on /chat_stream, /clear_context, /v1/* and "
+        "/metrics (/health and the page stay open; the page asks for the key); prefer the "
+        "variable: a flag shows in `ps`", group=_ACCESS, nonempty=True, secret=True,
+        metavar="KEY", shown_default="none"))
+    api_key_open_chat: bool = field(default=False, metadata=option(
+        "with --api-key, let /chat_stream and /clear_context through without it; /v1/* and "
+        "/metrics stay guarded", group=_ACCESS))
     api_key_guards_chat: bool = field(default=False, metadata=option(
-        "with --api-key, also require it on /chat_stream and /clear_context (the browser UI "
-        "then cannot call them)", group=_ACCESS))
+        "kept for old scripts: the key guards the chat routes by default now (no effect)",
+        group=_ACCESS))
 
     # -- mock engine -----------------------------------------------------------------------
     mock: bool = field(default=False, metadata=option(
@@ -247,6 +262,12 @@ class Settings:
                 values[f.name] = value
         return cls(**values)
 
+    def connection_guard_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `connections.ConnectionGuard(...)`."""
+        return {"head_timeout": self.head_timeout or None,     # 0: no limit
+                "keepalive_timeout": self.keepalive_timeout,
+                "max_connections": self.max_connections}
+
     def chat_stream_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `ChatStream(...)`, named as its parameters.
 
@@ -278,8 +299,8 @@ class Settings:
             "cookie_secure": self.cookie_secure,
             "shutdown_grace": self.shutdown_grace,
             "api_key": self.api_key,
-            "api_key_paths": (API_KEY_PATHS_WITH_CHAT if self.api_key_guards_chat
-                              else DEFAULT_API_KEY_PATHS),
+            "api_key_paths": OPEN_CHAT_API_KEY_PATHS if self.api_key_open_chat
+                             else DEFAULT_API_KEY_PATHS,
             "mock": self.mock,
             "mock_delay": self.mock_delay,
             "load_in_background": True,   # listen at once; /health says 503 until loaded

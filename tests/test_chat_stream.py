@@ -88,7 +88,7 @@ async def test_regenerate_on_an_empty_history_is_400(server: Server) -> None:
 async def test_clear_context_forgets_the_history(server: Server) -> None:
     async with server.client() as client:
         await post_chat(client, user_input="Remember: blue.", max_new_tokens=8, **GREEDY)
-        async with client.post("/clear_context") as response:
+        async with client.post("/clear_context", json={}) as response:
             assert response.status == 200
         before = len(server.recorder.calls)
         await post_chat(client, user_input="Hello", max_new_tokens=8, **GREEDY)

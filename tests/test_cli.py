@@ -54,8 +54,7 @@ CHAT_STREAM_OPTIONS: list[tuple[str, str | None, str, str, Any]] = [
     ("--cookie-secure", None, "1", "cookie_secure", True),
     ("--shutdown-grace", "1.5", "1.5", "shutdown_grace", 1.5),
     ("--api-key", "k3y", "k3y", "api_key", "k3y"),
-    ("--api-key-guards-chat", None, "yes", "api_key_paths",
-     ("/v1/", "/chat_stream", "/clear_context")),
+    ("--api-key-open-chat", None, "yes", "api_key_paths", ("/v1/", "/metrics")),
     ("--mock", None, "true", "mock", True),
     ("--mock-delay", "0", "0", "mock_delay", 0.0),
 ]
@@ -66,7 +65,12 @@ SERVER_OPTIONS: list[tuple[str, str, str, str, Any, Any]] = [
     ("--log-level", "debug", "warning", "log_level", "DEBUG", "WARNING"),
     ("--cors-origin", "https://a.example", "https://a.example, https://b.example",  # a list
      "cors_origin", ("https://a.example",), ("https://a.example", "https://b.example")),
+    ("--head-timeout", "5", "0", "head_timeout", 5.0, 0.0),
+    ("--keepalive-timeout", "30", "2.5", "keepalive_timeout", 30.0, 2.5),
+    ("--max-connections", "100", "0", "max_connections", 100, 0),
 ]
+# Accepted for old scripts, with no effect any more (the key guards the chat routes now).
+NO_EFFECT = {"--api-key-guards-chat"}
 # The CLI's defaults that ChatStream, as a library, keeps different on purpose.
 CLI_ONLY_DEFAULTS = {
     "num_of_concurrent_executions",  # ChatStream: 1, one reply at a time, the least memory
@@ -87,7 +91,11 @@ def _argv(flag: str, text: str | None) -> list[str]:
 def test_the_tables_cover_every_flag_of_the_parser() -> None:
     flags = {action.option_strings[0] for action in build_parser()._actions
              if action.option_strings and action.dest != "help"}
-    assert flags == {row[0] for row in CHAT_STREAM_OPTIONS + SERVER_OPTIONS}
+    assert flags == {row[0] for row in CHAT_STREAM_OPTIONS + SERVER_OPTIONS} | NO_EFFECT
+
+
+def test_the_old_guards_chat_switch_is_accepted_and_changes_nothing() -> None:
+    assert _settings(["--api-key-guards-chat"]).chat_stream_kwargs() == DEFAULTS.chat_stream_kwargs()
 
 
 @pytest.mark.parametrize("flag, text, env_text, keyword, expected", CHAT_STREAM_OPTIONS,

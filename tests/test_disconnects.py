@@ -144,7 +144,6 @@ async def test_a_client_leaving_during_a_step_costs_at_most_that_steps_token(
     """The thread is held inside a step (before emitting token 3) while the client leaves and
     the watcher cancels the job: token 3 still goes out, no further decode happens."""
     engine, watcher = server.chat_stream.engine, server.chat_stream.runtime.disconnects
-    admission = server.chat_stream.runtime.admission
     hold = HoldAt(3)
     engine.faults.before_token = hold
     before = len(server.recorder.calls)
@@ -176,7 +175,6 @@ async def test_a_client_leaving_mid_stream_costs_at_most_two_more_tokens(server:
     token; with a 20 ms tick, 13 of 20 emitted one.
     """
     engine = server.chat_stream.engine
-    admission = server.chat_stream.runtime.admission
     emitted: list[float] = []
     engine.faults.before_token = lambda _index: emitted.append(time.monotonic())
     before = len(server.recorder.calls)

@@ -149,7 +149,6 @@ async def test_a_plugged_in_check_adds_its_field_and_can_fail_the_probe(
 async def test_health_is_503_until_the_model_is_loaded(model_path: str) -> None:
     chat_stream = ChatStream(model_path, n_ctx=512, max_new_tokens=8, load_in_background=True)
     engine = chat_stream.engine
-    admission = chat_stream.runtime.admission
     real_start, loading_may_finish = engine.start, asyncio.Event()
 
     async def slow_start(died: Died) -> ModelInfo:    # a model that takes a while to load

@@ -271,7 +271,7 @@ async def test_models_lists_the_loaded_model(server: Server, client: AsyncOpenAI
     assert models[0].owned_by == "chatstream_lite"
 
 
-async def test_api_key_guards_v1_only(server: Server) -> None:
+async def test_an_api_key_guards_v1_and_metrics_but_not_health(server: Server) -> None:
     chat_stream = server.chat_stream
     chat_stream.api_key = ApiKey("test-key-1234")
     request = {"model": "anything", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
@@ -287,9 +287,10 @@ async def test_api_key_guards_v1_only(server: Server) -> None:
             async with session.post(server.url + "/v1/chat/completions", json=request) as response:
                 assert response.status == 401
                 assert response.headers["WWW-Authenticate"] == "Bearer"
-            for path in ("/health", "/metrics"):
-                async with session.get(server.url + path) as response:
-                    assert response.status == 200, path
+            async with session.get(server.url + "/health") as response:
+                assert response.status == 200
+            async with session.get(server.url + "/metrics") as response:
+                assert response.status == 401
         async with AsyncOpenAI(base_url=server.url + "/v1", api_key="test-key-1234",
                                max_retries=0) as good:
             completion = await good.chat.completions.create(**request)

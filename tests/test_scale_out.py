@@ -158,7 +158,7 @@ async def test_clearing_on_one_replica_clears_the_conversation_on_both(
     replica_a, replica_b = a_and_b
     async with user() as client:
         assert (await chat(client, replica_a, "Remember: blue."))[0] == 200
-        async with client.post(replica_b.url + "/clear_context") as response:
+        async with client.post(replica_b.url + "/clear_context", json={}) as response:
             assert response.status == 200
         session = session_id(client, replica_a)
         assert stored_history(redis_server, session) == []

@@ -72,7 +72,7 @@ async def test_one_session_cannot_clear_or_read_anothers_history(server: Server)
     async with server.client() as alice, server.client() as mallory:
         await post_chat(alice, user_input=f"Alice's note: the vault code is {SECRET}.", max_new_tokens=4, **GREEDY)
         await post_chat(mallory, user_input="Hello", max_new_tokens=2)
-        async with mallory.post("/clear_context") as response:
+        async with mallory.post("/clear_context", json={}) as response:
             assert response.status == 200
         before = len(server.recorder.calls)
         await post_chat(mallory, user_input="What was the vault code?", max_new_tokens=4, **GREEDY)

@@ -141,7 +141,6 @@ async def test_a_request_that_gets_its_slot_in_time_is_served_and_not_expired_la
 async def test_max_generation_time_ends_an_openai_stream_with_finish_reason_length(
         server: Server) -> None:
     engine = server.chat_stream.engine
-    admission = server.chat_stream.runtime.admission
     tokens = engine.stats.completion_tokens
     chunks: list[dict[str, Any]] = []
     async with server.client() as client:

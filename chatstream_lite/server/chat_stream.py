@@ -33,7 +33,7 @@ from aiohttp_session import AbstractStorage, get_session
 from redis.asyncio import Redis
 
 from ..auth import DEFAULT_PROTECTED, ApiKey
-from ..chat_request import DEFAULT_MAX_BODY_SIZE, parse_chat_request, read_body
+from ..chat_request import DEFAULT_MAX_BODY_SIZE, parse_chat_request, read_body, require_json
 from ..engine import Admission, Engine, SamplingParams
 from ..engine.admission import (
     DEFAULT_MAX_INPUT_CHARS,
@@ -211,7 +211,8 @@ class ChatStream:
         """Forget this session's history (its system prompt stays)."""
         conversations = self.conversations
         try:
-            self.api_key.check(request)
+            self.api_key.check(request)   # a missing key says 401 before a wrong type
+            require_json(request)         # no body to read, but a state change
             session = await get_session(request)
             if session.new:
                 return web.json_response({"status": "cleared"})
@@ -312,7 +313,7 @@ def _open_session_store(
     if session_store is not None and session_storage is not None:
         raise ValueError("give session_store or session_storage, not both")
     if session_store is None or session_store == "memory":
-        return MemorySessionStore(session_storage or MemoryStorage(
+        return MemorySessionStore(session_storage if session_storage is not None else MemoryStorage(
             max_sessions=max_sessions, idle_ttl=idle_ttl, secure=secure))
     if isinstance(session_store, Redis):
         return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)

@@ -3,6 +3,9 @@
 // Send POSTs to /chat_stream and reads the text/plain body as it streams; Stop aborts that
 // fetch (the server sees the client leave, stops generating and keeps the partial reply);
 // Regenerate asks for a new last reply; Clear forgets the conversation on the server.
+// With an API key on the server, a 401 shows a key field; the key is kept in this tab only
+// (sessionStorage) and sent as "Authorization: Bearer <key>", the way other clients send it.
+// No inline script or style anywhere: the server's Content-Security-Policy forbids them.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -10,14 +13,18 @@ const ui = {
   messages: $("messages"), empty: $("empty"), notice: $("notice"), model: $("model"),
   form: $("composer"), input: $("input"),
   send: $("send"), stop: $("stop"), regenerate: $("regenerate"), clear: $("clear"),
+  keyForm: $("key-form"), key: $("key"),
 };
+const KEY_ITEM = "chatstream_lite.api_key";
 
 let controller = null;          // the AbortController of the reply being streamed, if any
 
 // Errors in words: what happened and what the user can do about it.
 const EXPLANATIONS = {
   400: (m) => `The server did not accept this request: ${m}`,
-  401: () => "The server requires an API key for this page.",
+  401: () => sessionStorage.getItem(KEY_ITEM)
+    ? "The API key was not accepted. Enter it again below."
+    : "This server needs an API key: enter it below. It is kept in this tab only.",
   409: () => "This chat is still answering a previous message (perhaps in another tab). " +
              "Wait for it to finish, or stop it, then try again.",
   413: () => "The message is too long for the server.",
@@ -27,19 +34,37 @@ const EXPLANATIONS = {
              "Please try again shortly.",
 };
 
-function explain(status, message) {
+function explain(status, message, code) {
+  if (code === "too_many_sessions") return message;   // not the queue: the server's words
   const words = EXPLANATIONS[status];
   if (words) return words(message);
   return `The server answered ${status}${message ? ": " + message : ""}.`;
 }
 
 async function errorOf(response) {
-  let message = "";
+  let message = "", code = "";
   try {
     const body = await response.json();
     message = body.message || (body.error && body.error.message) || "";
+    code = typeof body.error === "string" ? body.error : "";
   } catch (_) { /* not JSON: the status says enough */ }
-  return explain(response.status, message);
+  const text = explain(response.status, message, code);
+  if (response.status === 401) askForKey();
+  return text;
+}
+
+// Headers for every POST: JSON (the server refuses other types, 415) and the key, if any.
+function postHeaders() {
+  const headers = { "Content-Type": "application/json" };
+  const key = sessionStorage.getItem(KEY_ITEM);
+  if (key) headers.Authorization = `Bearer ${key}`;
+  return headers;
+}
+
+function askForKey() {
+  ui.keyForm.hidden = false;
+  ui.key.value = "";
+  ui.key.focus();
 }
 
 function showNotice(text) {
@@ -101,7 +126,7 @@ async function streamReply(body, bubble) {
   try {
     const response = await fetch("/chat_stream", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: postHeaders(),
       body: JSON.stringify(body),
       signal: controller.signal,
     });
@@ -171,7 +196,9 @@ async function regenerate() {
 async function clearChat() {
   hideNotice();
   try {
-    const response = await fetch("/clear_context", { method: "POST" });
+    const response = await fetch("/clear_context", {
+      method: "POST", headers: postHeaders(), body: "{}",
+    });
     if (!response.ok) {
       showNotice(await errorOf(response));
       return;
@@ -212,6 +239,17 @@ ui.input.addEventListener("keydown", (event) => {
     event.preventDefault();      // isComposing: Enter also confirms Japanese IME input
     ui.form.requestSubmit();
   }
+});
+
+ui.keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = ui.key.value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_ITEM, key);
+  ui.keyForm.hidden = true;
+  hideNotice();
+  if (ui.input.value.trim()) ui.form.requestSubmit();   // the message the 401 gave back
+  else ui.input.focus();
 });
 
 ui.stop.addEventListener("click", () => controller?.abort());
