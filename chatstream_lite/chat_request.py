@@ -16,10 +16,15 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from .engine import SamplingParams
-from .errors import BadRequest, ClientClosedRequest, PayloadTooLarge, UnsupportedMediaType
+from .errors import (
+    BadRequest,
+    ClientClosedRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from .settings import SEED_LIMIT
 
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
-SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ from aiohttp import web
 from aiohttp_session import AbstractStorage, Session
 
 from .errors import ChatStreamError
+from .settings import DEFAULTS
 
 DEFAULT_COOKIE_NAME = "CHATSTREAM_SESSION"
-DEFAULT_MAX_SESSIONS = 10_000
-DEFAULT_IDLE_TTL = 24 * 3600
+DEFAULT_MAX_SESSIONS = DEFAULTS.max_sessions
+DEFAULT_IDLE_TTL = DEFAULTS.session_idle_ttl
 # A session used this recently belongs to someone still chatting (reading a reply, typing the
 # next message): a full store refuses new sessions rather than forget it.
 DEFAULT_ACTIVE_WINDOW = 30 * 60

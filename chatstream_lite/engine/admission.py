@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Hashable
 
 from ..errors import ChatStreamError, QueueFull, QueueTimeout, ServiceUnavailable
+from ..settings import DEFAULTS
 from .events import Failed, Finished
 from .job import Job, Prompt
 from .prepare import check_limits, prepare
@@ -36,9 +37,9 @@ from .template import Message
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_QUEUE_SIZE = 16
-DEFAULT_MAX_MESSAGES = 1024
-DEFAULT_MAX_INPUT_CHARS = 200_000
+DEFAULT_MAX_QUEUE_SIZE = DEFAULTS.max_queue_size
+DEFAULT_MAX_MESSAGES = DEFAULTS.max_messages
+DEFAULT_MAX_INPUT_CHARS = DEFAULTS.max_input_chars
 # After a drain's grace period, how long cancelled jobs may take to end (one token each).
 CANCEL_WAIT = 10.0
 

@@ -16,6 +16,7 @@ import re
 import zlib
 from pathlib import Path
 
+from ..settings import DEFAULTS
 from .events import Failed, Finished, FinishReason, Piece, Started
 from .faults import Faults
 from .job import Job
@@ -23,7 +24,7 @@ from .protocol import Died, EngineStats, ModelInfo
 from .sampling import SamplingParams
 from .template import ChatTemplate, Message
 
-DEFAULT_DELAY = 0.05        # seconds per word: about the pace of a small model on a CPU
+DEFAULT_DELAY = DEFAULTS.mock_delay   # seconds per word: about a small model's pace on a CPU
 MODEL_NAME = "mock"
 
 # ChatML, so that `get_chat_prompt(request).create_prompt()` works as it does with SmolLM2.

@@ -24,7 +24,13 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from ..errors import BadRequest, Cancelled, ContextLengthExceeded, PayloadTooLarge, PromptTooLong
+from ..errors import (
+    BadRequest,
+    Cancelled,
+    ContextLengthExceeded,
+    PayloadTooLarge,
+    PromptTooLong,
+)
 from .job import Prompt
 from .template import ChatTemplate, Layout, Message
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..settings import DEFAULTS
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -12,10 +14,10 @@ class SamplingParams:
         >>> SamplingParams(max_new_tokens=64, temperature=0.0)   # greedy
     """
 
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    repeat_penalty: float = 1.1
-    seed: int | None = None
+    max_new_tokens: int = DEFAULTS.max_new_tokens
+    temperature: float = DEFAULTS.temperature
+    top_p: float = DEFAULTS.top_p
+    top_k: int = DEFAULTS.top_k
+    repeat_penalty: float = DEFAULTS.repeat_penalty
+    seed: int | None = DEFAULTS.seed
     stop: tuple[str, ...] = ()

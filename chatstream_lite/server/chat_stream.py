@@ -33,7 +33,12 @@ from aiohttp_session import AbstractStorage, get_session
 from redis.asyncio import Redis
 
 from ..auth import DEFAULT_PROTECTED, ApiKey
-from ..chat_request import DEFAULT_MAX_BODY_SIZE, parse_chat_request, read_body, require_json
+from ..chat_request import (
+    DEFAULT_MAX_BODY_SIZE,
+    parse_chat_request,
+    read_body,
+    require_json,
+)
 from ..engine import Admission, Engine, SamplingParams
 from ..engine.admission import (
     DEFAULT_MAX_INPUT_CHARS,
@@ -52,6 +57,7 @@ from ..sessions import (
     MemoryStorage,
     SessionStore,
 )
+from ..settings import DEFAULTS
 from .conversations import PROMPT_KEY, Conversations
 from .exchange import Exchange
 from .framing import PlainText
@@ -65,8 +71,6 @@ log = logging.getLogger(__name__)
 
 CHAT_STREAM_KEY = web.AppKey("chatstream_lite.chat_stream", "ChatStream")
 ENDPOINT = "chat_stream"                      # this endpoint's name in metrics and logs
-DEFAULT_N_CTX = 4096
-DEFAULT_N_BATCH = 512
 
 __all__ = ["CHAT_STREAM_KEY", "Callback", "ChatStream", "DEFAULT_SHUTDOWN_GRACE"]
 
@@ -78,36 +82,36 @@ class ChatStream:
         self,
         model_path: str | Path | None = None,
         *,
-        n_ctx: int = DEFAULT_N_CTX,
-        n_gpu_layers: int = -1,
-        n_threads: int | None = None,
-        n_batch: int = DEFAULT_N_BATCH,
+        n_ctx: int = DEFAULTS.n_ctx,
+        n_gpu_layers: int = DEFAULTS.n_gpu_layers,
+        n_threads: int | None = DEFAULTS.n_threads,
+        n_batch: int = DEFAULTS.n_batch,
         num_of_concurrent_executions: int = 1,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         max_queue_wait: float | None = None,
         max_generation_time: float | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = DEFAULTS.max_new_tokens,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_input_chars: int = DEFAULT_MAX_INPUT_CHARS,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        repeat_penalty: float = 1.1,
-        seed: int | None = None,
-        system_prompt: str | None = None,
+        temperature: float = DEFAULTS.temperature,
+        top_p: float = DEFAULTS.top_p,
+        top_k: int = DEFAULTS.top_k,
+        repeat_penalty: float = DEFAULTS.repeat_penalty,
+        seed: int | None = DEFAULTS.seed,
+        system_prompt: str | None = DEFAULTS.system_prompt,
         stop: list[str] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         session_store: str | Redis | SessionStore | None = None,
         session_storage: AbstractStorage | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         session_idle_ttl: int = DEFAULT_IDLE_TTL,
-        cookie_secure: bool = False,
+        cookie_secure: bool = DEFAULTS.cookie_secure,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         api_key: str | None = None,
         api_key_paths: Sequence[str] = DEFAULT_PROTECTED,
         load_in_background: bool = False,
         engine: Engine | None = None,
-        mock: bool = False,
+        mock: bool = DEFAULTS.mock,
         mock_delay: float = DEFAULT_DELAY,
         mock_text: str | None = None,
         verbose: bool = False,

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from ..engine import Admission, Engine, Job, Message, ModelInfo, SamplingParams
 from ..errors import ChatStreamError, ServiceUnavailable
+from ..settings import DEFAULTS
 from .disconnects import DisconnectWatcher
 from .exchange import Exchange
 from .health import CheckResult, Health
@@ -27,7 +28,7 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_SHUTDOWN_GRACE = DEFAULTS.shutdown_grace
 
 
 class Runtime:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import llama_cpp
 
+from ...settings import DEFAULTS
 from ..events import Event, Failed
 from ..faults import Faults
 from ..job import Job
@@ -41,8 +42,8 @@ from .runner import DecodeFailed, Runner
 
 log = logging.getLogger(__name__)
 
-DEFAULT_N_CTX = 4096
-DEFAULT_N_BATCH = 512
+DEFAULT_N_CTX = DEFAULTS.n_ctx
+DEFAULT_N_BATCH = DEFAULTS.n_batch
 
 
 @dataclass(frozen=True)
