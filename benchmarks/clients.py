@@ -12,9 +12,10 @@ import asyncio
 import codecs
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import aiohttp
 

@@ -114,7 +114,7 @@ def same_text(raw: dict[str, Any], direct_raw: dict[str, Any] | None) -> str | N
     """How many single-stream replies are exactly direct's (greedy: all should be)."""
     if direct_raw is None or "single" not in raw or "single" not in direct_raw:
         return None
-    pairs = list(zip(raw["single"], direct_raw["single"]))
+    pairs = list(zip(raw["single"], direct_raw["single"], strict=False))
     equal = sum(1 for a, b in pairs if a.get("text") == b.get("text"))
     return f"{equal}/{len(pairs)}"
 

@@ -8,9 +8,9 @@ Every handler that reaches the model or shows state (`/chat_stream`, `/clear_con
 `/v1/*`, `/metrics`) calls `check` first thing, inside the code that turns errors into
 responses, so a refused key is rendered in the endpoint's own error shape and counted as a
 rejection. `/health` and the chat page (`GET /`, `/static/`) never call it: they stay open.
-By default a key guards every path those handlers are routed at (`DEFAULT_PROTECTED`: every path), so an app
-that mounts them elsewhere is guarded too; `protect` narrows it to some path prefixes, e.g.
-`OPEN_CHAT` to let the browser page's chat routes through without the key.
+By default a key guards every path those handlers are routed at (`DEFAULT_PROTECTED`:
+every path), so an app that mounts them elsewhere is guarded too; `protect` narrows it to
+some path prefixes, e.g. `OPEN_CHAT` to let the browser page's chat routes through.
 
 The comparison is constant-time (`hmac.compare_digest`) so timing does not leak the key.
 """
@@ -18,7 +18,7 @@ The comparison is constant-time (`hmac.compare_digest`) so timing does not leak 
 from __future__ import annotations
 
 import hmac
-from typing import Sequence
+from collections.abc import Sequence
 
 from aiohttp import hdrs, web
 

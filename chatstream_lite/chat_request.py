@@ -49,7 +49,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                 raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
             chunks.append(chunk)
     except ConnectionResetError:  # aiohttp's "Connection lost": else a traceback per client
-        raise ClientClosedRequest("The client closed the connection before its body arrived.") from None
+        raise ClientClosedRequest(
+            "The client closed the connection before its body arrived.") from None
     return b"".join(chunks)
 
 

@@ -36,7 +36,8 @@ import resource
 import ssl
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -119,26 +120,6 @@ class ConnectionGuard:
                                      "had not sent a request to make room")
         self._accept_failures = _Throttled("accept() ran out of files (cap %s): new connections "
                                            "wait in the backlog")
-
-    def from_env(cls, environ: Mapping[str, str], prefix: str = "CHATSTREAM_") -> ConnectionGuard:
-        """From `HEAD_TIMEOUT` (0: none), `KEEPALIVE_TIMEOUT` and `MAX_CONNECTIONS` (0: no cap)
-        with `prefix`; the defaults where unset."""
-        def number(name: str) -> float | None:
-            raw = environ.get(prefix + name)
-            if raw is None or raw == "":
-                return None
-            try:
-                return float(raw)
-            except ValueError:
-                raise ValueError(f"{prefix}{name}={raw!r} is not a number") from None
-
-        head, keepalive, cap = number("HEAD_TIMEOUT"), number("KEEPALIVE_TIMEOUT"), number(
-            "MAX_CONNECTIONS")
-        return cls(
-            head_timeout=DEFAULT_HEAD_TIMEOUT if head is None else (head or None),
-            keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT if keepalive is None else keepalive,
-            max_connections=None if cap is None else int(cap),
-        )
 
     def site(self, runner: web.BaseRunner, host: str | None, port: int, *,
              ssl_context: ssl.SSLContext | None = None, reuse_address: bool | None = None,

@@ -12,7 +12,7 @@ the browser blocks the call.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
@@ -39,7 +39,8 @@ def _allowed_origin(request: web.Request) -> str | None:
 
 @web.middleware
 async def _preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers:
+    if (request.method == hdrs.METH_OPTIONS
+            and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers):
         if _allowed_origin(request) is None:
             return web.json_response({"error": "forbidden", "message": "Origin not allowed."},
                                      status=403)

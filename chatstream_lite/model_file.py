@@ -46,7 +46,7 @@ def resolve_model_path(model_path: str | Path | None) -> Path:
         if not path.is_file():
             raise ModelNotFound(f"Model file not found: {path}. {INSTALL_HINT}")
         return path
-    path = default_model_path()
-    if path is None:
+    default = default_model_path()
+    if default is None:
         raise ModelNotFound(INSTALL_HINT)
-    return path
+    return default

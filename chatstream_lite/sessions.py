@@ -7,8 +7,8 @@ expiry and a maximum count so that a server running for weeks does not grow with
 in-process `SessionLocks`. A full store makes room by forgetting the least recently used
 session, but never an active one (used within `active_window`, 30 minutes): new sessions are
 refused with 429 instead, and each client address may start only so many (`NewSessionLimit`),
-so a flood of cookie-less requests cannot wipe the histories of the people chatting. `RedisSessionStore`
-(redis_sessions.py) is the same three things in Redis, shared by every replica.
+so a flood of cookie-less requests cannot wipe the histories of the people chatting.
+`RedisSessionStore` (redis_sessions.py) is the same three things in Redis, shared by every replica.
 
     >>> store = MemorySessionStore(MemoryStorage(max_sessions=10_000, idle_ttl=24 * 3600))
     >>> aiohttp_session.setup(app, store.storage)

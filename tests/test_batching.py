@@ -9,7 +9,7 @@ it alone (see chatstream_lite/batching.py), so nothing may drift.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import AsyncIterator
 from html.parser import HTMLParser
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from functools import partial
-from typing import AsyncIterator
 
 import pytest
 import pytest_asyncio

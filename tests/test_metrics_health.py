@@ -4,16 +4,16 @@ requests of every outcome."""
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 import pytest_asyncio
 
 from chatstream_lite import ChatStream
-from chatstream_lite.server import health
 from chatstream_lite.engine import ModelInfo
 from chatstream_lite.engine.protocol import Died
+from chatstream_lite.server import health
 from chatstream_lite.server.health import CheckResult
 
 from .conftest import (

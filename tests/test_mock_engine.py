@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import AsyncIterator
 from functools import partial
-from typing import AsyncIterator
 
 import aiohttp
 import openai

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import signal
 import subprocess
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest

@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Hashable
 
 from ..errors import ChatStreamError, QueueFull, QueueTimeout, ServiceUnavailable
 from ..settings import DEFAULTS

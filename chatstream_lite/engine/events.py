@@ -7,7 +7,7 @@ Events reach the event loop through `Job.deliver`; a job's last event is always 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -42,7 +42,7 @@ class Failed:
     error: BaseException
 
 
-Event = Union[Started, Piece, Finished, Failed]
+Event = Started | Piece | Finished | Failed
 
 
 def is_last(event: Event) -> bool:

@@ -8,8 +8,8 @@ Both engines consult their `Faults` at the same points; production code never se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass

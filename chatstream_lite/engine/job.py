@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Hashable
 
 from .events import Event, is_last
 from .sampling import SamplingParams

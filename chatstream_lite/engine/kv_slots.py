@@ -17,8 +17,9 @@ prefix is copied over instead of evaluated again: the slot that holds it keeps i
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable, Protocol
+from typing import Protocol
 
 
 class _Memory(Protocol):

@@ -35,7 +35,8 @@ CHATML = (
 )
 
 DEFAULT_TEXT = (
-    "This is the mock engine of chatstream_lite: no model is loaded. You said: \u201c{user}\u201d\n\n"
+    "This is the mock engine of chatstream_lite: no model is loaded. "
+    "You said: \u201c{user}\u201d\n\n"
     "The reply streams word by word at a fixed pace, through the same queue, disconnect "
     "detection and callbacks as a real model, so a front end can be built without one.\n"
     "- Newlines are kept.\n"

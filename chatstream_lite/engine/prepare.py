@@ -22,7 +22,8 @@ Two rules:
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from ..errors import (
     BadRequest,
@@ -83,9 +84,10 @@ def prepare(messages: list[Message], template: ChatTemplate, tokenizer: Tokenize
     excess = len(tokens) - budget
     dropped = 0
     for _ in range(MAX_FIT_ROUNDS):
-        dropped = _turns_to_drop(messages, first, dropped, costs, excess)
-        if dropped is None:
+        more = _turns_to_drop(messages, first, dropped, costs, excess)
+        if more is None:
             break
+        dropped = more
         kept = [*range(first), *range(first + dropped, len(messages))]
         kept_layout = template.layout([messages[i] for i in kept])
         tokens = encoder.encode(kept_layout.parts, kept)

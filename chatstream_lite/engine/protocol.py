@@ -13,9 +13,10 @@ once for every engine. This module imports no llama_cpp and no HTTP.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from .faults import Faults
 from .job import Job

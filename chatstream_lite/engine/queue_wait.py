@@ -11,7 +11,8 @@ job, so nothing polls). With `seconds=None` there is no limit and no timer.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Generic, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 J = TypeVar("J", bound=Hashable)
 
@@ -21,7 +22,8 @@ class QueueWait(Generic[J]):
 
     def __init__(self, seconds: float | None, expire: Callable[[J], None]) -> None:
         if seconds is not None and not seconds > 0:
-            raise ValueError("max_queue_wait must be > 0 seconds (no limit: None, or 0 on the command line)")
+            raise ValueError("max_queue_wait must be > 0 seconds "
+                             "(no limit: None, or 0 on the command line)")
         self.seconds = seconds
         self._expire = expire
         self._timers: dict[J, asyncio.TimerHandle] = {}

@@ -25,8 +25,9 @@ cancelled ones leave before the next.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from .events import Event, Failed, Finished, FinishReason, Piece, Started
 from .faults import Faults

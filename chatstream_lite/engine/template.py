@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, NoReturn, TypedDict, Union
+from typing import Any, Literal, NoReturn, TypedDict
 
 import jinja2
 import jinja2.ext
@@ -44,7 +44,7 @@ class RenderedPrompt:
 
 
 # A part of a layout: template text, or the index of the message whose content goes there.
-Part = Union[str, int]
+Part = str | int
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,8 @@ class ChatTemplate:
             raise TemplateRefused(
                 f"The model's chat template cannot render this conversation: {error}") from None
 
-    def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> RenderedPrompt:
+    def render(self, messages: list[Message], *,
+               add_generation_prompt: bool = True) -> RenderedPrompt:
         text = self._render([dict(m) for m in messages], add_generation_prompt)
         return RenderedPrompt(text, [self.eos_token] if self.eos_token else [])
 

@@ -23,8 +23,8 @@ settle each session's history), the framings (framing.py) and one handler skelet
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import AsyncIterator, Sequence
 
 import aiohttp_session
 from aiohttp import web
@@ -69,7 +69,7 @@ from .runtime import DEFAULT_SHUTDOWN_GRACE, Runtime
 
 log = logging.getLogger(__name__)
 
-CHAT_STREAM_KEY = web.AppKey("chatstream_lite.chat_stream", "ChatStream")
+CHAT_STREAM_KEY: web.AppKey[ChatStream] = web.AppKey("chatstream_lite.chat_stream")
 ENDPOINT = "chat_stream"                      # this endpoint's name in metrics and logs
 
 __all__ = ["CHAT_STREAM_KEY", "Callback", "ChatStream", "DEFAULT_SHUTDOWN_GRACE"]

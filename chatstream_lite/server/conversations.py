@@ -1,6 +1,7 @@
 """Conversations: each session's history — loaded, locked, saved, and settled after a turn.
 
-    conversations = Conversations(store, system_prompt="Be brief.", template=lambda: info.chat_template)
+    conversations = Conversations(store, system_prompt="Be brief.",
+                                  template=lambda: info.chat_template)
     session_id = await conversations.lock(session)        # SessionBusy (409) if in flight
     history = conversations.load(session)
     ...
@@ -14,7 +15,7 @@ keeps after a turn is decided in one place, `settle`.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import aiohttp_session
 from aiohttp import web

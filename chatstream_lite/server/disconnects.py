@@ -98,5 +98,5 @@ class DisconnectWatcher:
             del self._watched[watch]         # before the action: it runs once
             try:
                 watch.on_gone()
-            except Exception:  # noqa: BLE001 - one request's bug must not blind the others
+            except Exception:
                 log.exception("a disconnect action failed")

@@ -10,9 +10,9 @@ before the client sees its end, so that its next request (on any replica) finds 
 stored and the session free.
 
 The rules every endpoint shares live here: a client that leaves (its socket closes, seen by the
-shared `DisconnectWatcher`, or a write fails) cancels the job, so a waiting job never reaches the model and a running one stops within
-one token; the status follows from what actually reached the client. A `Framing`
-(framing.py) knows one endpoint's wire format.
+shared `DisconnectWatcher`, or a write fails) cancels the job, so a waiting job never reaches
+the model and a running one stops within one token; the status follows from what actually
+reached the client. A `Framing` (framing.py) knows one endpoint's wire format.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 
@@ -49,7 +49,7 @@ class Exchange:
 
     def __init__(self, request: web.Request, job: Job, framing: Framing,
                  disconnects: DisconnectWatcher, received: float,
-                 end_turn: Optional[EndTurn] = None) -> None:
+                 end_turn: EndTurn | None = None) -> None:
         self.request = request
         self.job = job
         self.framing = framing
@@ -111,7 +111,7 @@ class Exchange:
         except ChatStreamError as error:  # ours, e.g. the session store failing
             self.job.cancel()
             failure = error
-        except Exception as error:  # noqa: BLE001 - a bug here must still end in one callback
+        except Exception as error:
             log.exception("streaming failed")
             self.job.cancel()
             failure = error

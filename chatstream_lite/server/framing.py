@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
@@ -174,8 +175,8 @@ class EventStream(_Completion):
     async def close(self, finished: Finished) -> None:
         await self._chunk({}, _finish_reason(finished.reason))
         if self.completion.include_usage:
-            await self._event({**self._head(), "choices": [], "usage": self.usage(finished.prompt_tokens,
-                                                                   finished.completion_tokens)})
+            usage = self.usage(finished.prompt_tokens, finished.completion_tokens)
+            await self._event({**self._head(), "choices": [], "usage": usage})
         await self._event("[DONE]")
         assert self.response is not None
         await self.response.write_eof()

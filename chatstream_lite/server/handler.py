@@ -15,8 +15,8 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional, Union
 
 from aiohttp import web
 
@@ -29,15 +29,15 @@ from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-Callback = Callable[[web.Request, str], Union[None, Awaitable[None]]]
+Callback = Callable[[web.Request, str], None | Awaitable[None]]
 
 
 @dataclass
 class Accepted:
     job: Job
     framing: Framing
-    end_turn: Optional[EndTurn] = None                         # see Exchange
-    release: Optional[Callable[[], Awaitable[None]]] = None    # always run at the end
+    end_turn: EndTurn | None = None                         # see Exchange
+    release: Callable[[], Awaitable[None]] | None = None    # always run at the end
 
 
 async def serve_exchange(runtime: Runtime, endpoint: str, request: web.Request,
@@ -70,5 +70,5 @@ async def _call_back(callback: Callback | None, request: web.Request, status: St
         result = callback(request, status)
         if inspect.isawaitable(result):
             await result
-    except Exception:  # noqa: BLE001 - the user's callback must not break the server
+    except Exception:
         log.exception("completion callback raised")

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -55,7 +56,8 @@ class Health:
         body: dict[str, Any] = {"status": "ok" if ok else "unavailable"}
         for result in results:
             body.update(result.fields)
-        body["checks"] = {name: result.ok for name, result in zip(self._checks, results)}
+        body["checks"] = {name: result.ok
+                          for name, result in zip(self._checks, results, strict=True)}
         return ok, body
 
     async def handle(self, request: web.Request) -> web.Response:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
 from ..chat_request import integer_field, parse_json_object, read_body, sampling_params
 from ..engine import Message, SamplingParams
+from ..engine.template import Role
 from ..errors import BadRequest, ChatStreamError
 from .framing import EventStream, JSONBody
 from .handler import Accepted, serve_exchange
@@ -106,7 +107,8 @@ def _messages(raw: Any, system_prompt: str | None) -> list[Message]:
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:  # a list is unhashable
             raise BadRequest(f"'{where}.role' must be one of system, developer, user, assistant "
-                             f"(tool calls are not supported), not {role!r}.", param=f"{where}.role")
+                             f"(tool calls are not supported), not {role!r}.",
+                             param=f"{where}.role")
         content = _content(message.get("content"), f"{where}.content")
         if role in ("system", "developer"):
             if turns:
@@ -114,7 +116,7 @@ def _messages(raw: Any, system_prompt: str | None) -> list[Message]:
                                  param=f"{where}.role")
             systems.append(content)
         else:
-            turns.append({"role": role, "content": content})
+            turns.append({"role": cast(Role, role), "content": content})
     if not turns or turns[-1]["role"] != "user":
         raise BadRequest("The last message must be the user's.", param="messages")
     system = "\n\n".join(systems) if systems else system_prompt
@@ -138,7 +140,8 @@ def _content(content: Any, where: str) -> str:
 def _params(data: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
     """OpenAI's names for what /chat_stream calls max_new_tokens and stop; the rest shared."""
     shared: dict[str, Any] = {
-        k: data[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed") if k in data}
+        k: data[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed")
+        if k in data}
     params = sampling_params(shared, defaults)
     for name in ("max_tokens", "max_completion_tokens"):
         if (v := data.get(name)) is not None:

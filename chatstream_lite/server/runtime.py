@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Hashable
 
 from aiohttp import web
 

@@ -52,7 +52,7 @@ class LlamaConfig:
     n_ctx: int = DEFAULT_N_CTX        # one conversation's KV cells (history + reply), per sequence
     n_gpu_layers: int = -1
     n_threads: int | None = None      # None: every core this process may use
-    n_batch: int = DEFAULT_N_BATCH    # tokens per decode; also the prompt chunk between cancel checks
+    n_batch: int = DEFAULT_N_BATCH    # tokens per decode; the prompt chunk between cancel checks
     parallel: int = 1                 # sequences decoded together (num_of_concurrent_executions)
     max_generation_time: float | None = None  # seconds of generation per reply; None: no limit
     verbose: bool = False
@@ -246,7 +246,7 @@ class LlamaEngine:
         try:
             token = runner.sample(seq, row)
             scheduler.take(seq, token, model.piece(token), model.is_end_of_generation(token))
-        except Exception as error:  # noqa: BLE001 - fails this job, not the others
+        except Exception as error:
             log.exception("generation failed")
             scheduler.fail(seq, error)
 

@@ -32,7 +32,7 @@ class Batch:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self._batch: llama_cpp.llama_batch | None = llama_cpp.llama_batch_init(capacity, 0, 1)
         # Typed views of the C arrays, looked up once: attribute access on the struct builds
         # a new pointer object every time, which the per-token path should not pay for.
         self._token = self._batch.token
@@ -60,13 +60,14 @@ class Batch:
 
     @property
     def native(self) -> llama_cpp.llama_batch:
+        assert self._batch is not None, "the batch was freed"
         self._batch.n_tokens = self.size
         return self._batch
 
     def close(self) -> None:
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
-            self._batch = None  # type: ignore[assignment]
+            self._batch = None
 
 
 class Vocabulary:
