@@ -25,6 +25,8 @@ from .errors import (
 from .settings import SEED_LIMIT
 
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+# Our bodies nest three levels (messages -> message -> content parts); far more is an attack.
+MAX_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -84,9 +86,30 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         data = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as error:
         raise BadRequest(f"The body is not valid JSON: {error}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise BadRequest(f"The body is nested too deeply (at most {MAX_JSON_DEPTH} levels)."
+                         ) from None
     if not isinstance(data, dict):
         raise BadRequest(f"The body must be a JSON object, not {type(data).__name__}.")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise BadRequest(f"The body is nested too deeply (at most {MAX_JSON_DEPTH} levels).")
     return data
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects, without recursion (what a handler might
+    do with a 900-level value, `repr` included, would recurse)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def _refuse_constant(name: str) -> Any:
@@ -137,11 +160,12 @@ def integer_field(name: str, value: Any, low: int, high: int) -> int:
 
 def number_field(name: str, value: Any, low: float, high: float) -> float:
     """`value` as a float if it is a finite number from `low` to `high`, else `BadRequest`."""
+    # Range first: an int compares with floats exactly, while math.isfinite(10**400) raises.
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
-        or not math.isfinite(value)
         or not low <= value <= high
+        or not math.isfinite(value)
     ):
         raise BadRequest(f"'{name}' must be a number from {low} to {high}.", param=name)
     return float(value)
