@@ -127,6 +127,10 @@ class Settings:
     log_level: str = field(default="INFO", metadata=option(
         "logging level; INFO logs one line per request (status, tokens, first token, "
         "tokens/s)", group=_SERVER, choices=LOG_LEVELS))
+    stall_timeout: float = field(default=60.0, metadata=option(
+        "seconds without a finished decode step, while requests run, after which /health "
+        "says 503 'stalled' (one step is a token of every stream, or one prompt chunk)",
+        group=_SERVER, minimum=0.1, metavar="SECONDS"))
     shutdown_grace: float = field(default=10.0, metadata=option(
         "on SIGTERM/SIGINT: seconds running streams may take to finish before they are "
         "cancelled", group=_SERVER, minimum=0, metavar="SECONDS"))
@@ -298,6 +302,7 @@ class Settings:
             "session_idle_ttl": self.session_idle_ttl,
             "cookie_secure": self.cookie_secure,
             "shutdown_grace": self.shutdown_grace,
+            "stall_timeout": self.stall_timeout,
             "api_key": self.api_key,
             "api_key_paths": OPEN_CHAT_API_KEY_PATHS if self.api_key_open_chat
                              else DEFAULT_API_KEY_PATHS,

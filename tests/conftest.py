@@ -117,9 +117,10 @@ def build_full_app(chat_stream: ChatStream, recorder: Recorder) -> web.Applicati
 AppBuilder = Callable[[ChatStream, Recorder], web.Application]
 
 
-async def start_server(chat_stream: ChatStream, build: AppBuilder = build_app) -> Server:
+async def start_server(chat_stream: ChatStream, build: AppBuilder = build_app,
+                       **runner_options: Any) -> Server:
     recorder = Recorder()
-    runner = web.AppRunner(build(chat_stream, recorder))
+    runner = web.AppRunner(build(chat_stream, recorder), **runner_options)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -127,8 +128,9 @@ async def start_server(chat_stream: ChatStream, build: AppBuilder = build_app) -
     return Server(chat_stream, recorder, runner, host, port)
 
 
-async def serve(chat_stream: ChatStream, build: AppBuilder = build_app) -> AsyncIterator[Server]:
-    server = await start_server(chat_stream, build)
+async def serve(chat_stream: ChatStream, build: AppBuilder = build_app,
+                **runner_options: Any) -> AsyncIterator[Server]:
+    server = await start_server(chat_stream, build, **runner_options)
     try:
         yield server
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import zlib
 from pathlib import Path
 
@@ -93,6 +94,7 @@ class MockEngine:
         self.faults = Faults()
         self.model_info: ModelInfo | None = None
         self.failure: BaseException | None = None
+        self.last_progress = time.monotonic()
         self._template = ChatTemplate(CHATML, bos_token="", eos_token="<|im_end|>")
         self._running: dict[Job, asyncio.Task[None]] = {}
         self._started = False
@@ -150,6 +152,7 @@ class MockEngine:
         deadline = None if limit is None else loop.time() + limit
         for token in tokens:
             await asyncio.sleep(self.delay)
+            self.last_progress = time.monotonic()
             if job.cancelled:
                 break
             if self.faults.before_token is not None:

@@ -55,6 +55,9 @@ class Engine(Protocol):
     stats: EngineStats
     faults: Faults
     model_info: ModelInfo | None
+    # time.monotonic() when the engine last finished a step or went idle: a health check
+    # calls it stalled when work waits and this is too long ago.
+    last_progress: float
 
     @property
     def capacity(self) -> int:

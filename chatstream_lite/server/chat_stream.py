@@ -107,6 +107,7 @@ class ChatStream:
         session_idle_ttl: int = DEFAULT_IDLE_TTL,
         cookie_secure: bool = DEFAULTS.cookie_secure,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        stall_timeout: float = DEFAULTS.stall_timeout,
         api_key: str | None = None,
         api_key_paths: Sequence[str] = DEFAULT_PROTECTED,
         load_in_background: bool = False,
@@ -129,7 +130,8 @@ class ChatStream:
             engine, Admission(engine, max_queue_size=max_queue_size,
                               max_queue_wait=max_queue_wait, max_messages=max_messages,
                               max_input_chars=max_input_chars),
-            shutdown_grace=shutdown_grace, load_in_background=load_in_background)
+            shutdown_grace=shutdown_grace, stall_timeout=stall_timeout,
+            load_in_background=load_in_background)
         self.defaults = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             repeat_penalty=repeat_penalty, seed=seed, stop=tuple(stop or ()))

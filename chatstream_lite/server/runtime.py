@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Hashable
 
 from aiohttp import web
@@ -29,6 +30,7 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_GRACE = DEFAULTS.shutdown_grace
+DEFAULT_STALL_TIMEOUT = DEFAULTS.stall_timeout
 
 
 class Runtime:
@@ -36,10 +38,14 @@ class Runtime:
 
     def __init__(self, engine: Engine, admission: Admission, *,
                  shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  load_in_background: bool = False) -> None:
+        if not stall_timeout > 0:
+            raise ValueError("stall_timeout must be > 0 seconds")
         self.engine = engine
         self.admission = admission
         self.shutdown_grace = shutdown_grace
+        self.stall_timeout = stall_timeout
         self.load_in_background = load_in_background
         self.metrics = Metrics(admission)
         self.health = Health()
@@ -120,8 +126,14 @@ class Runtime:
     # -- /health ----------------------------------------------------------------------------
     async def _engine_health(self) -> CheckResult:
         engine, info = self.engine, self.engine.model_info
+        stalled = (engine.ready and self.admission.running > 0
+                   and time.monotonic() - engine.last_progress > self.stall_timeout)
         if self.draining:
             state = "draining"  # shutting down: a load balancer should stop sending here
+        elif stalled:
+            # Work waits and no step has ended for stall_timeout seconds: the model is
+            # wedged (or the machine is starved); take this replica out of rotation.
+            state = "stalled"
         elif engine.ready:
             state = "ready"
         elif engine.failure is not None:
@@ -132,7 +144,7 @@ class Runtime:
             state = "loading"
         else:
             state = "stopped"
-        return CheckResult(engine.ready and not self.draining, {
+        return CheckResult(engine.ready and not self.draining and not stalled, {
             "model": info.path.stem if info else None,
             "gpu_offload": info.gpu_offload if info else False,
             "running": self.admission.running,

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ class LlamaEngine:
         self.faults = Faults(wake=self._wake)
         self.model_info: ModelInfo | None = None
         self.failure: BaseException | None = None
+        self.last_progress = time.monotonic()        # written by the thread, read by /health
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-engine")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._died: Died | None = None
@@ -201,12 +203,14 @@ class LlamaEngine:
                 self._flush()
                 if scheduler.active:
                     self._step(scheduler, runner)
+                    self.last_progress = time.monotonic()
                     continue
                 if self._stopping and not self._inbox:
                     return
                 # A job handed over after the inbox check set the event already: no lost wakeup.
                 self._work.wait()
                 self._work.clear()
+                self.last_progress = time.monotonic()
         except BaseException as error:  # a bug here must not leave a client waiting forever
             log.exception("the engine thread failed")
             scheduler.fail_everything(error)
