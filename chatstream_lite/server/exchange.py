@@ -57,8 +57,9 @@ class Exchange:
         self.received = received
         self._end_turn = end_turn
         self.status: StreamStatus | None = None
-        # What to answer instead of a stream: a refusal (status None, no callback) or a
-        # failure before any header went out (status unknown_error_occurred).
+        # What to answer instead of a stream: a refusal (status None, no callback), or a
+        # failure once accepted (status unknown_error_occurred, one callback): opening the
+        # stream failed, or the job failed before any header went out.
         self.error: ChatStreamError | None = None
         self.reply = ""                 # exactly the text handed to the framing
         self.dropped_messages = 0
@@ -129,8 +130,11 @@ class Exchange:
     async def _open(self, started: Started) -> None:
         try:
             await self.framing.open(started)
-        except ChatStreamError as refusal:  # e.g. messages a stateless client must trim
-            self.error = refusal
+        except ChatStreamError as failure:  # e.g. the session store, saving the cookie
+            # The engine had taken the job: an accepted request that failed, not a refusal.
+            self.error = failure
+            self.status = StreamStatus.UNKNOWN_ERROR_OCCURRED
+            self.finish_reason = "error"
             self.job.cancel()
             return
         except ConnectionError:
@@ -160,7 +164,7 @@ class Exchange:
 
     async def _settle(self, failure: BaseException | None) -> None:
         if self.error is not None:
-            return  # refused by the framing when the job started
+            return  # failed to open when the job started (the status says so already)
         if isinstance(failure, ChatStreamError) and not self._opened:
             # Refused by the engine before it started (e.g. the prompt cannot fit): a
             # rejection like any other 4xx, so no callback and no change to the history.
