@@ -61,9 +61,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def chatstream_lite(settings: Settings, port: int) -> Launch:
+def chatstream_lite(settings: Settings, port: int, root: Path = ROOT) -> Launch:
+    """`python -m chatstream_lite` from the checkout at `root` (another one: a baseline)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSTREAM_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     return Launch(
         [sys.executable, "-m", "chatstream_lite", "--model", str(settings.model),
          "--host", HOST, "--port", str(port), "--n-ctx", str(settings.n_ctx),

