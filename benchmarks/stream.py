@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="a checkout of chatstream_lite to compare with (systems "
                         "chat_stream_baseline and openai_baseline)")
-    parser.add_argument("--systems", default=",".join(s for s in SYSTEMS if "baseline" not in s),
-                        help=f"comma-separated, in order (default: {','.join(SYSTEMS)})")
+    systems = ",".join(s for s in SYSTEMS if "baseline" not in s)
+    parser.add_argument("--systems", default=systems,
+                        help=f"comma-separated, in order (default: {systems})")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated (default: {','.join(STAGES)})")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
