@@ -245,6 +245,31 @@ def llama_cpp_reference(model_path: str, question: str, *, n_ctx: int, n_threads
         llm.close()
 
 
+def reuse_is_exact() -> tuple[bool, str]:
+    """Whether reusing KV cells gives bit-identical logits to a cold start on this machine.
+
+    Measured (benchmarks/determinism.py, RESULTS.md "Determinism across CPUs"): llama.cpp's
+    llamafile kernels (tinyBLAS) compute a matrix product with several columns in another
+    order than its one-column path, so on an AVX2-only CPU a token decoded alone (a reply
+    token, or the one token after a reused prefix) gets KV values that differ in the last
+    bits (about 2e-6) from the same token decoded inside a chunk, and greedy text parts after
+    some tens of tokens. With ggml built without llamafile, or on the AVX-512 CPUs the
+    earlier sessions ran on, the two agree.
+    """
+    system = llama_cpp.llama_print_system_info().decode()
+    flags = set()
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if "LLAMAFILE = 1" in system and "avx512f" not in flags:
+        return False, ("this CPU has AVX2 but not AVX-512 and llama.cpp was built with "
+                       "llamafile (LLAMAFILE = 1), whose kernels differ between one token and "
+                       "a chunk")
+    return True, "holds"
+
+
 def smollm2_vocabulary(model_path: str) -> tuple[Any, Callable[[], None]]:
     """The real SmolLM2 tokenizer without a context (vocab only), and how to free it."""
     from chatstream_lite.engine.llama.model import Vocabulary

@@ -3,7 +3,12 @@
 Two servers on the same model: one with a single slot, one with four. Greedy replies are
 compared whole, not just their first tokens: every sequence has a KV stream of its own and
 each prompt chunk is decoded on its own, which keeps a job's logits bit-identical to running
-it alone (see chatstream_lite/batching.py), so nothing may drift.
+it alone on every CPU measured (benchmarks/RESULTS.md, "Determinism across CPUs").
+
+Reusing KV cells (a session's next turn, a prefix copied from another slot) equals a cold
+start only where llama.cpp computes a token the same way alone and inside a chunk: not with
+the default (llamafile) build on AVX2-only CPUs, where those tests say so and skip their
+final equality after checking the reuse itself.
 """
 
 from __future__ import annotations
@@ -17,7 +22,16 @@ import pytest_asyncio
 from chatstream_lite import ChatStream
 from chatstream_lite.engine.scheduler import forward_passes
 
-from .conftest import GREEDY, RawStream, Server, generate_alone, post_chat, serve, wait_until
+from .conftest import (
+    GREEDY,
+    RawStream,
+    Server,
+    generate_alone,
+    post_chat,
+    reuse_is_exact,
+    serve,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -31,6 +45,16 @@ QUESTIONS = [
     "List three fruits and their colours.",
     "Tell me a story about a brave mouse.",
 ]
+# Asked nowhere else in this module: the servers hold no earlier turn that shares more than
+# the template's system prompt with them, so no reply is built on a reused prefix (whose
+# equality with a cold start is a separate guarantee, checked by reuse_is_exact below).
+FRESH_QUESTIONS = [
+    "Describe a thunderstorm in three sentences.",
+    "Why do cats purr?",
+    "Give me two tips for learning to swim.",
+    "What is the capital of France, and why is it famous?",
+]
+STAYERS = ["Name three planets.", "How do bees make honey?", "Write a haiku about snow."]
 
 
 def _chat_stream(model_path: str, parallel: int) -> ChatStream:
@@ -64,10 +88,10 @@ async def test_a_reply_is_identical_with_one_or_four_slots(single: Server, paral
 
 
 async def test_concurrent_replies_equal_the_same_requests_run_alone(single: Server, parallel: Server) -> None:
-    alone = [await _ask(single, question) for question in QUESTIONS]
+    alone = [await _ask(single, question) for question in FRESH_QUESTIONS]
     stats = parallel.chat_stream.engine.stats
     tokens, steps, passes = stats.completion_tokens, stats.generation_steps, stats.generation_passes
-    together = await asyncio.gather(*(_ask(parallel, question) for question in QUESTIONS))
+    together = await asyncio.gather(*(_ask(parallel, question) for question in FRESH_QUESTIONS))
     assert together == alone
     per_step = (stats.completion_tokens - tokens) / (stats.generation_steps - steps)
     assert per_step > 2, f"the replies should have been decoded together ({per_step:.2f} tokens/step)"
@@ -85,7 +109,7 @@ def test_forward_passes_count_runs_of_adjacent_sequence_ids() -> None:
 
 
 async def test_a_client_leaving_mid_batch_leaves_the_other_replies_unchanged(single: Server, parallel: Server) -> None:
-    stayers = QUESTIONS[:3]
+    stayers = STAYERS
     alone = [await _ask(single, question) for question in stayers]
     recorder = parallel.recorder
     before = len(recorder.calls)
@@ -105,6 +129,7 @@ async def test_a_client_leaving_mid_batch_leaves_the_other_replies_unchanged(sin
 
 
 async def test_next_turn_reuses_the_previous_turn_and_equals_a_cold_start(parallel: Server, model_path: str) -> None:
+    exact, why = reuse_is_exact()
     stats = parallel.chat_stream.engine.stats
     async with parallel.client() as client:
         await post_chat(client, user_input="My name is Aiko and I like green tea.", max_new_tokens=TOKENS, **GREEDY)
@@ -120,12 +145,17 @@ async def test_next_turn_reuses_the_previous_turn_and_equals_a_cold_start(parall
     cold, cold_stats = await generate_alone(model_path, history[:-1], n_ctx=N_CTX,
                                             n_batch=N_BATCH, max_new_tokens=TOKENS)
     assert cold_stats.prompt_tokens_reused == 0
-    assert warm == cold == history[-1]["content"]
+    assert warm == history[-1]["content"]
+    if not exact:
+        pytest.skip(f"reuse was measured (above), but its text equals a cold start only where "
+                    f"the guarantee holds: {why}")
+    assert warm == cold
 
 
 async def test_a_new_session_borrows_a_shared_prefix_and_equals_a_cold_start(
         parallel: Server, model_path: str) -> None:
     """A prefix another slot holds (here a long shared preamble) is copied, not evaluated."""
+    exact, why = reuse_is_exact()
     stats = parallel.chat_stream.engine.stats
     preamble = "Read this notice first. " + " ".join(f"Rule {i}: be kind to guest {i}." for i in range(12))
     async with parallel.client() as client:
@@ -142,6 +172,9 @@ async def test_a_new_session_borrows_a_shared_prefix_and_equals_a_cold_start(
     cold, cold_stats = await generate_alone(model_path, parallel.recorder.calls[-1][1][:-1],
                                             n_ctx=N_CTX, n_batch=N_BATCH, max_new_tokens=TOKENS)
     assert cold_stats.prompt_tokens_reused == 0
+    if not exact:
+        pytest.skip(f"the copy was measured (above), but its text equals a cold start only "
+                    f"where the guarantee holds: {why}")
     assert warm == cold
 
 
