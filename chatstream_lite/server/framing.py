@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -94,12 +95,22 @@ class PlainText:
         return web.Response(status=499)  # the client left before the headers: nobody reads this
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """The model as OpenAI's responses name it."""
+
+    name: str            # `model` in every response: the served name (alias) or the file's stem
+    fingerprint: str     # `system_fingerprint`
+
+
 class _Completion:
     """What every framing of one completion shares: its id, the model, the context check."""
 
-    def __init__(self, request: web.Request, model: str, completion: CompletionRequest) -> None:
+    def __init__(self, request: web.Request, served: ServedModel,
+                 completion: CompletionRequest) -> None:
         self.request = request
-        self.model = model
+        self.model = served.name
+        self.fingerprint = served.fingerprint
         self.completion = completion
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -144,6 +155,7 @@ class JSONBody(_Completion):
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": self.fingerprint,
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": exchange.reply},
@@ -204,7 +216,7 @@ class EventStream(_Completion):
 
     def _head(self) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model}
+                "model": self.model, "system_fingerprint": self.fingerprint}
 
     async def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> None:
         chunk = {**self._head(), "choices": [{"index": 0, "delta": delta, "logprobs": None,

@@ -15,17 +15,19 @@ silently dropping the oldest turns: the client owns the history, so it must deci
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
+from .. import __version__
 from ..chat_request import integer_field, parse_json_object, read_body, sampling_params
-from ..engine import Message, SamplingParams
+from ..engine import Message, ModelInfo, SamplingParams
 from ..engine.template import Role
 from ..errors import BadRequest, ChatStreamError
-from .framing import EventStream, JSONBody
+from .framing import EventStream, JSONBody, ServedModel
 from .handler import Accepted, serve_exchange
 from .responses import openai_error_response
 
@@ -34,13 +36,15 @@ if TYPE_CHECKING:
 
 ENDPOINT = "chat_completions"     # this endpoint's name in metrics and logs
 MAX_STOP_STRINGS = 4              # OpenAI's limit
+MAX_TOKENS_ASKED = 2**31 - 1      # what max_tokens may ask for; the server's cap applies after
 
 # Parameters we implement (top_k and repeat_penalty are llama.cpp extensions, as in
 # llama-server), parameters we accept and ignore, and parameters we accept only at the
 # value that asks for nothing. Anything else is a 400: silently ignoring e.g. `tools` would
 # let a client believe it got tool calling.
 SUPPORTED = {"messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-             "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop"}
+             "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop",
+             "response_format"}
 IGNORED = {"model", "user"}
 NEUTRAL: dict[str, Any] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0,
                            "logprobs": False}
@@ -68,12 +72,24 @@ def parse_completion_request(body: bytes, defaults: SamplingParams,
                                  param=name)
             continue
         raise BadRequest(f"Unsupported parameter: '{name}'.", param=name)
+    _response_format(data.get("response_format"))
     stream = data.get("stream") or False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false.", param="stream")
     include_usage = _stream_options(data.get("stream_options"), stream)
     messages = _messages(data.get("messages"), system_prompt)
     return CompletionRequest(messages, _params(data, defaults), stream, include_usage)
+
+
+def _response_format(value: Any) -> None:
+    """`{"type": "text"}` (OpenAI's default, which some clients send explicitly) asks for
+    nothing."""
+    if value is None:
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind != "text":
+        raise BadRequest("'response_format' supports only {\"type\": \"text\"}.",
+                         param="response_format")
 
 
 def _stream_options(options: Any, stream: bool) -> bool:
@@ -94,8 +110,11 @@ def _stream_options(options: Any, stream: bool) -> bool:
 
 def _messages(raw: Any, system_prompt: str | None) -> list[Message]:
     """The conversation as the engine takes it: leading system/developer messages merged
-    into one system message (the server's `system_prompt` when there is none), then user
-    and assistant turns, ending with the user's."""
+    into one system message (the server's `system_prompt` when there is none), then the
+    other messages in their order, ending with a user's (or a system message after one).
+
+    A system message after the first turn is passed to the template as it is: a template
+    that cannot render it refuses with its own message (400 `template_refused`)."""
     if not isinstance(raw, list) or not raw:
         raise BadRequest("'messages' must be a non-empty list.", param="messages")
     systems: list[str] = []
@@ -111,14 +130,14 @@ def _messages(raw: Any, system_prompt: str | None) -> list[Message]:
                              param=f"{where}.role")
         content = _content(message.get("content"), f"{where}.content")
         if role in ("system", "developer"):
-            if turns:
-                raise BadRequest(f"'{where}': system messages must come before the others.",
-                                 param=f"{where}.role")
-            systems.append(content)
-        else:
-            turns.append({"role": cast(Role, role), "content": content})
-    if not turns or turns[-1]["role"] != "user":
-        raise BadRequest("The last message must be the user's.", param="messages")
+            if not turns:
+                systems.append(content)
+                continue
+            role = "system"
+        turns.append({"role": cast(Role, role), "content": content})
+    if not any(t["role"] == "user" for t in turns) or turns[-1]["role"] == "assistant":
+        raise BadRequest("The messages must hold a user's, and the last one must not be the "
+                         "assistant's (continuing a reply is not supported).", param="messages")
     system = "\n\n".join(systems) if systems else system_prompt
     head: list[Message] = [{"role": "system", "content": system}] if system else []
     return head + turns
@@ -145,8 +164,10 @@ def _params(data: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
     params = sampling_params(shared, defaults)
     for name in ("max_tokens", "max_completion_tokens"):
         if (v := data.get(name)) is not None:
-            params = replace(params, max_new_tokens=integer_field(
-                name, v, 1, defaults.max_new_tokens))
+            # Clamped, not refused: clients send 1024-4096 by default, whatever the server's
+            # cap; a reply cut at the cap ends with finish_reason "length", as any cut does.
+            asked = integer_field(name, v, 1, MAX_TOKENS_ASKED)
+            params = replace(params, max_new_tokens=min(asked, defaults.max_new_tokens))
     if (v := data.get("stop")) is not None:
         stops = [v] if isinstance(v, str) else v
         if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
@@ -168,15 +189,23 @@ class OpenAIAPI:
         app.router.add_post(f"{prefix}/chat/completions", self.handle_chat_completions)
         app.router.add_get(f"{prefix}/models", self.handle_models)
 
+    def served_model(self) -> ServedModel:
+        """The model's id (the `--served-model-name` alias, else the file's stem) and the
+        `system_fingerprint` of this server and model."""
+        info = self.runtime.require_model()
+        name = self.chat_stream.served_model_name or info.path.stem
+        return ServedModel(name, fingerprint(info))
+
     async def handle_models(self, request: web.Request) -> web.Response:
-        """`GET /v1/models`: the one loaded model."""
+        """`GET /v1/models`: the one loaded model, under its served name."""
         try:
             self.chat_stream.api_key.check(request)
             info = self.runtime.require_model()
+            served = self.served_model()
         except ChatStreamError as error:
             return openai_error_response(error)
         return web.json_response({"object": "list", "data": [{
-            "id": info.path.stem, "object": "model", "created": int(info.path.stat().st_mtime)
+            "id": served.name, "object": "model", "created": int(info.path.stat().st_mtime)
             if info.path.is_file() else 0, "owned_by": "chatstream_lite",
         }]})
 
@@ -189,10 +218,19 @@ class OpenAIAPI:
             body = await read_body(request, chat_stream.max_body_size)
             completion = parse_completion_request(body, chat_stream.defaults,
                                                   chat_stream.system_prompt)
-            model = self.runtime.require_model().path.stem
+            served = self.served_model()
             # The client owns the history: what does not fit is refused, never cut silently.
             job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)
             framing_type = EventStream if completion.stream else JSONBody
-            return Accepted(job, framing_type(request, model, completion))
+            return Accepted(job, framing_type(request, served, completion))
 
         return await serve_exchange(self.runtime, ENDPOINT, request, admit, openai_error_response)
+
+
+def fingerprint(info: ModelInfo) -> str:
+    """OpenAI's `system_fingerprint`: it changes when what decides the output may have
+    changed (this package's version, the model file, the context size), so a client that
+    compares seeded replies can tell a changed backend from chance."""
+    size = info.path.stat().st_size if info.path.is_file() else 0
+    key = f"{__version__}|{info.name}|{info.path.name}|{size}|{info.n_ctx}"
+    return "fp_" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]

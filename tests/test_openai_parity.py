@@ -1,0 +1,114 @@
+"""OpenAI API parity (issue 12): what OpenAI clients and agent frameworks send, answered as
+llama-server and Ollama answer it, driven by the official `openai` client on the real model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+import pytest_asyncio
+from openai import AsyncOpenAI
+
+from chatstream_lite import ChatStream
+
+from .conftest import Server, build_full_app, serve
+
+pytestmark = pytest.mark.timeout(120)
+
+N_CTX = 1024
+MAX_NEW_TOKENS = 24
+ALIAS = "gpt-4o-mini"
+# Greedy replies are compared within one request only: a prompt found in the KV cache is read
+# in other batches, which moves the logits enough to change a tiny model's greedy text.
+GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0}}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+LONG = [{"role": "user", "content": "Write a long poem about the sea."}]
+
+
+@pytest_asyncio.fixture(scope="module")
+async def server(model_path: str) -> AsyncIterator[Server]:
+    chat_stream = ChatStream(model_path, n_ctx=N_CTX, max_new_tokens=MAX_NEW_TOKENS,
+                             num_of_concurrent_executions=2, served_model_name=ALIAS)
+    async for running in serve(chat_stream, build_full_app):
+        yield running
+
+
+@pytest_asyncio.fixture
+async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
+    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+async def _stream_text(client: AsyncOpenAI, **kwargs: Any) -> tuple[str, str | None]:
+    """A streamed reply's text and its finish reason."""
+    stream = await client.chat.completions.create(model="x", stream=True, **kwargs)
+    text, reason = "", None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            reason = chunk.choices[0].finish_reason or reason
+    return text, reason
+
+
+# -- priority 1: what clients send by default ------------------------------------------------
+async def test_response_format_text_is_accepted_streaming_and_not(client: AsyncOpenAI) -> None:
+    whole = await client.chat.completions.create(
+        model="x", messages=QUESTION, max_tokens=8, response_format={"type": "text"}, **GREEDY)
+    text, _ = await _stream_text(client, messages=QUESTION, max_tokens=8,
+                                 response_format={"type": "text"}, **GREEDY)
+    assert whole.choices[0].message.content and text
+
+
+async def test_max_tokens_above_the_cap_is_clamped_and_cut_with_length(
+        client: AsyncOpenAI) -> None:
+    whole = await client.chat.completions.create(
+        model="x", messages=LONG, max_tokens=4096, **GREEDY)
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == MAX_NEW_TOKENS
+    text, reason = await _stream_text(client, messages=LONG, max_completion_tokens=100_000,
+                                      **GREEDY)
+    assert reason == "length" and text
+
+
+async def test_a_system_message_after_a_user_turn_reaches_the_template(
+        client: AsyncOpenAI) -> None:
+    history: list[Any] = [{"role": "user", "content": "Hi!"},
+                          {"role": "assistant", "content": "Hello! How can I help?"}]
+    ask = {"role": "user", "content": "What is the capital of France?"}
+    plain = await client.chat.completions.create(
+        model="x", messages=[*history, ask], max_tokens=4, **GREEDY)
+    steered = await client.chat.completions.create(
+        model="x", messages=[*history, {"role": "system", "content": "Answer in one word."},
+                             ask], max_tokens=4, **GREEDY)
+    assert plain.usage is not None and steered.usage is not None
+    # The system turn was rendered in place: its words and its role markers are in the prompt.
+    assert steered.usage.prompt_tokens > plain.usage.prompt_tokens + 5
+    assert steered.choices[0].message.content
+
+
+async def test_the_served_model_name_is_the_id_everywhere_with_a_fingerprint(
+        client: AsyncOpenAI) -> None:
+    assert [m.id async for m in client.models.list()] == [ALIAS]
+    whole = await client.chat.completions.create(model=ALIAS, messages=QUESTION, max_tokens=2)
+    assert whole.model == ALIAS
+    assert whole.system_fingerprint and whole.system_fingerprint.startswith("fp_")
+    stream = await client.chat.completions.create(model=ALIAS, messages=QUESTION, max_tokens=2,
+                                                  stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert {(c.model, c.system_fingerprint) for c in chunks} == {
+        (ALIAS, whole.system_fingerprint)}
+
+
+async def test_other_response_formats_and_a_last_assistant_message_are_still_400s(
+        client: AsyncOpenAI) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"messages": [*QUESTION, {"role": "assistant", "content": "The"}]}, "messages"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(**{"model": "x", "messages": QUESTION, **extra})
+        assert caught.value.response.json()["error"]["param"] == param, extra
