@@ -112,3 +112,80 @@ async def test_other_response_formats_and_a_last_assistant_message_are_still_400
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(**{"model": "x", "messages": QUESTION, **extra})
         assert caught.value.response.json()["error"]["param"] == param, extra
+
+
+# -- priority 2: penalties and logit_bias in the sampler chain -------------------------------
+REPEAT = [{"role": "user", "content": "Say the word hello twenty times."}]
+
+
+def _tokens(server: Server, *words: str) -> list[int]:
+    info = server.chat_stream.engine.model_info
+    assert info is not None
+    return [t for w in words for t in info.tokenizer.tokenize(w, special=False)]
+
+
+async def test_a_token_banned_with_logit_bias_never_appears(
+        server: Server, client: AsyncOpenAI) -> None:
+    baseline = await client.chat.completions.create(
+        model="x", messages=REPEAT, max_tokens=16, **GREEDY)
+    assert "hello" in (baseline.choices[0].message.content or "")
+    banned = {str(t): -100 for t in _tokens(server, "hello", " hello", "Hello", " Hello")}
+    whole = await client.chat.completions.create(
+        model="x", messages=REPEAT, max_tokens=16, logit_bias=banned, **GREEDY)
+    text, _ = await _stream_text(client, messages=REPEAT, max_tokens=16, logit_bias=banned,
+                                 **GREEDY)
+    for reply in (whole.choices[0].message.content or "", text):
+        assert reply and "hello" not in reply and "Hello" not in reply, reply
+
+
+async def test_a_token_favoured_with_logit_bias_is_all_there_is(
+        server: Server, client: AsyncOpenAI) -> None:
+    [banana] = _tokens(server, " banana")
+    whole = await client.chat.completions.create(
+        model="x", messages=QUESTION, max_tokens=8, logit_bias={str(banana): 100}, **GREEDY)
+    assert whole.choices[0].message.content == " banana" * 8
+
+
+async def test_frequency_and_presence_penalties_change_greedy_output(
+        client: AsyncOpenAI) -> None:
+    async def hellos(**extra: Any) -> int:
+        reply = await client.chat.completions.create(
+            model="x", messages=REPEAT, max_tokens=MAX_NEW_TOKENS, **GREEDY, **extra)
+        return (reply.choices[0].message.content or "").lower().count("hello")
+
+    plain = await hellos()
+    assert plain >= 8, "without penalties the model repeats itself"
+    assert await hellos(frequency_penalty=2.0) <= plain // 2
+    assert await hellos(presence_penalty=2.0) <= plain // 2
+    text, _ = await _stream_text(client, messages=REPEAT, max_tokens=MAX_NEW_TOKENS,
+                                 frequency_penalty=2.0, **GREEDY)
+    assert text.lower().count("hello") <= plain // 2
+
+
+async def test_bad_penalties_and_biases_are_400s(client: AsyncOpenAI) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"presence_penalty": -3}, "presence_penalty"),
+        ({"logit_bias": {"hello": 5}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 5}}, "logit_bias"),   # beyond the vocabulary
+        ({"logit_bias": {"1" * 5000: 5}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(**{"model": "x", "messages": QUESTION, **extra})
+        assert caught.value.response.json()["error"]["param"] == param, extra
+
+
+async def test_chat_stream_takes_the_penalties_too(server: Server) -> None:
+    async with server.client() as session:
+        counts = []
+        for penalty in (0.0, 2.0):
+            async with session.post("/chat_stream", json={
+                    "user_input": REPEAT[0]["content"], "temperature": 0, "repeat_penalty": 1.0,
+                    "frequency_penalty": penalty}) as response:
+                assert response.status == 200
+                counts.append((await response.text()).lower().count("hello"))
+            async with session.post("/clear_context", json={}) as response:
+                assert response.status == 200
+    assert counts[0] >= 8 and counts[1] <= counts[0] // 2, counts

@@ -32,6 +32,7 @@ class ModelInfo:
     gpu_offload: bool
     chat_template: ChatTemplate
     tokenizer: Tokenizer         # thread-safe: preparation runs in its own worker
+    n_vocab: int = 0             # token ids are 0 .. n_vocab-1 (0: unknown, e.g. the mock)
 
 
 @dataclass

@@ -21,3 +21,8 @@ class SamplingParams:
     repeat_penalty: float = DEFAULTS.repeat_penalty
     seed: int | None = DEFAULTS.seed
     stop: tuple[str, ...] = ()
+    # OpenAI's penalties (0: off): per occurrence of a token in the reply so far, and once
+    # for having occurred at all; llama.cpp's penalties sampler applies both.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any, cast
 from aiohttp import web
 
 from .. import __version__
-from ..chat_request import integer_field, parse_json_object, read_body, sampling_params
+from ..chat_request import (
+    integer_field,
+    number_field,
+    parse_json_object,
+    read_body,
+    sampling_params,
+)
 from ..engine import Message, ModelInfo, SamplingParams
 from ..engine.template import Role
 from ..errors import BadRequest, ChatStreamError
@@ -44,10 +50,10 @@ MAX_TOKENS_ASKED = 2**31 - 1      # what max_tokens may ask for; the server's ca
 # let a client believe it got tool calling.
 SUPPORTED = {"messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
              "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop",
-             "response_format"}
+             "response_format", "frequency_penalty", "presence_penalty", "logit_bias"}
 IGNORED = {"model", "user"}
-NEUTRAL: dict[str, Any] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0,
-                           "logprobs": False}
+NEUTRAL: dict[str, Any] = {"n": 1, "logprobs": False}
+MAX_LOGIT_BIAS = 300              # tokens one request may bias (OpenAI: 300)
 ROLES = {"system", "developer", "user", "assistant"}
 
 
@@ -60,8 +66,10 @@ class CompletionRequest:
 
 
 def parse_completion_request(body: bytes, defaults: SamplingParams,
-                             system_prompt: str | None = None) -> CompletionRequest:
-    """Check a `/v1/chat/completions` body; every problem is a `BadRequest` naming its param."""
+                             system_prompt: str | None = None,
+                             n_vocab: int = 0) -> CompletionRequest:
+    """Check a `/v1/chat/completions` body; every problem is a `BadRequest` naming its param.
+    `n_vocab` (when known) bounds the token ids of `logit_bias`."""
     data = parse_json_object(body)
     for name, value in data.items():
         if name in SUPPORTED or name in IGNORED or value is None:
@@ -78,7 +86,7 @@ def parse_completion_request(body: bytes, defaults: SamplingParams,
         raise BadRequest("'stream' must be true or false.", param="stream")
     include_usage = _stream_options(data.get("stream_options"), stream)
     messages = _messages(data.get("messages"), system_prompt)
-    return CompletionRequest(messages, _params(data, defaults), stream, include_usage)
+    return CompletionRequest(messages, _params(data, defaults, n_vocab), stream, include_usage)
 
 
 def _response_format(value: Any) -> None:
@@ -156,10 +164,11 @@ def _content(content: Any, where: str) -> str:
                      "(images and audio are not supported).", param=where)
 
 
-def _params(data: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
+def _params(data: dict[str, Any], defaults: SamplingParams, n_vocab: int) -> SamplingParams:
     """OpenAI's names for what /chat_stream calls max_new_tokens and stop; the rest shared."""
     shared: dict[str, Any] = {
-        k: data[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed")
+        k: data[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed",
+                             "frequency_penalty", "presence_penalty")
         if k in data}
     params = sampling_params(shared, defaults)
     for name in ("max_tokens", "max_completion_tokens"):
@@ -175,7 +184,25 @@ def _params(data: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
             raise BadRequest(f"'stop' must be a string or a list of up to {MAX_STOP_STRINGS} "
                              "non-empty strings.", param="stop")
         params = replace(params, stop=(*defaults.stop, *stops))
+    if (v := data.get("logit_bias")) is not None:
+        params = replace(params, logit_bias=_logit_bias(v, n_vocab))
     return params
+
+
+def _logit_bias(value: Any, n_vocab: int) -> tuple[tuple[int, float], ...]:
+    """`{"token id": bias}` as OpenAI takes it: ids as strings, biases from -100 (the token
+    is never chosen) to 100 (it is the only choice)."""
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise BadRequest(f"'logit_bias' must be an object of up to {MAX_LOGIT_BIAS} "
+                         "token ids and biases.", param="logit_bias")
+    top = n_vocab - 1 if n_vocab > 0 else 2**31 - 1
+    biases: list[tuple[int, float]] = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10) or int(key) > top:
+            raise BadRequest(f"'logit_bias' keys must be token ids from 0 to {top}, not "
+                             f"{key!r}.", param="logit_bias")
+        biases.append((int(key), number_field(f"logit_bias.{key}", bias, -100.0, 100.0)))
+    return tuple(biases)
 
 
 class OpenAIAPI:
@@ -217,7 +244,8 @@ class OpenAIAPI:
             chat_stream.api_key.check(request)
             body = await read_body(request, chat_stream.max_body_size)
             completion = parse_completion_request(body, chat_stream.defaults,
-                                                  chat_stream.system_prompt)
+                                                  chat_stream.system_prompt,
+                                                  self.runtime.require_model().n_vocab)
             served = self.served_model()
             # The client owns the history: what does not fit is refused, never cut silently.
             job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)

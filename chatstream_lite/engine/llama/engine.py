@@ -168,7 +168,8 @@ class LlamaEngine:
                                     emit=self._post, stats=self.stats, faults=self.faults,
                                     max_generation_time=cfg.max_generation_time)
         name = model.metadata.get("general.name") or cfg.model_path.stem
-        return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary)
+        return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary,
+                         model.n_vocab)
 
     def _unload(self) -> None:
         if self._model is not None:

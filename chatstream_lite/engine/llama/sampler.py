@@ -33,9 +33,14 @@ class SamplerChain:
         # llama-cpp-python's own wrapper: it builds each sampler with whatever signature the
         # installed llama.cpp has, exactly as Llama._init_sampler does.
         chain = _internals.LlamaSampler()
+        if params.logit_bias:
+            # First, as llama.cpp's common sampler puts it: a bias of -100 bans a token
+            # before any other sampler sees it.
+            chain.add_logit_bias(n_vocab, dict(params.logit_bias))
         chain.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N,
-                            penalty_repeat=params.repeat_penalty, penalty_freq=0.0,
-                            penalty_present=0.0)
+                            penalty_repeat=params.repeat_penalty,
+                            penalty_freq=params.frequency_penalty,
+                            penalty_present=params.presence_penalty)
         if params.temperature == 0.0:
             chain.add_greedy()
         else:
