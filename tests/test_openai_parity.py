@@ -3,9 +3,12 @@ llama-server and Ollama answer it, driven by the official `openai` client on the
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 import pytest_asyncio
@@ -18,7 +21,8 @@ from .conftest import Server, build_full_app, serve
 pytestmark = pytest.mark.timeout(120)
 
 N_CTX = 1024
-MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = 40
+REPLY = 24                 # tokens of the replies that need not be long
 ALIAS = "gpt-4o-mini"
 # Greedy replies are compared within one request only: a prompt found in the KV cache is read
 # in other batches, which moves the logits enough to change a tiny model's greedy text.
@@ -150,14 +154,14 @@ async def test_frequency_and_presence_penalties_change_greedy_output(
         client: AsyncOpenAI) -> None:
     async def hellos(**extra: Any) -> int:
         reply = await client.chat.completions.create(
-            model="x", messages=REPEAT, max_tokens=MAX_NEW_TOKENS, **GREEDY, **extra)
+            model="x", messages=REPEAT, max_tokens=REPLY, **GREEDY, **extra)
         return (reply.choices[0].message.content or "").lower().count("hello")
 
     plain = await hellos()
     assert plain >= 8, "without penalties the model repeats itself"
     assert await hellos(frequency_penalty=2.0) <= plain // 2
     assert await hellos(presence_penalty=2.0) <= plain // 2
-    text, _ = await _stream_text(client, messages=REPEAT, max_tokens=MAX_NEW_TOKENS,
+    text, _ = await _stream_text(client, messages=REPEAT, max_tokens=REPLY,
                                  frequency_penalty=2.0, **GREEDY)
     assert text.lower().count("hello") <= plain // 2
 
@@ -183,9 +187,82 @@ async def test_chat_stream_takes_the_penalties_too(server: Server) -> None:
         for penalty in (0.0, 2.0):
             async with session.post("/chat_stream", json={
                     "user_input": REPEAT[0]["content"], "temperature": 0, "repeat_penalty": 1.0,
-                    "frequency_penalty": penalty}) as response:
+                    "frequency_penalty": penalty, "max_new_tokens": REPLY}) as response:
                 assert response.status == 200
                 counts.append((await response.text()).lower().count("hello"))
             async with session.post("/clear_context", json={}) as response:
                 assert response.status == 200
     assert counts[0] >= 8 and counts[1] <= counts[0] // 2, counts
+
+
+# -- priority 3: replies held to JSON by a grammar -------------------------------------------
+CITY = {"type": "object", "additionalProperties": False,
+        "required": ["city", "country", "population"],
+        "properties": {"city": {"type": "string", "maxLength": 20},
+                       "country": {"type": "string", "maxLength": 20},
+                       "population": {"type": "integer"}}}
+DESCRIBE = [{"role": "user", "content": "Describe Paris as JSON."}]
+CITY_FORMAT: Any = {"type": "json_schema",
+                    "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+
+
+async def test_json_object_replies_parse_streaming_and_not(client: AsyncOpenAI) -> None:
+    whole = await client.chat.completions.create(
+        model="x", messages=DESCRIBE, response_format={"type": "json_object"}, **GREEDY)
+    text, reason = await _stream_text(client, messages=DESCRIBE, temperature=1.0, seed=7,
+                                      response_format={"type": "json_object"})
+    assert whole.choices[0].finish_reason == reason == "stop"
+    for reply in (whole.choices[0].message.content or "", text):
+        assert isinstance(json.loads(reply), dict), reply
+
+
+async def test_json_schema_replies_validate_streaming_and_not(client: AsyncOpenAI) -> None:
+    whole = await client.chat.completions.create(
+        model="x", messages=DESCRIBE, response_format=CITY_FORMAT, **GREEDY)
+    text, reason = await _stream_text(client, messages=DESCRIBE, temperature=1.0, seed=3,
+                                      response_format=CITY_FORMAT)
+    assert whole.choices[0].finish_reason == reason == "stop"
+    for reply in (whole.choices[0].message.content or "", text):
+        jsonschema.validate(json.loads(reply), CITY)
+
+
+async def test_a_grammar_binds_its_own_sequence_not_its_batched_neighbour(
+        server: Server, client: AsyncOpenAI) -> None:
+    admission = server.chat_stream.runtime.admission
+    both_ran = False
+
+    async def watch() -> None:
+        nonlocal both_ran
+        while True:
+            both_ran = both_ran or admission.running == 2
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        constrained, free = await asyncio.gather(
+            client.chat.completions.create(model="x", messages=DESCRIBE,
+                                           response_format=CITY_FORMAT, **GREEDY),
+            client.chat.completions.create(model="x", messages=DESCRIBE, max_tokens=REPLY,
+                                           **GREEDY))
+    finally:
+        watcher.cancel()
+    assert both_ran, "the two requests were decoded in one batch"
+    jsonschema.validate(json.loads(constrained.choices[0].message.content or ""), CITY)
+    assert not (free.choices[0].message.content or "").lstrip().startswith("{")
+
+
+async def test_schemas_the_grammar_cannot_hold_are_400s(client: AsyncOpenAI) -> None:
+    cases: list[tuple[Any, str]] = [
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}},
+         "response_format.json_schema.schema"),
+        ({"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "string", "maxLength": 100_000}}},
+         "response_format.json_schema.schema"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+         "response_format.json_schema"),
+    ]
+    for response_format, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model="x", messages=QUESTION,
+                                                 response_format=response_format)
+        assert caught.value.response.json()["error"]["param"] == param, response_format

@@ -26,3 +26,6 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    # A GBNF grammar the reply must follow (`ModelInfo.json_grammar` makes one from a JSON
+    # Schema); it is this sequence's alone, so the others in its batch are unaffected.
+    grammar: str | None = None

@@ -67,9 +67,9 @@ class CompletionRequest:
 
 def parse_completion_request(body: bytes, defaults: SamplingParams,
                              system_prompt: str | None = None,
-                             n_vocab: int = 0) -> CompletionRequest:
+                             model: ModelInfo | None = None) -> CompletionRequest:
     """Check a `/v1/chat/completions` body; every problem is a `BadRequest` naming its param.
-    `n_vocab` (when known) bounds the token ids of `logit_bias`."""
+    `model` bounds the token ids of `logit_bias` and turns a JSON Schema into a grammar."""
     data = parse_json_object(body)
     for name, value in data.items():
         if name in SUPPORTED or name in IGNORED or value is None:
@@ -80,24 +80,45 @@ def parse_completion_request(body: bytes, defaults: SamplingParams,
                                  param=name)
             continue
         raise BadRequest(f"Unsupported parameter: '{name}'.", param=name)
-    _response_format(data.get("response_format"))
     stream = data.get("stream") or False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false.", param="stream")
     include_usage = _stream_options(data.get("stream_options"), stream)
     messages = _messages(data.get("messages"), system_prompt)
-    return CompletionRequest(messages, _params(data, defaults, n_vocab), stream, include_usage)
+    params = _params(data, defaults, model.n_vocab if model else 0)
+    grammar = _response_format(data.get("response_format"), model)
+    if grammar is not None:
+        params = replace(params, grammar=grammar)
+    return CompletionRequest(messages, params, stream, include_usage)
 
 
-def _response_format(value: Any) -> None:
-    """`{"type": "text"}` (OpenAI's default, which some clients send explicitly) asks for
-    nothing."""
-    if value is None:
-        return
+def _response_format(value: Any, model: ModelInfo | None) -> str | None:
+    """The grammar `response_format` asks for: None for `{"type": "text"}` (OpenAI's default,
+    which some clients send explicitly); any JSON object for `json_object`; what the schema
+    allows for `json_schema` (strict or not: the grammar always holds the reply to it)."""
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind != "text":
-        raise BadRequest("'response_format' supports only {\"type\": \"text\"}.",
+    if value is None or kind == "text":
+        return None
+    if kind not in ("json_object", "json_schema"):
+        raise BadRequest("'response_format.type' must be text, json_object or json_schema.",
                          param="response_format")
+    schema: str | None = None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise BadRequest("'response_format.json_schema' must be an object whose "
+                             "'schema' is a JSON Schema object.",
+                             param="response_format.json_schema")
+        if "schema" in spec:
+            schema = json.dumps(spec["schema"])
+    if model is None or model.json_grammar is None:
+        raise BadRequest("This engine cannot constrain replies to JSON.",
+                         param="response_format")
+    try:
+        return model.json_grammar(schema)
+    except ValueError as error:
+        raise BadRequest(f"'response_format.json_schema.schema' is not supported: {error}",
+                         param="response_format.json_schema.schema") from None
 
 
 def _stream_options(options: Any, stream: bool) -> bool:
@@ -245,7 +266,7 @@ class OpenAIAPI:
             body = await read_body(request, chat_stream.max_body_size)
             completion = parse_completion_request(body, chat_stream.defaults,
                                                   chat_stream.system_prompt,
-                                                  self.runtime.require_model().n_vocab)
+                                                  self.runtime.require_model())
             served = self.served_model()
             # The client owns the history: what does not fit is refused, never cut silently.
             job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)
