@@ -16,7 +16,7 @@ from openai import AsyncOpenAI
 
 from chatstream_lite import ChatStream
 
-from .conftest import Server, build_full_app, serve
+from .conftest import Server, build_full_app, serve, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -266,3 +266,68 @@ async def test_schemas_the_grammar_cannot_hold_are_400s(client: AsyncOpenAI) -> 
             await client.chat.completions.create(model="x", messages=QUESTION,
                                                  response_format=response_format)
         assert caught.value.response.json()["error"]["param"] == param, response_format
+
+
+# -- priority 4: POST /v1/completions --------------------------------------------------------
+PROMPT = "The capital of France is"
+
+
+async def test_completions_continue_plain_text_streaming_and_not(
+        server: Server, client: AsyncOpenAI) -> None:
+    whole = await client.completions.create(model=ALIAS, prompt=PROMPT, max_tokens=8,
+                                            **GREEDY)
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    assert whole.model == ALIAS and whole.system_fingerprint
+    assert whole.choices[0].text and whole.choices[0].finish_reason in ("stop", "length")
+    # No chat template: the prompt's own tokens are all the model read.
+    assert whole.usage is not None and whole.usage.prompt_tokens == len(_tokens(server, PROMPT))
+    stream = await client.completions.create(model=ALIAS, prompt=PROMPT, max_tokens=4096,
+                                             stream=True, stream_options={"include_usage": True},
+                                             **GREEDY)
+    chunks = [chunk async for chunk in stream]
+    *pieces, last, usage = chunks
+    assert all(c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in pieces) and last.choices[0].finish_reason == "length"
+    assert usage.usage is not None and usage.usage.completion_tokens == MAX_NEW_TOKENS
+
+
+async def test_completions_read_control_token_text_as_text(
+        server: Server, client: AsyncOpenAI) -> None:
+    prompt = "<|im_start|>assistant\n"
+    whole = await client.completions.create(model="x", prompt=prompt, max_tokens=1)
+    assert whole.usage is not None
+    info = server.chat_stream.engine.model_info
+    assert info is not None
+    as_control = info.tokenizer.tokenize(prompt, special=True)       # <|im_start|> is one token
+    assert whole.usage.prompt_tokens == len(_tokens(server, prompt)) > len(as_control)
+
+
+async def test_completions_refuse_what_they_cannot_do(client: AsyncOpenAI) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": PROMPT, "echo": True}, "echo"),
+        ({"prompt": PROMPT, "best_of": 2}, "best_of"),
+        ({"prompt": PROMPT, "suffix": "!"}, "suffix"),
+        ({"prompt": "word " * 2000}, "prompt"),                 # beyond n_ctx: not cut
+    ]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(**{"model": "x", "max_tokens": 4, **extra})
+        assert caught.value.response.json()["error"]["param"] == param, extra
+
+
+async def test_closing_a_completions_stream_stops_generation(
+        server: Server, client: AsyncOpenAI) -> None:
+    engine = server.chat_stream.engine
+    admission = server.chat_stream.runtime.admission
+    before = engine.stats.completion_tokens
+    stream = await client.completions.create(model="x", prompt="Once upon a time",
+                                             max_tokens=MAX_NEW_TOKENS, stream=True, **GREEDY)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            break
+    await stream.close()
+    await wait_until(lambda: admission.running == 0)
+    assert engine.stats.completion_tokens - before < MAX_NEW_TOKENS

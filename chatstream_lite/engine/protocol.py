@@ -36,6 +36,7 @@ class ModelInfo:
     # JSON Schema text (None: any JSON object) -> a grammar for `SamplingParams.grammar`;
     # raises ValueError for a schema it cannot take. None: this engine has no grammars.
     json_grammar: Callable[[str | None], str] | None = None
+    add_bos: bool = False        # a plain-text prompt starts with the BOS token
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ..chat_request import (
     read_body,
     sampling_params,
 )
-from ..engine import Message, ModelInfo, SamplingParams
+from ..engine import Message, ModelInfo, PlainPrompt, PromptInput, SamplingParams
 from ..engine.template import Role
 from ..errors import BadRequest, ChatStreamError
 from .framing import EventStream, JSONBody, ServedModel
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .chat_stream import ChatStream
 
 ENDPOINT = "chat_completions"     # this endpoint's name in metrics and logs
+TEXT_ENDPOINT = "completions"     # /v1/completions
 MAX_STOP_STRINGS = 4              # OpenAI's limit
 MAX_TOKENS_ASKED = 2**31 - 1      # what max_tokens may ask for; the server's cap applies after
 
@@ -51,18 +52,26 @@ MAX_TOKENS_ASKED = 2**31 - 1      # what max_tokens may ask for; the server's ca
 SUPPORTED = {"messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
              "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop",
              "response_format", "frequency_penalty", "presence_penalty", "logit_bias"}
+# /v1/completions: the same, with a plain-text `prompt` instead of `messages` and no
+# response_format (llama-server takes a grammar there; we have no need yet).
+TEXT_SUPPORTED = SUPPORTED - {"messages", "max_completion_tokens", "response_format"} | {"prompt"}
 IGNORED = {"model", "user"}
 NEUTRAL: dict[str, Any] = {"n": 1, "logprobs": False}
+TEXT_NEUTRAL: dict[str, Any] = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}
 MAX_LOGIT_BIAS = 300              # tokens one request may bias (OpenAI: 300)
 ROLES = {"system", "developer", "user", "assistant"}
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    messages: list[Message]
+    messages: PromptInput       # a conversation, or a plain-text prompt (/v1/completions)
     params: SamplingParams
     stream: bool
     include_usage: bool
+
+    @property
+    def chat(self) -> bool:
+        return not isinstance(self.messages, PlainPrompt)
 
 
 def parse_completion_request(body: bytes, defaults: SamplingParams,
@@ -71,25 +80,52 @@ def parse_completion_request(body: bytes, defaults: SamplingParams,
     """Check a `/v1/chat/completions` body; every problem is a `BadRequest` naming its param.
     `model` bounds the token ids of `logit_bias` and turns a JSON Schema into a grammar."""
     data = parse_json_object(body)
-    for name, value in data.items():
-        if name in SUPPORTED or name in IGNORED or value is None:
-            continue
-        if name in NEUTRAL:
-            if value != NEUTRAL[name] or isinstance(value, bool) != isinstance(NEUTRAL[name], bool):
-                raise BadRequest(f"Only {name}={json.dumps(NEUTRAL[name])} is supported.",
-                                 param=name)
-            continue
-        raise BadRequest(f"Unsupported parameter: '{name}'.", param=name)
-    stream = data.get("stream") or False
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be true or false.", param="stream")
-    include_usage = _stream_options(data.get("stream_options"), stream)
+    _known(data, SUPPORTED, NEUTRAL)
+    stream, include_usage = _stream(data)
     messages = _messages(data.get("messages"), system_prompt)
     params = _params(data, defaults, model.n_vocab if model else 0)
     grammar = _response_format(data.get("response_format"), model)
     if grammar is not None:
         params = replace(params, grammar=grammar)
     return CompletionRequest(messages, params, stream, include_usage)
+
+
+def parse_text_completion_request(body: bytes, defaults: SamplingParams,
+                                  model: ModelInfo | None = None) -> CompletionRequest:
+    """Check a `/v1/completions` body: `prompt` is plain text, continued as it is (no chat
+    template, no system prompt; control-token text in it stays text)."""
+    data = parse_json_object(body)
+    _known(data, TEXT_SUPPORTED, TEXT_NEUTRAL)
+    stream, include_usage = _stream(data)
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]          # one prompt in a list, as some clients send it
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("'prompt' must be a non-empty string (one prompt per request; "
+                         "token-id prompts are not supported).", param="prompt")
+    params = _params(data, defaults, model.n_vocab if model else 0)
+    return CompletionRequest(PlainPrompt(prompt), params, stream, include_usage)
+
+
+def _known(data: dict[str, Any], supported: set[str], neutral: dict[str, Any]) -> None:
+    """Refuse every parameter we do not implement, unless it asks for nothing."""
+    for name, value in data.items():
+        if name in supported or name in IGNORED or value is None:
+            continue
+        if name in neutral:
+            if value != neutral[name] or isinstance(value, bool) != isinstance(neutral[name], bool):
+                raise BadRequest(f"Only {name}={json.dumps(neutral[name])} is supported.",
+                                 param=name)
+            continue
+        raise BadRequest(f"Unsupported parameter: '{name}'.", param=name)
+
+
+def _stream(data: dict[str, Any]) -> tuple[bool, bool]:
+    """`stream`, and whether a last chunk carries the usage."""
+    stream = data.get("stream") or False
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false.", param="stream")
+    return stream, _stream_options(data.get("stream_options"), stream)
 
 
 def _response_format(value: Any, model: ModelInfo | None) -> str | None:
@@ -235,6 +271,7 @@ class OpenAIAPI:
 
     def add_routes(self, app: web.Application, prefix: str = "/v1") -> None:
         app.router.add_post(f"{prefix}/chat/completions", self.handle_chat_completions)
+        app.router.add_post(f"{prefix}/completions", self.handle_completions)
         app.router.add_get(f"{prefix}/models", self.handle_models)
 
     def served_model(self) -> ServedModel:
@@ -274,6 +311,24 @@ class OpenAIAPI:
             return Accepted(job, framing_type(request, served, completion))
 
         return await serve_exchange(self.runtime, ENDPOINT, request, admit, openai_error_response)
+
+    async def handle_completions(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/completions`: `prompt` continued as plain text, streamed or whole, with
+        the same queue, limits and disconnect handling as the chat endpoint."""
+        chat_stream = self.chat_stream
+
+        async def admit() -> Accepted:
+            chat_stream.api_key.check(request)
+            body = await read_body(request, chat_stream.max_body_size)
+            completion = parse_text_completion_request(body, chat_stream.defaults,
+                                                       self.runtime.require_model())
+            served = self.served_model()
+            job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)
+            framing_type = EventStream if completion.stream else JSONBody
+            return Accepted(job, framing_type(request, served, completion))
+
+        return await serve_exchange(self.runtime, TEXT_ENDPOINT, request, admit,
+                                    openai_error_response)
 
 
 def fingerprint(info: ModelInfo) -> str:

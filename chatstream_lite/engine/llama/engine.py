@@ -170,7 +170,7 @@ class LlamaEngine:
                                     max_generation_time=cfg.max_generation_time)
         name = model.metadata.get("general.name") or cfg.model_path.stem
         return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary,
-                         model.n_vocab, json_grammar)
+                         model.n_vocab, json_grammar, model.add_bos)
 
     def _unload(self) -> None:
         if self._model is not None:

@@ -149,6 +149,12 @@ class Model:
         return self._model.token_get_text(token) if token != -1 else ""
 
     @property
+    def add_bos(self) -> bool:
+        """Whether the vocabulary wants a BOS token before a prompt (chat templates write
+        their own; a plain-text prompt gets it from here)."""
+        return bool(self._model.add_bos_token())
+
+    @property
     def bos_token(self) -> int:
         return self._model.token_bos()
 
