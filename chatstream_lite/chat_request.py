@@ -146,6 +146,9 @@ def sampling_params(data: dict[str, Any], defaults: SamplingParams) -> SamplingP
         changes["top_k"] = integer_field("top_k", v, 0, 1_000_000)
     if (v := data.get("repeat_penalty")) is not None:
         changes["repeat_penalty"] = number_field("repeat_penalty", v, 0.0, 10.0)
+    for name in ("frequency_penalty", "presence_penalty"):
+        if (v := data.get(name)) is not None:
+            changes[name] = number_field(name, v, -2.0, 2.0)    # OpenAI's range
     if (v := data.get("seed")) is not None:
         changes["seed"] = integer_field("seed", v, 0, SEED_LIMIT - 1)
     return replace(defaults, **changes)

@@ -185,6 +185,12 @@ class Settings:
         "sampling seed, for replies that repeat", group=_SAMPLING, minimum=0,
         maximum=SEED_LIMIT - 1, shown_default="random"))
 
+    # -- OpenAI API ------------------------------------------------------------------------
+    served_model_name: str | None = field(default=None, metadata=option(
+        "the model's id in the OpenAI API (/v1/models and every response's 'model'), e.g. "
+        "gpt-4o-mini for clients that insist on a known name", group=_SERVER, nonempty=True,
+        metavar="NAME", shown_default="the model file's name without .gguf"))
+
     # -- sessions --------------------------------------------------------------------------
     system_prompt: str | None = field(default=None, metadata=option(
         "system prompt put before every conversation", group=_SESSIONS, metavar="TEXT",
@@ -297,6 +303,7 @@ class Settings:
             "repeat_penalty": self.repeat_penalty,
             "seed": self.seed,
             "system_prompt": self.system_prompt,
+            "served_model_name": self.served_model_name,
             "session_store": self.session_store,
             "max_sessions": self.max_sessions,
             "session_idle_ttl": self.session_idle_ttl,

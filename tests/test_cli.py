@@ -47,6 +47,7 @@ CHAT_STREAM_OPTIONS: list[tuple[str, str | None, str, str, Any]] = [
     ("--repeat-penalty", "1.0", "1.0", "repeat_penalty", 1.0),
     ("--seed", "42", "42", "seed", 42),
     ("--system-prompt", "Be brief.", "Be brief.", "system_prompt", "Be brief."),
+    ("--served-model-name", "gpt-4o-mini", "gpt-4o-mini", "served_model_name", "gpt-4o-mini"),
     ("--session-store", "redis://h:6379/0", "redis://h:6379/0", "session_store",
      "redis://h:6379/0"),
     ("--max-sessions", "5", "5", "max_sessions", 5),

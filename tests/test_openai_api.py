@@ -154,7 +154,7 @@ async def test_unsupported_parameters_are_openai_shaped_400s(client: AsyncOpenAI
         ({"n": 2}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"temperature": 3}, "temperature"),
-        ({"max_tokens": MAX_NEW_TOKENS + 1}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
     ]

@@ -13,7 +13,7 @@ time limits, drain), `prepare` (template, tokens, fitting), `template`, `job`, `
 from .admission import Admission
 from .events import Event, Failed, Finished, FinishReason, Piece, Started
 from .faults import Faults
-from .job import Job, Prompt
+from .job import Job, PlainPrompt, Prompt, PromptInput
 from .protocol import Engine, EngineStats, ModelInfo
 from .sampling import SamplingParams
 from .template import ChatTemplate, Message
@@ -32,7 +32,9 @@ __all__ = [
     "Message",
     "ModelInfo",
     "Piece",
+    "PlainPrompt",
     "Prompt",
+    "PromptInput",
     "SamplingParams",
     "Started",
 ]

@@ -28,12 +28,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from ..errors import ChatStreamError, QueueFull, QueueTimeout, ServiceUnavailable
 from ..settings import DEFAULTS
 from .events import Failed, Finished
-from .job import Job, Prompt
-from .prepare import check_limits, prepare
+from .job import Job, PlainPrompt, Prompt, PromptInput
+from .prepare import check_limits, prepare, prepare_plain
 from .protocol import Engine
 from .queue_wait import QueueWait
 from .sampling import SamplingParams
-from .template import Message
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +79,11 @@ class Admission:
         return [*self._waiting, *self._running]
 
     # -- the way in -----------------------------------------------------------------------
-    def submit(self, messages: list[Message], params: SamplingParams, *,
+    def submit(self, messages: PromptInput, params: SamplingParams, *,
                cache_key: Hashable | None = None, drop_oldest: bool = True) -> Job:
         """Admit a job or raise: `ServiceUnavailable` (not ready, draining, dead), `QueueFull`,
-        or the request's own error when it is too big to prepare (`check_limits`)."""
+        or the request's own error when it is too big to prepare (`check_limits`).
+        `messages` is a conversation, or a `PlainPrompt` read without the chat template."""
         engine = self.engine
         if self.draining:
             raise ServiceUnavailable("The server is shutting down.")
@@ -105,10 +105,17 @@ class Admission:
         engine.stats.jobs_submitted += 1
         info = engine.model_info
         budget = info.n_ctx - params.max_new_tokens
-        stops = tuple(s for s in (info.chat_template.eos_token, *params.stop) if s)
-        future = self._workers.submit(
-            prepare, messages, info.chat_template, info.tokenizer, budget=budget,
-            drop_oldest=drop_oldest, cancelled=lambda: job.cancelled, stops=stops)
+        future: Future[Prompt]
+        if isinstance(messages, PlainPrompt):
+            bos = info.chat_template.bos_token if info.add_bos else ""
+            future = self._workers.submit(
+                prepare_plain, messages, info.tokenizer, budget=budget, stops=params.stop,
+                bos=info.tokenizer.tokenize(bos, special=True))
+        else:
+            stops = tuple(s for s in (info.chat_template.eos_token, *params.stop) if s)
+            future = self._workers.submit(
+                prepare, messages, info.chat_template, info.tokenizer, budget=budget,
+                drop_oldest=drop_oldest, cancelled=lambda: job.cancelled, stops=stops)
         loop = asyncio.get_running_loop()
         future.add_done_callback(
             lambda done: loop.call_soon_threadsafe(self._prepared, job, done))

@@ -23,6 +23,19 @@ from .template import Message
 
 
 @dataclass(frozen=True)
+class PlainPrompt:
+    """A prompt read as it is, with no chat template (`/v1/completions`). It is tokenized
+    as plain text: control-token text in it stays text, as in message contents."""
+
+    text: str
+
+
+# What a job asks the model to continue: a conversation (rendered with the chat template),
+# or plain text.
+PromptInput = list[Message] | PlainPrompt
+
+
+@dataclass(frozen=True)
 class Prompt:
     """A conversation ready for the model: its token ids and what fitting it dropped."""
 
@@ -35,7 +48,7 @@ class Job:
     """See the module docstring. `cancel()` and `events()` are for the loop; the cancel flag
     is a `threading.Event` so that the engine thread and the preparation worker can read it."""
 
-    def __init__(self, messages: list[Message], params: SamplingParams, *,
+    def __init__(self, messages: PromptInput, params: SamplingParams, *,
                  cache_key: Hashable | None = None, drop_oldest: bool = True) -> None:
         self.messages = messages
         self.params = params

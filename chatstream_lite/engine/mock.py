@@ -20,10 +20,10 @@ from pathlib import Path
 from ..settings import DEFAULTS
 from .events import Failed, Finished, FinishReason, Piece, Started
 from .faults import Faults
-from .job import Job
+from .job import Job, PlainPrompt, PromptInput
 from .protocol import Died, EngineStats, ModelInfo
 from .sampling import SamplingParams
-from .template import ChatTemplate, Message
+from .template import ChatTemplate
 
 DEFAULT_DELAY = DEFAULTS.mock_delay   # seconds per word: about a small model's pace on a CPU
 MODEL_NAME = "mock"
@@ -166,8 +166,11 @@ class MockEngine:
         job.deliver(Finished("cancelled" if job.cancelled else reason, True, len(prompt), count,
                              0.0, count * self.delay))
 
-    def _reply(self, messages: list[Message], params: SamplingParams) -> tuple[str, FinishReason]:
-        user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    def _reply(self, messages: PromptInput, params: SamplingParams) -> tuple[str, FinishReason]:
+        if isinstance(messages, PlainPrompt):
+            user = messages.text
+        else:
+            user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         reply = self.text.replace("{user}", user)
         cuts = [i for i in (reply.find(s) for s in params.stop if s) if i >= 0]
         if cuts:

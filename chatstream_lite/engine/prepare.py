@@ -32,7 +32,7 @@ from ..errors import (
     PayloadTooLarge,
     PromptTooLong,
 )
-from .job import Prompt
+from .job import PlainPrompt, Prompt, PromptInput
 from .template import ChatTemplate, Layout, Message
 
 # How many times fitting may re-render after its estimate: a template whose text between
@@ -46,8 +46,13 @@ class Tokenizer(Protocol):
     def tokenize(self, text: str, *, special: bool) -> list[int]: ...
 
 
-def check_limits(messages: list[Message], *, max_messages: int, max_chars: int) -> None:
+def check_limits(messages: PromptInput, *, max_messages: int, max_chars: int) -> None:
     """Refuse what is too big to look at, before any rendering or tokenizing."""
+    if isinstance(messages, PlainPrompt):
+        if len(messages.text) > max_chars:
+            raise PayloadTooLarge(f"The prompt holds {len(messages.text)} characters; this "
+                                  f"server takes at most {max_chars} (max_input_chars).")
+        return
     if len(messages) > max_messages:
         raise BadRequest(f"Too many messages: {len(messages)}; this server takes at most "
                          f"{max_messages} per request (max_messages).", param="messages")
@@ -55,6 +60,26 @@ def check_limits(messages: list[Message], *, max_messages: int, max_chars: int) 
     if total > max_chars:
         raise PayloadTooLarge(f"The messages hold {total} characters; this server takes at "
                               f"most {max_chars} per request (max_input_chars).")
+
+
+def prepare_plain(prompt: PlainPrompt, tokenizer: Tokenizer, *, budget: int,
+                  bos: list[int], stops: tuple[str, ...] = ()) -> Prompt:
+    """A plain-text prompt as token ids (after `bos`, the model's BOS when its vocabulary
+    asks for one); one that does not fit `budget` is refused, never cut."""
+    try:
+        prompt.text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadRequest(f"The prompt is not valid Unicode text (a lone surrogate at "
+                         f"character {error.start}).", param="prompt") from None
+    tokens = bos + tokenizer.tokenize(prompt.text, special=False)
+    if len(tokens) <= len(bos):
+        raise BadRequest("The prompt must not be empty.", param="prompt")
+    if len(tokens) > budget:
+        raise ContextLengthExceeded(
+            f"The prompt needs {len(tokens)} tokens, but only {budget} fit in this model's "
+            "context (n_ctx minus max_tokens). Shorten it or lower max_tokens.",
+            param="prompt")
+    return Prompt(tokens, 0, stops)
 
 
 def prepare(messages: list[Message], template: ChatTemplate, tokenizer: Tokenizer, *,

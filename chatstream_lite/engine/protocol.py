@@ -32,6 +32,11 @@ class ModelInfo:
     gpu_offload: bool
     chat_template: ChatTemplate
     tokenizer: Tokenizer         # thread-safe: preparation runs in its own worker
+    n_vocab: int = 0             # token ids are 0 .. n_vocab-1 (0: unknown, e.g. the mock)
+    # JSON Schema text (None: any JSON object) -> a grammar for `SamplingParams.grammar`;
+    # raises ValueError for a schema it cannot take. None: this engine has no grammars.
+    json_grammar: Callable[[str | None], str] | None = None
+    add_bos: bool = False        # a plain-text prompt starts with the BOS token
 
 
 @dataclass

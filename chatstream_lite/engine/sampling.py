@@ -21,3 +21,11 @@ class SamplingParams:
     repeat_penalty: float = DEFAULTS.repeat_penalty
     seed: int | None = DEFAULTS.seed
     stop: tuple[str, ...] = ()
+    # OpenAI's penalties (0: off): per occurrence of a token in the reply so far, and once
+    # for having occurred at all; llama.cpp's penalties sampler applies both.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    # A GBNF grammar the reply must follow (`ModelInfo.json_grammar` makes one from a JSON
+    # Schema); it is this sequence's alone, so the others in its batch are unaffected.
+    grammar: str | None = None

@@ -99,6 +99,7 @@ class ChatStream:
         repeat_penalty: float = DEFAULTS.repeat_penalty,
         seed: int | None = DEFAULTS.seed,
         system_prompt: str | None = DEFAULTS.system_prompt,
+        served_model_name: str | None = DEFAULTS.served_model_name,
         stop: list[str] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         session_store: str | Redis | SessionStore | None = None,
@@ -136,6 +137,7 @@ class ChatStream:
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             repeat_penalty=repeat_penalty, seed=seed, stop=tuple(stop or ()))
         self.system_prompt = system_prompt
+        self.served_model_name = served_model_name    # the model's id in the OpenAI API
         self.max_body_size = max_body_size
         self.session_store = _open_session_store(
             session_store, session_storage, max_sessions=max_sessions,

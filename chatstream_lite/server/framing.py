@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -94,15 +95,42 @@ class PlainText:
         return web.Response(status=499)  # the client left before the headers: nobody reads this
 
 
-class _Completion:
-    """What every framing of one completion shares: its id, the model, the context check."""
+@dataclass(frozen=True)
+class ServedModel:
+    """The model as OpenAI's responses name it."""
 
-    def __init__(self, request: web.Request, model: str, completion: CompletionRequest) -> None:
+    name: str            # `model` in every response: the served name (alias) or the file's stem
+    fingerprint: str     # `system_fingerprint`
+
+
+class _Completion:
+    """What every framing of one completion shares: its id, the model, the context check,
+    and the shape of a choice: a chat message (`/v1/chat/completions`) or plain text
+    (`/v1/completions`, `completion.chat` false)."""
+
+    def __init__(self, request: web.Request, served: ServedModel,
+                 completion: CompletionRequest) -> None:
         self.request = request
-        self.model = model
+        self.model = served.name
+        self.fingerprint = served.fingerprint
         self.completion = completion
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.chat = completion.chat
+        self.id = f"chatcmpl-{uuid.uuid4().hex}" if self.chat else f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
+
+    def choice(self, text: str | None, finish_reason: str | None, *,
+               whole: bool = False, first: bool = False) -> dict[str, Any]:
+        """Choice 0: a whole reply, or a streamed piece (`first`: the chat role's chunk)."""
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None,
+                    "finish_reason": finish_reason}
+        if whole:
+            body: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
+        elif first:
+            body = {"delta": {"role": "assistant", "content": ""}}
+        else:
+            body = {"delta": {} if text is None else {"content": text}}
+        return {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
 
     @staticmethod
     def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -141,15 +169,12 @@ class JSONBody(_Completion):
             return web.Response(status=499)  # the client left: nobody reads this
         return web.json_response({
             "id": self.id,
-            "object": "chat.completion",
+            "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": exchange.reply},
-                "logprobs": None,
-                "finish_reason": _finish_reason(exchange.finish_reason),
-            }],
+            "system_fingerprint": self.fingerprint,
+            "choices": [self.choice(exchange.reply, _finish_reason(exchange.finish_reason),
+                                    whole=True)],
             "usage": self.usage(exchange.usage.prompt_tokens,
                                 exchange.usage.completion_tokens),
         }, dumps=dumps)
@@ -167,13 +192,14 @@ class EventStream(_Completion):
     async def open(self, started: Started) -> None:
         self.response = _event_source_response()
         await self.response.prepare(self.request)
-        await self._chunk({"role": "assistant", "content": ""}, None)
+        if self.chat:
+            await self._chunk(self.choice(None, None, first=True))
 
     async def send(self, text: str) -> None:
-        await self._chunk({"content": text}, None)
+        await self._chunk(self.choice(text, None))
 
     async def close(self, finished: Finished) -> None:
-        await self._chunk({}, _finish_reason(finished.reason))
+        await self._chunk(self.choice(None, _finish_reason(finished.reason)))
         if self.completion.include_usage:
             usage = self.usage(finished.prompt_tokens, finished.completion_tokens)
             await self._event({**self._head(), "choices": [], "usage": usage})
@@ -203,12 +229,13 @@ class EventStream(_Completion):
         return web.Response(status=499)  # the client left before the headers
 
     def _head(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model}
+        return {"id": self.id,
+                "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}
 
-    async def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> None:
-        chunk = {**self._head(), "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                              "finish_reason": finish_reason}]}
+    async def _chunk(self, choice: dict[str, Any]) -> None:
+        chunk = {**self._head(), "choices": [choice]}
         if self.completion.include_usage:
             chunk["usage"] = None   # as OpenAI: every chunk but the last has usage null
         await self._event(chunk)

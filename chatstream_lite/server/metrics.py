@@ -64,7 +64,7 @@ class Metrics:
             "(about one token each), measured where they are written to the client.",
             ["endpoint"], buckets=TOKEN_BUCKETS, registry=self.registry)
         # Every series exists from the start, so a dashboard shows 0 rather than nothing.
-        for endpoint in ("chat_stream", "chat_completions"):
+        for endpoint in ("chat_stream", "chat_completions", "completions"):
             for status in (*StreamStatus, REJECTED):
                 self.requests.labels(endpoint, str(status))
 

@@ -15,17 +15,25 @@ silently dropping the oldest turns: the client owns the history, so it must deci
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
-from ..chat_request import integer_field, parse_json_object, read_body, sampling_params
-from ..engine import Message, SamplingParams
+from .. import __version__
+from ..chat_request import (
+    integer_field,
+    number_field,
+    parse_json_object,
+    read_body,
+    sampling_params,
+)
+from ..engine import Message, ModelInfo, PlainPrompt, PromptInput, SamplingParams
 from ..engine.template import Role
 from ..errors import BadRequest, ChatStreamError
-from .framing import EventStream, JSONBody
+from .framing import EventStream, JSONBody, ServedModel
 from .handler import Accepted, serve_exchange
 from .responses import openai_error_response
 
@@ -33,47 +41,120 @@ if TYPE_CHECKING:
     from .chat_stream import ChatStream
 
 ENDPOINT = "chat_completions"     # this endpoint's name in metrics and logs
+TEXT_ENDPOINT = "completions"     # /v1/completions
 MAX_STOP_STRINGS = 4              # OpenAI's limit
+MAX_TOKENS_ASKED = 2**31 - 1      # what max_tokens may ask for; the server's cap applies after
 
 # Parameters we implement (top_k and repeat_penalty are llama.cpp extensions, as in
 # llama-server), parameters we accept and ignore, and parameters we accept only at the
 # value that asks for nothing. Anything else is a 400: silently ignoring e.g. `tools` would
 # let a client believe it got tool calling.
 SUPPORTED = {"messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-             "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop"}
+             "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop",
+             "response_format", "frequency_penalty", "presence_penalty", "logit_bias"}
+# /v1/completions: the same, with a plain-text `prompt` instead of `messages` and no
+# response_format (llama-server takes a grammar there; we have no need yet).
+TEXT_SUPPORTED = SUPPORTED - {"messages", "max_completion_tokens", "response_format"} | {"prompt"}
 IGNORED = {"model", "user"}
-NEUTRAL: dict[str, Any] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0,
-                           "logprobs": False}
+NEUTRAL: dict[str, Any] = {"n": 1, "logprobs": False}
+TEXT_NEUTRAL: dict[str, Any] = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}
+MAX_LOGIT_BIAS = 300              # tokens one request may bias (OpenAI: 300)
 ROLES = {"system", "developer", "user", "assistant"}
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    messages: list[Message]
+    messages: PromptInput       # a conversation, or a plain-text prompt (/v1/completions)
     params: SamplingParams
     stream: bool
     include_usage: bool
 
+    @property
+    def chat(self) -> bool:
+        return not isinstance(self.messages, PlainPrompt)
+
 
 def parse_completion_request(body: bytes, defaults: SamplingParams,
-                             system_prompt: str | None = None) -> CompletionRequest:
-    """Check a `/v1/chat/completions` body; every problem is a `BadRequest` naming its param."""
+                             system_prompt: str | None = None,
+                             model: ModelInfo | None = None) -> CompletionRequest:
+    """Check a `/v1/chat/completions` body; every problem is a `BadRequest` naming its param.
+    `model` bounds the token ids of `logit_bias` and turns a JSON Schema into a grammar."""
     data = parse_json_object(body)
+    _known(data, SUPPORTED, NEUTRAL)
+    stream, include_usage = _stream(data)
+    messages = _messages(data.get("messages"), system_prompt)
+    params = _params(data, defaults, model.n_vocab if model else 0)
+    grammar = _response_format(data.get("response_format"), model)
+    if grammar is not None:
+        params = replace(params, grammar=grammar)
+    return CompletionRequest(messages, params, stream, include_usage)
+
+
+def parse_text_completion_request(body: bytes, defaults: SamplingParams,
+                                  model: ModelInfo | None = None) -> CompletionRequest:
+    """Check a `/v1/completions` body: `prompt` is plain text, continued as it is (no chat
+    template, no system prompt; control-token text in it stays text)."""
+    data = parse_json_object(body)
+    _known(data, TEXT_SUPPORTED, TEXT_NEUTRAL)
+    stream, include_usage = _stream(data)
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]          # one prompt in a list, as some clients send it
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("'prompt' must be a non-empty string (one prompt per request; "
+                         "token-id prompts are not supported).", param="prompt")
+    params = _params(data, defaults, model.n_vocab if model else 0)
+    return CompletionRequest(PlainPrompt(prompt), params, stream, include_usage)
+
+
+def _known(data: dict[str, Any], supported: set[str], neutral: dict[str, Any]) -> None:
+    """Refuse every parameter we do not implement, unless it asks for nothing."""
     for name, value in data.items():
-        if name in SUPPORTED or name in IGNORED or value is None:
+        if name in supported or name in IGNORED or value is None:
             continue
-        if name in NEUTRAL:
-            if value != NEUTRAL[name] or isinstance(value, bool) != isinstance(NEUTRAL[name], bool):
-                raise BadRequest(f"Only {name}={json.dumps(NEUTRAL[name])} is supported.",
+        if name in neutral:
+            if value != neutral[name] or isinstance(value, bool) != isinstance(neutral[name], bool):
+                raise BadRequest(f"Only {name}={json.dumps(neutral[name])} is supported.",
                                  param=name)
             continue
         raise BadRequest(f"Unsupported parameter: '{name}'.", param=name)
+
+
+def _stream(data: dict[str, Any]) -> tuple[bool, bool]:
+    """`stream`, and whether a last chunk carries the usage."""
     stream = data.get("stream") or False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false.", param="stream")
-    include_usage = _stream_options(data.get("stream_options"), stream)
-    messages = _messages(data.get("messages"), system_prompt)
-    return CompletionRequest(messages, _params(data, defaults), stream, include_usage)
+    return stream, _stream_options(data.get("stream_options"), stream)
+
+
+def _response_format(value: Any, model: ModelInfo | None) -> str | None:
+    """The grammar `response_format` asks for: None for `{"type": "text"}` (OpenAI's default,
+    which some clients send explicitly); any JSON object for `json_object`; what the schema
+    allows for `json_schema` (strict or not: the grammar always holds the reply to it)."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind not in ("json_object", "json_schema"):
+        raise BadRequest("'response_format.type' must be text, json_object or json_schema.",
+                         param="response_format")
+    schema: str | None = None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise BadRequest("'response_format.json_schema' must be an object whose "
+                             "'schema' is a JSON Schema object.",
+                             param="response_format.json_schema")
+        if "schema" in spec:
+            schema = json.dumps(spec["schema"])
+    if model is None or model.json_grammar is None:
+        raise BadRequest("This engine cannot constrain replies to JSON.",
+                         param="response_format")
+    try:
+        return model.json_grammar(schema)
+    except ValueError as error:
+        raise BadRequest(f"'response_format.json_schema.schema' is not supported: {error}",
+                         param="response_format.json_schema.schema") from None
 
 
 def _stream_options(options: Any, stream: bool) -> bool:
@@ -94,8 +175,11 @@ def _stream_options(options: Any, stream: bool) -> bool:
 
 def _messages(raw: Any, system_prompt: str | None) -> list[Message]:
     """The conversation as the engine takes it: leading system/developer messages merged
-    into one system message (the server's `system_prompt` when there is none), then user
-    and assistant turns, ending with the user's."""
+    into one system message (the server's `system_prompt` when there is none), then the
+    other messages in their order, ending with a user's (or a system message after one).
+
+    A system message after the first turn is passed to the template as it is: a template
+    that cannot render it refuses with its own message (400 `template_refused`)."""
     if not isinstance(raw, list) or not raw:
         raise BadRequest("'messages' must be a non-empty list.", param="messages")
     systems: list[str] = []
@@ -111,14 +195,14 @@ def _messages(raw: Any, system_prompt: str | None) -> list[Message]:
                              param=f"{where}.role")
         content = _content(message.get("content"), f"{where}.content")
         if role in ("system", "developer"):
-            if turns:
-                raise BadRequest(f"'{where}': system messages must come before the others.",
-                                 param=f"{where}.role")
-            systems.append(content)
-        else:
-            turns.append({"role": cast(Role, role), "content": content})
-    if not turns or turns[-1]["role"] != "user":
-        raise BadRequest("The last message must be the user's.", param="messages")
+            if not turns:
+                systems.append(content)
+                continue
+            role = "system"
+        turns.append({"role": cast(Role, role), "content": content})
+    if not any(t["role"] == "user" for t in turns) or turns[-1]["role"] == "assistant":
+        raise BadRequest("The messages must hold a user's, and the last one must not be the "
+                         "assistant's (continuing a reply is not supported).", param="messages")
     system = "\n\n".join(systems) if systems else system_prompt
     head: list[Message] = [{"role": "system", "content": system}] if system else []
     return head + turns
@@ -137,16 +221,19 @@ def _content(content: Any, where: str) -> str:
                      "(images and audio are not supported).", param=where)
 
 
-def _params(data: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
+def _params(data: dict[str, Any], defaults: SamplingParams, n_vocab: int) -> SamplingParams:
     """OpenAI's names for what /chat_stream calls max_new_tokens and stop; the rest shared."""
     shared: dict[str, Any] = {
-        k: data[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed")
+        k: data[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed",
+                             "frequency_penalty", "presence_penalty")
         if k in data}
     params = sampling_params(shared, defaults)
     for name in ("max_tokens", "max_completion_tokens"):
         if (v := data.get(name)) is not None:
-            params = replace(params, max_new_tokens=integer_field(
-                name, v, 1, defaults.max_new_tokens))
+            # Clamped, not refused: clients send 1024-4096 by default, whatever the server's
+            # cap; a reply cut at the cap ends with finish_reason "length", as any cut does.
+            asked = integer_field(name, v, 1, MAX_TOKENS_ASKED)
+            params = replace(params, max_new_tokens=min(asked, defaults.max_new_tokens))
     if (v := data.get("stop")) is not None:
         stops = [v] if isinstance(v, str) else v
         if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
@@ -154,7 +241,25 @@ def _params(data: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
             raise BadRequest(f"'stop' must be a string or a list of up to {MAX_STOP_STRINGS} "
                              "non-empty strings.", param="stop")
         params = replace(params, stop=(*defaults.stop, *stops))
+    if (v := data.get("logit_bias")) is not None:
+        params = replace(params, logit_bias=_logit_bias(v, n_vocab))
     return params
+
+
+def _logit_bias(value: Any, n_vocab: int) -> tuple[tuple[int, float], ...]:
+    """`{"token id": bias}` as OpenAI takes it: ids as strings, biases from -100 (the token
+    is never chosen) to 100 (it is the only choice)."""
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise BadRequest(f"'logit_bias' must be an object of up to {MAX_LOGIT_BIAS} "
+                         "token ids and biases.", param="logit_bias")
+    top = n_vocab - 1 if n_vocab > 0 else 2**31 - 1
+    biases: list[tuple[int, float]] = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10) or int(key) > top:
+            raise BadRequest(f"'logit_bias' keys must be token ids from 0 to {top}, not "
+                             f"{key!r}.", param="logit_bias")
+        biases.append((int(key), number_field(f"logit_bias.{key}", bias, -100.0, 100.0)))
+    return tuple(biases)
 
 
 class OpenAIAPI:
@@ -166,17 +271,26 @@ class OpenAIAPI:
 
     def add_routes(self, app: web.Application, prefix: str = "/v1") -> None:
         app.router.add_post(f"{prefix}/chat/completions", self.handle_chat_completions)
+        app.router.add_post(f"{prefix}/completions", self.handle_completions)
         app.router.add_get(f"{prefix}/models", self.handle_models)
 
+    def served_model(self) -> ServedModel:
+        """The model's id (the `--served-model-name` alias, else the file's stem) and the
+        `system_fingerprint` of this server and model."""
+        info = self.runtime.require_model()
+        name = self.chat_stream.served_model_name or info.path.stem
+        return ServedModel(name, fingerprint(info))
+
     async def handle_models(self, request: web.Request) -> web.Response:
-        """`GET /v1/models`: the one loaded model."""
+        """`GET /v1/models`: the one loaded model, under its served name."""
         try:
             self.chat_stream.api_key.check(request)
             info = self.runtime.require_model()
+            served = self.served_model()
         except ChatStreamError as error:
             return openai_error_response(error)
         return web.json_response({"object": "list", "data": [{
-            "id": info.path.stem, "object": "model", "created": int(info.path.stat().st_mtime)
+            "id": served.name, "object": "model", "created": int(info.path.stat().st_mtime)
             if info.path.is_file() else 0, "owned_by": "chatstream_lite",
         }]})
 
@@ -188,11 +302,39 @@ class OpenAIAPI:
             chat_stream.api_key.check(request)
             body = await read_body(request, chat_stream.max_body_size)
             completion = parse_completion_request(body, chat_stream.defaults,
-                                                  chat_stream.system_prompt)
-            model = self.runtime.require_model().path.stem
+                                                  chat_stream.system_prompt,
+                                                  self.runtime.require_model())
+            served = self.served_model()
             # The client owns the history: what does not fit is refused, never cut silently.
             job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)
             framing_type = EventStream if completion.stream else JSONBody
-            return Accepted(job, framing_type(request, model, completion))
+            return Accepted(job, framing_type(request, served, completion))
 
         return await serve_exchange(self.runtime, ENDPOINT, request, admit, openai_error_response)
+
+    async def handle_completions(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/completions`: `prompt` continued as plain text, streamed or whole, with
+        the same queue, limits and disconnect handling as the chat endpoint."""
+        chat_stream = self.chat_stream
+
+        async def admit() -> Accepted:
+            chat_stream.api_key.check(request)
+            body = await read_body(request, chat_stream.max_body_size)
+            completion = parse_text_completion_request(body, chat_stream.defaults,
+                                                       self.runtime.require_model())
+            served = self.served_model()
+            job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)
+            framing_type = EventStream if completion.stream else JSONBody
+            return Accepted(job, framing_type(request, served, completion))
+
+        return await serve_exchange(self.runtime, TEXT_ENDPOINT, request, admit,
+                                    openai_error_response)
+
+
+def fingerprint(info: ModelInfo) -> str:
+    """OpenAI's `system_fingerprint`: it changes when what decides the output may have
+    changed (this package's version, the model file, the context size), so a client that
+    compares seeded replies can tell a changed backend from chance."""
+    size = info.path.stat().st_size if info.path.is_file() else 0
+    key = f"{__version__}|{info.name}|{info.path.name}|{size}|{info.n_ctx}"
+    return "fp_" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Hashable
 
 from aiohttp import web
 
-from ..engine import Admission, Engine, Job, Message, ModelInfo, SamplingParams
+from ..engine import Admission, Engine, Job, ModelInfo, PromptInput, SamplingParams
 from ..errors import ChatStreamError, ServiceUnavailable
 from ..settings import DEFAULTS
 from .disconnects import DisconnectWatcher
@@ -109,7 +109,7 @@ class Runtime:
         return self.admission.draining
 
     # -- requests ---------------------------------------------------------------------------
-    def submit(self, messages: list[Message], params: SamplingParams, *,
+    def submit(self, messages: PromptInput, params: SamplingParams, *,
                cache_key: Hashable | None = None, drop_oldest: bool = True) -> Job:
         return self.admission.submit(messages, params, cache_key=cache_key,
                                      drop_oldest=drop_oldest)

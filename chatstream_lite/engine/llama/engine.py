@@ -38,6 +38,7 @@ from ..kv_slots import KVSlots
 from ..protocol import Died, EngineStats, ModelInfo
 from ..scheduler import Scheduler, Sequence
 from ..template import ChatTemplate
+from .grammar import json_grammar
 from .model import Model
 from .runner import DecodeFailed, Runner
 
@@ -168,7 +169,8 @@ class LlamaEngine:
                                     emit=self._post, stats=self.stats, faults=self.faults,
                                     max_generation_time=cfg.max_generation_time)
         name = model.metadata.get("general.name") or cfg.model_path.stem
-        return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary)
+        return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary,
+                         model.n_vocab, json_grammar, model.add_bos)
 
     def _unload(self) -> None:
         if self._model is not None:
@@ -196,7 +198,7 @@ class LlamaEngine:
                 while self._inbox:
                     seq = scheduler.admit(self._inbox.popleft())
                     if seq is not None:
-                        runner.attach(seq)
+                        self._attach(scheduler, runner, seq)
                 if self._stopping:
                     for seq in list(scheduler.sequences):
                         scheduler.finish(seq, "cancelled")
@@ -218,6 +220,14 @@ class LlamaEngine:
                 self._post(self._inbox.popleft(), Failed(error))
             self._flush()
             raise
+
+    @staticmethod
+    def _attach(scheduler: Scheduler, runner: Runner, seq: Sequence) -> None:
+        try:
+            runner.attach(seq)
+        except Exception as error:  # a sampler llama.cpp would not build fails its job only
+            log.exception("building the sampler chain failed")
+            scheduler.fail(seq, error)
 
     def _step(self, scheduler: Scheduler, runner: Runner) -> None:
         scheduler.leave_cancelled()

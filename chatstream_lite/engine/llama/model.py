@@ -98,6 +98,7 @@ class Model:
         self.n_seq = llama_cpp.llama_n_seq_max(context.ctx)
         self.n_vocab = model.n_vocab()
         self.batch = Batch(n_batch)
+        self.vocab = model.vocab                  # llama.cpp's, for the grammar sampler
         self._vocab = model.vocab
         self.vocabulary = Vocabulary(model)
         self._memory = context.memory
@@ -146,6 +147,12 @@ class Model:
 
     def token_text(self, token: int) -> str:
         return self._model.token_get_text(token) if token != -1 else ""
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether the vocabulary wants a BOS token before a prompt (chat templates write
+        their own; a plain-text prompt gets it from here)."""
+        return bool(self._model.add_bos_token())
 
     @property
     def bos_token(self) -> int:

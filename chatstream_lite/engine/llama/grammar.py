@@ -1,0 +1,61 @@
+"""JSON grammars for constrained decoding (`response_format`), in llama.cpp's GBNF.
+
+    >>> gbnf = json_grammar(None)                           # any JSON object
+    >>> gbnf = json_grammar('{"type": "object", ...}')      # what a JSON Schema allows
+
+The conversion is llama-cpp-python's port of llama.cpp's json-schema-to-grammar, the one
+llama-server uses; keywords it does not know (`format`, say) are not enforced. It runs in the
+request's own handler, so a schema it cannot take is the request's 400, never a failure on
+the engine thread. The grammar sampler itself is built per sequence (sampler.py).
+"""
+
+from __future__ import annotations
+
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+# llama.cpp parses a grammar recursively, one level per parenthesis, and the converter nests
+# one level per repetition (`maxLength: 100000` nests 100,000 deep): a deep enough grammar
+# would overflow the C stack of the engine thread. These bounds keep far below that.
+MAX_GRAMMAR_CHARS = 256 * 1024
+MAX_GRAMMAR_DEPTH = 1024
+
+
+def json_grammar(schema: str | None) -> str:
+    """GBNF that accepts exactly the JSON text `schema` (a JSON Schema, as text) allows, or
+    any JSON object when it is None. A schema it cannot convert raises `ValueError`."""
+    if schema is None:
+        return JSON_GBNF
+    try:
+        grammar: str = json_schema_to_gbnf(schema)
+    except RecursionError:
+        raise ValueError("the schema nests too deeply") from None
+    except (ValueError, TypeError, KeyError, AttributeError, AssertionError,
+            NotImplementedError) as error:   # the converter's ways of saying "cannot"
+        raise ValueError(str(error) or type(error).__name__) from None
+    if len(grammar) > MAX_GRAMMAR_CHARS or _depth(grammar) > MAX_GRAMMAR_DEPTH:
+        raise ValueError("the schema's grammar is too large (lower maxLength, maxItems or "
+                         "the nesting)")
+    return grammar
+
+
+def _depth(grammar: str) -> int:
+    """How deeply `grammar` nests parentheses, outside its string literals and classes."""
+    depth = deepest = 0
+    quote: str | None = None
+    escaped = False
+    for char in grammar:
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = None
+        elif char in "\"[":
+            quote = "]" if char == "[" else char
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+    return deepest
