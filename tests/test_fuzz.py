@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatstream_lite import ChatStream
+from chatstream_lite.engine import ChatTemplate
 
 from .conftest import Server, build_full_app, start_server
 
@@ -378,3 +380,42 @@ def test_bad_openai_bodies_are_openai_shaped_400s(threaded_server: Server, name:
     assert status == 400, name
     error = json.loads(payload)["error"]
     assert error["type"] == "invalid_request_error" and error["message"], name
+
+
+# Mistral-style: refuses any conversation whose roles do not alternate user/assistant.
+ALTERNATING_ONLY = (
+    "{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n"
+)
+
+
+@pytest.mark.parametrize("roles", [["user", "user"], ["system", "user"],
+                                   ["user", "assistant", "user", "user"]])
+def test_a_chat_template_that_refuses_the_conversation_is_a_400_with_its_message(
+        threaded_server: Server, roles: list[str]) -> None:
+    """What a GGUF with such a template does: its message reaches the client, as a 400."""
+    engine = threaded_server.chat_stream.engine
+    info = engine.model_info
+    assert info is not None
+    strict = ChatTemplate(ALTERNATING_ONLY, bos_token=info.chat_template.bos_token,
+                          eos_token=info.chat_template.eos_token)
+    engine.model_info = replace(info, chat_template=strict)
+    try:
+        errors = _server_errors(threaded_server)
+        refused = {"messages": [{"role": r, "content": "hi"} for r in roles], "max_tokens": 2}
+        status, headers, payload = _post(threaded_server, json.dumps(refused).encode(), None,
+                                         "/v1/chat/completions")
+        assert status == 400, payload
+        error = _assert_json_error(headers, payload)
+        assert error["type"] == "invalid_request_error" and error["code"] == "template_refused"
+        assert "roles must alternate" in error["message"]
+        assert _server_errors(threaded_server) == errors
+        fine = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        status, _, payload = _post(threaded_server, json.dumps(fine).encode(), None,
+                                   "/v1/chat/completions")
+        assert status == 200, payload
+    finally:
+        engine.model_info = info
