@@ -77,7 +77,8 @@ def _is_json(content_type: str) -> bool:
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """`body` as a JSON object; NaN, Infinity and invalid UTF-8 are refused."""
+    """`body` as a JSON object; NaN, Infinity, invalid UTF-8, lone surrogates and nesting
+    deeper than `MAX_JSON_DEPTH` are refused."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -93,6 +94,11 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise BadRequest(f"The body must be a JSON object, not {type(data).__name__}.")
     if _depth(data) > MAX_JSON_DEPTH:
         raise BadRequest(f"The body is nested too deeply (at most {MAX_JSON_DEPTH} levels).")
+    try:  # the bytes are UTF-8, so only an escape such as "\ud800" can be a lone surrogate
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("The body is not valid Unicode text: it holds a lone surrogate "
+                         "(a \\ud800-\\udfff escape that is not part of a pair).") from None
     return data
 
 

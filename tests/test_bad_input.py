@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from chatstream_lite import ChatStream
 
-from .conftest import GREEDY, Server, post_chat, serve
+from .conftest import GREEDY, Server, post_chat, serve, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -134,15 +134,26 @@ async def test_a_client_leaving_in_the_middle_of_its_body_is_not_a_server_error(
         server: Server, caplog: pytest.LogCaptureFixture) -> None:
     """Half a body, then the socket closes: no traceback in the log, no callback, no harm."""
     calls = len(server.recorder.calls)
+    registry = server.chat_stream.metrics.registry
+    labels = {"endpoint": "chat_stream", "code": "client_closed_request"}
+
+    def closed_requests() -> float:
+        return registry.get_sample_value("chatstream_rejected_requests_total", labels) or 0.0
+
+    closed_before = closed_requests()
     body = _json({"user_input": "Hello there, this body never arrives whole."})
     reader, writer = await asyncio.open_connection(server.host, server.port)
     writer.write(b"POST /chat_stream HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
+                 + f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
     await writer.drain()
-    await asyncio.sleep(0.2)          # the handler is now waiting for the rest of the body
+    # aiohttp answers "100 Continue" once the request is routed, right before the handler
+    # runs: from here on the handler is waiting for the body.
+    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(body[: len(body) // 2])
+    await writer.drain()
     writer.close()
     await writer.wait_closed()
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: closed_requests() == closed_before + 1)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert len(server.recorder.calls) == calls
     async with server.client() as client:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -15,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatstream_lite import ChatStream
+from chatstream_lite.engine import ChatTemplate
 
 from .conftest import Server, build_full_app, start_server
 
@@ -22,29 +27,94 @@ pytestmark = pytest.mark.timeout(600)
 
 FIELDS = ["user_input", "regenerate", "max_new_tokens", "temperature", "top_p", "top_k",
           "repeat_penalty", "seed"]
+NUMERIC = ["max_new_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "seed"]
+SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
+NESTING = 32                        # the server's limit (chat_request.MAX_JSON_DEPTH)
+
+# Lone surrogates are valid JSON (as escapes: json.dumps writes "\\ud800") but not Unicode
+# text: nothing may encode them as UTF-8 on the way to the tokenizer.
+texts = st.text(max_size=12) | st.builds(
+    lambda head, surrogate, tail: head + surrogate + tail,
+    st.text(max_size=4), st.sampled_from(SURROGATES), st.text(max_size=4))
+huge_integers = st.integers(10**399, 10**400 - 1) | st.integers(-(10**400) + 1, -(10**399))
+numbers = st.integers() | st.floats() | huge_integers
+
+# Stand-ins for what json.dumps cannot or will not write: replaced in the raw body by
+# `splice` with JSON nested 1,000+ deep (arrays or objects) or a float literal that
+# overflows to infinity.
+DEEP = re.compile(r'"@@(list|dict|big)(\d*)@@"')
+raw_values = st.builds(lambda kind, depth: f"@@{kind}{depth}@@",
+                       st.sampled_from(["list", "dict"]), st.integers(1_000, 3_000)
+                       ) | st.just("@@big@@")
+
+
+def splice(body: Any) -> bytes:
+    """`body` as JSON text, with each raw-value stand-in replaced by what it stands for."""
+    def raw(match: re.Match[str]) -> str:
+        kind, depth = match.group(1), int(match.group(2) or 0)
+        if kind == "big":
+            return "1e400"
+        if kind == "list":
+            return "[" * depth + "0" + "]" * depth
+        return '{"a": ' * depth + "0" + "}" * depth
+    return DEEP.sub(raw, json.dumps(body)).encode()
+
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | numbers | texts | raw_values,
     lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    | st.dictionaries(texts, children, max_size=3),
     max_leaves=8,
 )
-# Mostly objects with the real field names, so validation is exercised field by field.
-bodies = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=5) | json_values
+def _weighted(*hostile: st.SearchStrategy[Any], valid: st.SearchStrategy[Any]
+              ) -> st.SearchStrategy[Any]:
+    """Mostly `hostile` bodies; one in ten `valid` (an accepted request runs the model,
+    which is what makes an example slow)."""
+    return st.sampled_from([*hostile, *hostile, *hostile, valid]).flatmap(lambda s: s)
 
-OPENAI_FIELDS = ["messages", "stream", "max_tokens", "temperature", "top_p", "seed", "stop", "n",
-                 "stream_options", "model", "tools"]
-messages = st.lists(
-    st.fixed_dictionaries({}, optional={
-        "role": st.sampled_from(["system", "user", "assistant", "tool", "wizard"]) | json_values,
-        "content": st.text(max_size=10) | json_values,
-    }),
-    max_size=3,
-)
-openai_bodies = st.fixed_dictionaries({}, optional={
-    **{name: json_values for name in OPENAI_FIELDS},
-    "messages": messages | json_values,
-}) | json_values
+
+# In range, for the requests that should be accepted.
+VALID = {"max_new_tokens": st.integers(1, 2), "temperature": st.floats(0, 2),
+         "top_p": st.floats(0, 1), "top_k": st.integers(0, 50),
+         "repeat_penalty": st.floats(0.5, 2), "seed": st.integers(0, 2**31)}
+valid_texts = st.text(min_size=1, max_size=12).filter(str.strip)
+# Mostly objects with the real field names, so validation is exercised field by field; a
+# text with one hostile number; and valid requests, accepted between the rejected ones so
+# that the history they change is checked too.
+plausible = st.fixed_dictionaries({"user_input": texts}, optional={
+    name: numbers | raw_values for name in NUMERIC})
+valid = st.fixed_dictionaries({"user_input": valid_texts}, optional=VALID)
+bodies = _weighted(st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=5),
+                  plausible, json_values, valid=valid)
+
+OPENAI_FIELDS = ["messages", "stream", "max_tokens", "temperature", "top_p", "top_k",
+                 "repeat_penalty", "seed", "stop", "n", "stream_options", "model", "tools"]
+ROLES = ["system", "developer", "user", "assistant", "tool", "wizard"]
+contents = texts | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": texts}),
+                            max_size=2)
+# Role sequences: system after user, two users in a row, assistant last, unknown roles...,
+# often ending with a user's message, as a valid conversation must.
+turns = st.lists(st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": contents}),
+                 max_size=4)
+messages = st.builds(lambda head, last: head + last, turns, st.sampled_from(
+    [[], [{"role": "user", "content": "Hi"}]])) | st.lists(
+    st.fixed_dictionaries({}, optional={"role": json_values, "content": json_values}),
+    max_size=3)
+plausible_openai = st.fixed_dictionaries({"messages": messages}, optional={
+    **{name: numbers | raw_values for name in ("max_tokens", "temperature", "top_p", "top_k",
+                                               "repeat_penalty", "seed")},
+    "stop": texts | st.lists(texts, max_size=3),
+    "stream": st.booleans(),
+})
+valid_openai = st.fixed_dictionaries({"messages": turns.map(
+    lambda head: [*head, {"role": "user", "content": "Hi"}])}, optional={
+    **{name: VALID["max_new_tokens" if name == "max_tokens" else name]
+       for name in ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "seed")},
+    "stop": valid_texts | st.lists(valid_texts, max_size=3),
+    "stream": st.booleans(),
+})
+openai_bodies = _weighted(plausible_openai, st.fixed_dictionaries({}, optional={
+    name: json_values for name in OPENAI_FIELDS}), json_values, valid=valid_openai)
 
 
 @pytest.fixture(scope="module")
@@ -84,59 +154,207 @@ def _stored(server: Server, session_id: str) -> Any:
     return json.loads(entry[1])["session"] if entry else None
 
 
+def _kinds(text: str) -> set[str]:
+    """Which of the hostile inputs a generated body holds (to check they were generated)."""
+    kinds = {kind for kind in ("list", "dict", "big") if f"@@{kind}" in text}
+    if re.search("[\ud800-\udfff]", text):
+        kinds.add("surrogate")
+    if re.search(r"\d{399}", text):
+        kinds.add("huge")
+    return kinds
+
+
+def _server_errors(server: Server) -> float:
+    """Accepted requests that ended in `unknown_error_occurred`, on both endpoints."""
+    registry = server.chat_stream.metrics.registry
+    return sum(registry.get_sample_value("chatstream_requests_total", {
+        "endpoint": endpoint, "status": "unknown_error_occurred"}) or 0.0
+        for endpoint in ("chat_stream", "chat_completions"))
+
+
+def _wait_for_calls(server: Server, count: int) -> None:
+    """The callback runs on the server's loop right after the body's last chunk."""
+    deadline = time.monotonic() + 10
+    while len(server.recorder.calls) < count:
+        assert time.monotonic() < deadline, "no callback for an accepted request"
+        time.sleep(0.005)
+
+
+def _assert_json_error(headers: dict[str, str], payload: bytes) -> Any:
+    assert headers["Content-Type"].startswith("application/json"), payload
+    return json.loads(payload)["error"]
+
+
 def test_arbitrary_json_never_gets_a_5xx_nor_changes_history(threaded_server: Server) -> None:
     server = threaded_server
     status, headers, _ = _post(server, json.dumps({"user_input": "hello"}).encode(), None)
     assert status == 200
     session_id = headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
     cookie = f"CHATSTREAM_SESSION={session_id}"
-    seen = {"rejected": 0, "accepted": 0}
+    _wait_for_calls(server, 1)
+    seen: Counter[str] = Counter()
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck),
               database=None)
     @given(body=bodies)
     def property_holds(body: Any) -> None:
         before = _stored(server, session_id)
-        status, headers, payload = _post(server, json.dumps(body).encode(), cookie)
+        calls = len(server.recorder.calls)
+        status, headers, payload = _post(server, splice(body), cookie)
         assert status < 500, (body, payload)
         if status == 200:
             seen["accepted"] += 1
+            _wait_for_calls(server, calls + 1)
+            assert server.recorder.calls[-1][0] == "success", body
+            if len(server.recorder.calls[-1][1]) > 6:  # the history; short prompts are fast
+                assert _post(server, b"{}", cookie, "/clear_context")[0] == 200
             return
         seen["rejected"] += 1
-        assert headers["Content-Type"].startswith("application/json")
-        assert json.loads(payload)["error"]
+        seen.update(_kinds(json.dumps(body, ensure_ascii=False)))
+        assert _assert_json_error(headers, payload)
         assert _stored(server, session_id) == before, "a rejected request changed the history"
+        assert len(server.recorder.calls) == calls, "a rejected request got a callback"
 
     property_holds()
-    assert seen["rejected"] > 50
+    assert seen["rejected"] > 50 and seen["accepted"] >= 3, seen
+    assert min(seen[kind] for kind in ("list", "dict", "big", "surrogate", "huge")) > 3, seen
+    assert _server_errors(server) == 0
+    calls = len(server.recorder.calls)
     status, _, payload = _post(server, json.dumps({"user_input": "still there?"}).encode(), cookie)
     assert status == 200 and payload
+    _wait_for_calls(server, calls + 1)
 
 
 def test_arbitrary_json_at_the_openai_route_never_gets_a_5xx(threaded_server: Server) -> None:
     server = threaded_server
-    seen = {"rejected": 0, "accepted": 0}
+    seen: Counter[str] = Counter()
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck),
               database=None)
     @given(body=openai_bodies)
     def property_holds(body: Any) -> None:
-        status, headers, payload = _post(server, json.dumps(body).encode(), None,
-                                         "/v1/chat/completions")
+        status, headers, payload = _post(server, splice(body), None, "/v1/chat/completions")
         assert status < 500, (body, payload)
         if status == 200:
             seen["accepted"] += 1
             return
         seen["rejected"] += 1
-        assert headers["Content-Type"].startswith("application/json")
-        error = json.loads(payload)["error"]
+        seen.update(_kinds(json.dumps(body, ensure_ascii=False)))
+        error = _assert_json_error(headers, payload)
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
 
     property_holds()
-    assert seen["rejected"] > 50
+    assert seen["rejected"] > 50 and seen["accepted"] >= 3, seen
+    assert min(seen[kind] for kind in ("list", "dict", "big", "surrogate", "huge")) > 3, seen
+    assert _server_errors(server) == 0
     ok = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     status, _, payload = _post(server, json.dumps(ok).encode(), None, "/v1/chat/completions")
     assert status == 200 and json.loads(payload)["choices"][0]["message"]["role"] == "assistant"
+
+
+def _deep(depth: int, kind: str = "list") -> str:
+    return splice(f"@@{kind}{depth}@@").decode()
+
+
+HUGE = "9" * 400
+LONE = "\\ud800"      # as the raw body carries it: a JSON escape
+# (name, raw /chat_stream body): each must be a 400 with a JSON body, changing nothing.
+HOSTILE_CHAT_BODIES = [
+    ("body nested 1,000 deep (arrays)", _deep(1_000)),
+    ("body nested 5,000 deep (objects)", _deep(5_000, "dict")),
+    ("body nested 33 deep", '{"user_input": "hi", "x": ' + _deep(32) + "}"),
+    ("user_input nested 1,000 deep", '{"user_input": ' + _deep(1_000) + "}"),
+    ("an unknown field nested 1,000 deep", '{"user_input": "hi", "x": ' + _deep(1_000, "dict") + "}"),
+    *[(f"{name} of 400 digits", f'{{"user_input": "hi", "{name}": {HUGE}}}') for name in NUMERIC],
+    *[(f"{name} of -400 digits", f'{{"user_input": "hi", "{name}": -{HUGE}}}') for name in NUMERIC],
+    ("temperature 1e400", '{"user_input": "hi", "temperature": 1e400}'),
+    ("user_input a lone high surrogate", f'{{"user_input": "hi {LONE} there"}}'),
+    ("user_input a lone low surrogate", '{"user_input": "\\udfff"}'),
+]
+HOSTILE_OPENAI_BODIES = [
+    ("body nested 1,000 deep", _deep(1_000)),
+    ("messages nested 1,000 deep", '{"messages": ' + _deep(1_000) + "}"),
+    ("content nested 1,000 deep",
+     '{"messages": [{"role": "user", "content": ' + _deep(1_000, "dict") + "}]}"),
+    ("stop nested 1,000 deep",
+     '{"messages": [{"role": "user", "content": "hi"}], "stop": ' + _deep(1_000) + "}"),
+    *[(f"{name} of 400 digits",
+       f'{{"messages": [{{"role": "user", "content": "hi"}}], "{name}": {HUGE}}}')
+      for name in ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                   "repeat_penalty", "seed")],
+    ("user content a lone surrogate", f'{{"messages": [{{"role": "user", "content": "a{LONE}"}}]}}'),
+    ("content part a lone surrogate", '{"messages": [{"role": "user", "content": '
+     f'[{{"type": "text", "text": "{LONE}"}}]}}]}}'),
+    ("system content a lone surrogate", f'{{"messages": [{{"role": "system", "content": "{LONE}"}}, '
+     '{"role": "user", "content": "hi"}]}'),
+    ("assistant content a lone surrogate", '{"messages": [{"role": "user", "content": "hi"}, '
+     f'{{"role": "assistant", "content": "{LONE}"}}, {{"role": "user", "content": "and?"}}]}}'),
+    ("stop a lone surrogate", f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": "{LONE}"}}'),
+    ("stop list a lone surrogate",
+     f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": ["ok", "{LONE}"]}}'),
+    ("system after user", '{"messages": [{"role": "user", "content": "hi"}, '
+     '{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}]}'),
+    ("assistant last", '{"messages": [{"role": "user", "content": "hi"}, '
+     '{"role": "assistant", "content": "hello"}]}'),
+    ("an unknown role", '{"messages": [{"role": "wizard", "content": "hi"}]}'),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_session(threaded_server: Server) -> str:
+    """A session with one turn, which the hostile bodies below must leave as it is."""
+    server = threaded_server
+    calls = len(server.recorder.calls)
+    status, headers, _ = _post(server, json.dumps({"user_input": "First"}).encode(), None)
+    assert status == 200
+    _wait_for_calls(server, calls + 1)
+    return headers["Set-Cookie"].split(";")[0]
+
+
+@pytest.mark.parametrize("name, body", HOSTILE_CHAT_BODIES,
+                         ids=[b[0] for b in HOSTILE_CHAT_BODIES])
+def test_hostile_chat_stream_bodies_are_json_400s_that_change_nothing(
+        threaded_server: Server, hostile_session: str, name: str, body: str) -> None:
+    server = threaded_server
+    session_id = hostile_session.split("=", 1)[1]
+    before = _stored(server, session_id)
+    calls, errors = len(server.recorder.calls), _server_errors(server)
+    status, headers, payload = _post(server, body.encode(), hostile_session)
+    assert status == 400, (name, payload)
+    error = _assert_json_error(headers, payload)
+    assert error == "bad_request" and json.loads(payload)["message"], name
+    assert _stored(server, session_id) == before
+    assert len(server.recorder.calls) == calls and _server_errors(server) == errors
+
+
+@pytest.mark.parametrize("name, body", HOSTILE_OPENAI_BODIES,
+                         ids=[b[0] for b in HOSTILE_OPENAI_BODIES])
+def test_hostile_openai_bodies_are_openai_shaped_400s(threaded_server: Server, name: str,
+                                                       body: str) -> None:
+    server = threaded_server
+    errors = _server_errors(server)
+    status, headers, payload = _post(server, body.encode(), None, "/v1/chat/completions")
+    assert status == 400, (name, payload)
+    error = _assert_json_error(headers, payload)
+    assert error["type"] == "invalid_request_error" and error["message"], name
+    assert _server_errors(server) == errors
+
+
+def test_after_every_hostile_body_both_endpoints_still_serve(threaded_server: Server,
+                                                             hostile_session: str) -> None:
+    server = threaded_server
+    calls = len(server.recorder.calls)
+    status, _, payload = _post(server, json.dumps({"user_input": "Second"}).encode(),
+                               hostile_session)
+    assert status == 200 and payload
+    _wait_for_calls(server, calls + 1)
+    status, history = server.recorder.calls[-1]
+    assert status == "success"
+    assert [m["content"] for m in history if m["role"] == "user"] == ["First", "Second"]
+    ok = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    status, _, payload = _post(server, json.dumps(ok).encode(), None, "/v1/chat/completions")
+    assert status == 200 and json.loads(payload)["choices"][0]["message"]["content"] is not None
+    assert _server_errors(server) == 0
 
 
 BAD_OPENAI_BODIES = [
@@ -162,3 +380,42 @@ def test_bad_openai_bodies_are_openai_shaped_400s(threaded_server: Server, name:
     assert status == 400, name
     error = json.loads(payload)["error"]
     assert error["type"] == "invalid_request_error" and error["message"], name
+
+
+# Mistral-style: refuses any conversation whose roles do not alternate user/assistant.
+ALTERNATING_ONLY = (
+    "{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n"
+)
+
+
+@pytest.mark.parametrize("roles", [["user", "user"], ["system", "user"],
+                                   ["user", "assistant", "user", "user"]])
+def test_a_chat_template_that_refuses_the_conversation_is_a_400_with_its_message(
+        threaded_server: Server, roles: list[str]) -> None:
+    """What a GGUF with such a template does: its message reaches the client, as a 400."""
+    engine = threaded_server.chat_stream.engine
+    info = engine.model_info
+    assert info is not None
+    strict = ChatTemplate(ALTERNATING_ONLY, bos_token=info.chat_template.bos_token,
+                          eos_token=info.chat_template.eos_token)
+    engine.model_info = replace(info, chat_template=strict)
+    try:
+        errors = _server_errors(threaded_server)
+        refused = {"messages": [{"role": r, "content": "hi"} for r in roles], "max_tokens": 2}
+        status, headers, payload = _post(threaded_server, json.dumps(refused).encode(), None,
+                                         "/v1/chat/completions")
+        assert status == 400, payload
+        error = _assert_json_error(headers, payload)
+        assert error["type"] == "invalid_request_error" and error["code"] == "template_refused"
+        assert "roles must alternate" in error["message"]
+        assert _server_errors(threaded_server) == errors
+        fine = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        status, _, payload = _post(threaded_server, json.dumps(fine).encode(), None,
+                                   "/v1/chat/completions")
+        assert status == 200, payload
+    finally:
+        engine.model_info = info

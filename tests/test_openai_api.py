@@ -256,7 +256,8 @@ async def test_client_leaving_a_non_streaming_request_stops_it(server: Server) -
                                path="/v1/chat/completions")
     await gate.wait_reached()
     raw.close()
-    await asyncio.sleep(0.5)
+    # Noticed by the server's disconnect watcher (so the job is cancelled) while held.
+    await wait_until(lambda: server.chat_stream.runtime.disconnects.watching == 0)
     gate.open()
     await wait_until(lambda: admission.running == 0)
     after = await scrape(server)
