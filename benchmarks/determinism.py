@@ -20,7 +20,8 @@ it does not is where free-running greedy text parts.
            other sequence of ~500 tokens (more KV cells to attend over).
   b)       a two-turn prompt decoded whole vs in 64- and 16-token chunks, vs a reused prefix
            (the first turn, then the rest), vs the same prefix whose reply was decoded one
-           token at a time (as a reused previous turn was generated), vs one token at a time.
+           token at a time (as a reused previous turn was generated), vs one token at a time,
+           vs all but the last token reused (the same prompt asked again).
   c)       a) and b) with one unified KV cache (`kv_unified=True`) instead of a KV stream per
            sequence (n_seq_max=8, 8 × 2048 cells either way).
 
@@ -194,6 +195,10 @@ def compare_pieces(session: Session) -> dict[str, Any]:
         "reused prefix whose reply was decoded one token at a time": compare(
             reference, pieces([len(first)] + [1] * len(reply) + [len(rest)])),
         "one token at a time": compare(reference, pieces(chunks(1))),
+        # The same prompt again: a cache keeps all of it but the last token, which must be
+        # decoded again for its logits, now alone.
+        "reused prefix of all but the last token": compare(
+            reference, pieces([len(prompt) - 1, 1])),
     }
     rows["whole again (run-to-run)"] = compare(reference, pieces([len(prompt)]))
     return {"prompt_tokens": len(prompt), "reused_prefix_tokens": len(first) + len(reply),
