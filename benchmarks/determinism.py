@@ -3,6 +3,7 @@
     python -m benchmarks.determinism                          # ~4 minutes on 2 cores
     python -m benchmarks.determinism --no-speed               # the comparisons only (~1 minute)
     python -m benchmarks.determinism --ggml-lib DIR           # also against another ggml build
+    python -m benchmarks.determinism --no-compare --ggml-lib DIR   # the speed part only
 
 llama.cpp through llama-cpp-python's low-level API only (`benchmarks/lowlevel.py`), greedy,
 the embedded SmolLM2-135M Q4_1. Each comparison feeds both sides the same tokens (the greedy
@@ -285,10 +286,10 @@ def run_speed(model: Path, setting: Setting) -> dict[str, float]:
 # -- the parent: one process per setting -------------------------------------------------------
 def child(args: argparse.Namespace, what: str, key: str, lib: str | None) -> dict[str, Any]:
     env = dict(os.environ)
-    if what == "compare":
-        # The numbers do not depend on how idle threads wait, but on 2 shared cores OpenMP's
-        # spinning threads make a run take minutes instead of seconds.
-        env.setdefault("OMP_WAIT_POLICY", "passive")
+    # The logits do not depend on how idle threads wait, but on 2 cores shared with other work
+    # OpenMP's spinning threads fight the other processes: a comparison took 13 minutes
+    # instead of 2, and a speed round several times its quiet length. The same for every variant.
+    env.setdefault("OMP_WAIT_POLICY", "passive")
     if lib:
         env["LLAMA_CPP_LIB_PATH"] = lib
     command = [sys.executable, "-m", "benchmarks.determinism", "--child", what, "--setting", key,
@@ -341,6 +342,8 @@ def main() -> int:
     parser.add_argument("--speed", nargs="*", default=None,
                         help="variants to time against the defaults (default: all but repack)")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="time only; keep the comparisons already in the output file")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only", nargs="*", help="compare only these variants")
@@ -356,18 +359,30 @@ def main() -> int:
     found = variants(args)
     if args.only:
         found = {name: found[name] for name in args.only}
+    out = args.out or RESULTS / f"determinism-{cpu_slug()}.json"
     report: dict[str, Any] = {"machine": machine(), "model": args.model.name,
                               "gguf_tensor_types": gguf_tensor_types(args.model),
                               "steps": STEPS, "n_seq_max": N_SEQ, "n_ctx_per_sequence": N_CTX_SEQ,
                               "comparisons": {}, "speed": {}}
+    if args.no_compare and out.exists():
+        kept = json.loads(out.read_text())
+        report["comparisons"] = kept["comparisons"]
+        report["comparisons_machine"] = kept.get("comparisons_machine", kept["machine"])
+    else:
+        report["comparisons_machine"] = report["machine"]
     print(json.dumps(report["machine"], indent=1), "\n", report["gguf_tensor_types"], flush=True)
-    for name, (key, lib) in found.items():
-        load = os.getloadavg()
-        result = child(args, "compare", key, lib)
-        result["load_average_before"] = load
-        report["comparisons"][name] = result
-        print(f"compared: {name} (load before {load[0]:.2f})", flush=True)
-    print(kernel_table(report["comparisons"]), "\n\n", table(report["comparisons"]), flush=True)
+
+    if not args.no_compare:
+        for name, (key, lib) in found.items():
+            load = os.getloadavg()
+            result = child(args, "compare", key, lib)
+            result["load_average_before"] = load
+            report["comparisons"][name] = result
+            print(f"compared: {name} (load before {load[0]:.2f})", flush=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    if report["comparisons"]:
+        print(kernel_table(report["comparisons"]) + "\n\n" + table(report["comparisons"]),
+              flush=True)
 
     if not args.no_speed:
         timed = ["defaults"] + [name for name in (args.speed if args.speed is not None else
@@ -381,20 +396,20 @@ def main() -> int:
                 loads.append(os.getloadavg()[0])
                 key, lib = found[name]
                 rounds[name].append(child(args, "speed", key, lib))
+                print(f"round {round_ + 1}, {name}: {rounds[name][-1]}", flush=True)
         for name, runs in rounds.items():
             report["speed"][name] = {
                 figure: {"median": statistics.median(r[figure] for r in runs),
                          "min": min(r[figure] for r in runs), "max": max(r[figure] for r in runs)}
                 for figure in runs[0]}
+        report["speed_rounds"] = rounds
         report["speed_load_averages"] = loads
         figures = list(next(iter(report["speed"].values())))
         print("\n| variant | " + " | ".join(figures) + " |\n|---|" + "---:|" * len(figures))
         for name, row in report["speed"].items():
             print(f"| {name} | " + " | ".join(
                 f"{row[f]['median']:.1f} ({row[f]['min']:.1f}-{row[f]['max']:.1f})" for f in figures) + " |")
-
-    out = args.out or RESULTS / f"determinism-{cpu_slug()}.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
+        out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0
 
