@@ -24,7 +24,8 @@ it does not is where free-running greedy text parts.
            token at a time (as a reused previous turn was generated), vs one token at a time,
            vs all but the last token reused (the same prompt asked again).
   c)       a) and b) with one unified KV cache (`kv_unified=True`) instead of a KV stream per
-           sequence (n_seq_max=8, 8 × 2048 cells either way).
+           sequence (n_seq_max=8, 8 × 2048 cells either way); and there, the sequence alone
+           but with its cells after 1 to 300 cells of another, idle, sequence.
 
 for each setting: llama.cpp's defaults; weight repacking off (`use_extra_bufts=False`,
 llama-server's `--no-repack`); flash attention on; and with `--ggml-lib DIR`, the defaults
@@ -206,6 +207,22 @@ def compare_pieces(session: Session) -> dict[str, Any]:
             "comparisons": rows}
 
 
+def compare_placement(session: Session) -> dict[str, Any]:
+    """The sequence alone, but its cells placed after `offset` cells that another, idle,
+    sequence holds: only a unified cache can place a sequence anywhere but at cell 0."""
+    prompt = session.tokenize(CHAT + user_turn(TARGET))
+    tokens, reference = alone(session, prompt, STEPS)
+    filler = session.tokenize(REPLY_1 * 8)
+    rows = {}
+    for offset in (8, 296, 1, 13, 300):
+        session.clear()
+        session.prefill(filler[:offset], seq=1)
+        first = session.prefill(prompt, seq=0)
+        rows[f"alone, after {offset} cells of an idle sequence"] = compare(
+            reference, forced(session, len(prompt), tokens, first))
+    return {"comparisons": rows}
+
+
 def kernels() -> dict[str, Any]:
     """Column 0 of A·B with B of 1 column against B of 2, 3, 4, 8 columns, in ggml alone."""
     ggml = Ggml()
@@ -240,6 +257,8 @@ def run_comparisons(model: Path, setting: Setting) -> dict[str, Any]:
         try:
             result[label] = {"batched vs alone": compare_batches(session),
                              "pieces vs whole": compare_pieces(session)}
+            if unified:
+                result[label]["cell placement"] = compare_placement(session)
         finally:
             session.close()
     return result
@@ -313,8 +332,8 @@ def table(results: dict[str, Any]) -> str:
              "| first greedy difference |", "|---|---|---|---|---:|---:|---:|"]
     for name, result in results.items():
         for kv in ("per-sequence KV streams", "unified KV cache"):
-            for group in ("batched vs alone", "pieces vs whole"):
-                for what, row in result[kv][group]["comparisons"].items():
+            for group in ("batched vs alone", "pieces vs whole", "cell placement"):
+                for what, row in result[kv].get(group, {"comparisons": {}})["comparisons"].items():
                     lines.append(f"| {name} | {kv} | {what} | {'yes' if row['bit_identical'] else 'no'} "
                                  f"| {row['max_abs_diff']:.3g} | {row['greedy_agreement']} "
                                  f"| {'-' if row['first_greedy_difference'] is None else row['first_greedy_difference']} |")
