@@ -3,7 +3,7 @@
     python -m benchmarks.determinism                          # ~4 minutes on 2 cores
     python -m benchmarks.determinism --no-speed               # the comparisons only (~1 minute)
     python -m benchmarks.determinism --ggml-lib DIR           # also against another ggml build
-    python -m benchmarks.determinism --no-compare --ggml-lib DIR   # the speed part only
+    python -m benchmarks.determinism --no-compare --ggml-lib DIR --threads 1   # speed only
 
 llama.cpp through llama-cpp-python's low-level API only (`benchmarks/lowlevel.py`), greedy,
 the embedded SmolLM2-135M Q4_1. Each comparison feeds both sides the same tokens (the greedy
@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -312,7 +313,7 @@ def child(args: argparse.Namespace, what: str, key: str, lib: str | None) -> dic
     if lib:
         env["LLAMA_CPP_LIB_PATH"] = lib
     command = [sys.executable, "-m", "benchmarks.determinism", "--child", what, "--setting", key,
-               "--model", str(args.model)]
+               "--model", str(args.model), "--threads", str(args.threads if what == "speed" else 0)]
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{what} {key}: {out.stderr[-2000:]}")
@@ -364,6 +365,9 @@ def main() -> int:
     parser.add_argument("--no-compare", action="store_true",
                         help="time only; keep the comparisons already in the output file")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for the speed runs (0: every core). On cores shared with "
+                             "other work 1 gives steadier ratios: no thread waits for another")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only", nargs="*", help="compare only these variants")
     parser.add_argument("--child", choices=("compare", "speed"), help=argparse.SUPPRESS)
@@ -372,7 +376,7 @@ def main() -> int:
     args.model = args.model or default_model_path()
     if args.child:
         run = run_comparisons if args.child == "compare" else run_speed
-        print(json.dumps(run(args.model, SETTINGS[args.setting])))
+        print(json.dumps(run(args.model, replace(SETTINGS[args.setting], threads=args.threads))))
         return 0
 
     found = variants(args)
@@ -422,6 +426,7 @@ def main() -> int:
                          "min": min(r[figure] for r in runs), "max": max(r[figure] for r in runs)}
                 for figure in runs[0]}
         report["speed_rounds"] = rounds
+        report["speed_threads"] = args.threads or len(os.sched_getaffinity(0))
         report["speed_load_averages"] = loads
         figures = list(next(iter(report["speed"].values())))
         print("\n| variant | " + " | ".join(figures) + " |\n|---|" + "---:|" * len(figures))
