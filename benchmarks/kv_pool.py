@@ -1,6 +1,7 @@
 """A KV stream per sequence against one unified KV pool, at equal capacity (issue 15).
 
     python -m benchmarks.kv_pool                 # 3 alternating rounds, ~4 minutes on 2 cores
+    python -m benchmarks.kv_pool --threads 1     # steadier where other work shares the cores
 
 Both layouts hold 8 × 2048 = 16,384 KV cells for `n_seq_max=8` sequences:
   per-sequence streams  kv_unified=False: each sequence owns 2048 cells (chatstream_lite's
@@ -41,14 +42,15 @@ TOKENS = 200
 LAYOUTS = {"per-sequence streams": False, "unified pool": True}
 
 
-def open_session(model: Path, unified: bool) -> tuple[Session, list[str]]:
+def open_session(model: Path, unified: bool, threads: int) -> tuple[Session, list[str]]:
     with LogCapture() as log:
-        session = Session(model, Setting(), n_seq=N_SEQ, n_ctx_seq=N_CTX_SEQ, unified=unified)
+        session = Session(model, Setting(threads=threads), n_seq=N_SEQ, n_ctx_seq=N_CTX_SEQ,
+                          unified=unified)
     return session, log.matching("KV buffer size", "compute buffer size", "output buffer size")
 
 
-def run_generation(model: Path, unified: bool) -> dict[str, Any]:
-    session, buffers = open_session(model, unified)
+def run_generation(model: Path, unified: bool, threads: int) -> dict[str, Any]:
+    session, buffers = open_session(model, unified, threads)
     try:
         prompts = [session.tokenize(CHAT + user_turn(text)) for text in [TARGET] + OTHERS]
         rates = {}
@@ -73,9 +75,9 @@ def run_generation(model: Path, unified: bool) -> dict[str, Any]:
         session.close()
 
 
-def run_capacity(model: Path, unified: bool, longest: int) -> dict[str, Any]:
+def run_capacity(model: Path, unified: bool, longest: int, threads: int) -> dict[str, Any]:
     """Decode one long conversation as sequence 0 until it is refused or `longest` tokens are in."""
-    session, buffers = open_session(model, unified)
+    session, buffers = open_session(model, unified, threads)
     try:
         text = CHAT + user_turn(REPLY_1 * 200)
         tokens = session.tokenize(text)[:longest]
@@ -103,10 +105,13 @@ def run_capacity(model: Path, unified: bool, longest: int) -> dict[str, Any]:
         session.close()
 
 
-def child(model: Path, what: str, layout: str, longest: int) -> dict[str, Any]:
+def child(model: Path, what: str, layout: str, longest: int, threads: int) -> dict[str, Any]:
+    # Idle OpenMP threads sleep instead of spinning: on cores shared with other work spinning
+    # threads fight the other processes (see benchmarks.determinism). Both layouts alike.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
     out = subprocess.run([sys.executable, "-m", "benchmarks.kv_pool", "--child", what,
-                          "--layout", layout, "--model", str(model), "--long", str(longest)],
-                         capture_output=True, text=True)
+                          "--layout", layout, "--model", str(model), "--long", str(longest),
+                          "--threads", str(threads)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{what} {layout}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -118,32 +123,36 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--long", type=int, default=3072,
                         help="tokens to try in one conversation (more than 2048)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="llama.cpp threads (0: every core; 1 is steadier on shared cores)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", choices=("generation", "capacity"), help=argparse.SUPPRESS)
     parser.add_argument("--layout", choices=LAYOUTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     model = args.model or default_model_path()
     if args.child == "generation":
-        print(json.dumps(run_generation(model, LAYOUTS[args.layout])))
+        print(json.dumps(run_generation(model, LAYOUTS[args.layout], args.threads)))
         return 0
     if args.child == "capacity":
-        print(json.dumps(run_capacity(model, LAYOUTS[args.layout], args.long)))
+        print(json.dumps(run_capacity(model, LAYOUTS[args.layout], args.long, args.threads)))
         return 0
 
     report: dict[str, Any] = {"machine": machine(), "model": model.name, "n_seq_max": N_SEQ,
                               "cells": N_SEQ * N_CTX_SEQ, "generated_per_sequence": TOKENS,
+                              "threads": args.threads or len(os.sched_getaffinity(0)),
+                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "passive"),
                               "rounds": {name: [] for name in LAYOUTS}, "loads": []}
     for round_ in range(args.rounds):
         for name in (list(LAYOUTS) if round_ % 2 == 0 else list(LAYOUTS)[::-1]):
             report["loads"].append(os.getloadavg()[0])
-            result = child(model, "generation", name, args.long)
+            result = child(model, "generation", name, args.long, args.threads)
             report["rounds"][name].append(result)
             print(f"round {round_ + 1}, {name}: {result['generation tokens/s (8 sequences)']:.1f} "
                   f"tokens/s, RSS {result['RSS after warm-up, MiB']:.0f} MiB", flush=True)
     report["capacity"] = {}
     for name in LAYOUTS:
         report["loads"].append(os.getloadavg()[0])
-        report["capacity"][name] = child(model, "capacity", name, args.long)
+        report["capacity"][name] = child(model, "capacity", name, args.long, args.threads)
         print(f"{name}: one conversation of {report['capacity'][name]['tokens_decoded']} tokens "
               f"fits (tried {report['capacity'][name]['tried']})", flush=True)
 
