@@ -307,6 +307,7 @@ def run_speed(model: Path, setting: Setting) -> dict[str, float]:
          out["8 sequences together, tokens per CPU-second"]) = clock.rates(N_SEQ * (SPEED_TOKENS // 2))
 
         long_prompt = (session.tokenize(CHAT + user_turn(TURN_1 + " " + REPLY_1 * 8)))[:PROMPT_TOKENS]
+        session.clear()
         session.prefill(long_prompt[:64], seq=0)                           # warm-up
         session.clear()
         clock.start()
