@@ -284,7 +284,44 @@ class Clock:
                 tokens / (time.process_time() - self.cpu))
 
 
-def run_speed(model: Path, setting: Setting, repeats: int = 3) -> dict[str, float]:
+KERNEL_CASES = {
+    # decoding 8 sequences: the output matrix (Q8_0, the tied embeddings) for 8 rows
+    "output matrix (Q8_0 49152 x 576) for 8 tokens": (Ggml.Q8_0, 49152, 576, 8),
+    # a 512-token prompt, one query head of one layer (9 heads, 30 layers): K·q, V·softmax
+    "K·q of one head, 512-token prompt (F16 512 x 64, 512 columns)": (Ggml.F16, 512, 64, 512),
+    "V·softmax of one head, 512-token prompt (F16 64 x 512, 512 columns)": (Ggml.F16, 64, 512, 512),
+    # the same kernel in both builds, as a check of the method: one layer's FFN up projection
+    "check, same kernel in both: FFN up of one layer, 512 tokens (Q4_1 1536 x 576)": (Ggml.Q4_1, 1536, 576, 512),
+}
+
+
+def kernel_costs(other_cpu_backend: str, turns: int = 30) -> dict[str, dict[str, float]]:
+    """The products whose kernel llamafile's sgemm provides, in the bundled CPU backend and in
+    `other_cpu_backend` (a folder with another libggml-cpu.so), both loaded in this process and
+    run in turn, one thread, the fastest of `turns` each, in ms. On cores shared with other
+    work, the fastest run is the one nothing interrupted, and taking turns spreads any drift
+    over both alike."""
+    builds = {"bundled": Ggml(), "other": Ggml(other_cpu_backend)}
+    rng = np.random.default_rng(15)
+    out = {}
+    for name, (kind, m, k, n) in KERNEL_CASES.items():
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((n, k)).astype(np.float32)
+        products = {build: ggml.product(kind, a, b) for build, ggml in builds.items()}
+        fastest = {build: float("inf") for build in builds}
+        try:
+            for _ in range(turns):
+                for build, product in products.items():
+                    fastest[build] = min(fastest[build], product.run(threads=1))
+        finally:
+            for product in products.values():
+                product.close()
+        out[name] = {f"{build}, ms": 1000 * seconds for build, seconds in fastest.items()}
+        out[name]["other / bundled"] = fastest["other"] / fastest["bundled"]
+    return out
+
+
+def run_speed(model: Path, setting: Setting, repeats: int = 2) -> dict[str, float]:
     """One round: decode rate of one stream and of 8 sequences together, prompt rate; each the
     best of `repeats` (on shared cores the slower repeats measure the neighbours)."""
     session = Session(model, setting, n_seq=N_SEQ, n_ctx_seq=N_CTX_SEQ, unified=False)
@@ -334,6 +371,8 @@ def child(args: argparse.Namespace, what: str, key: str, lib: str | None) -> dic
         env["LLAMA_CPP_LIB_PATH"] = lib
     command = [sys.executable, "-m", "benchmarks.determinism", "--child", what, "--setting", key,
                "--model", str(args.model), "--threads", str(args.threads if what == "speed" else 0)]
+    if what == "kernel-costs":
+        command += ["--other-cpu-backend", args.ggml_lib]
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{what} {key}: {out.stderr[-2000:]}")
@@ -390,10 +429,14 @@ def main() -> int:
                              "other work 1 gives steadier ratios: no thread waits for another")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only", nargs="*", help="compare only these variants")
-    parser.add_argument("--child", choices=("compare", "speed"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("compare", "speed", "kernel-costs"), help=argparse.SUPPRESS)
+    parser.add_argument("--other-cpu-backend", help=argparse.SUPPRESS)
     parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = args.model or default_model_path()
+    if args.child == "kernel-costs":
+        print(json.dumps(kernel_costs(args.other_cpu_backend)))
+        return 0
     if args.child:
         run = run_comparisons if args.child == "compare" else run_speed
         print(json.dumps(run(args.model, replace(SETTINGS[args.setting], threads=args.threads))))
@@ -426,6 +469,15 @@ def main() -> int:
     if report["comparisons"]:
         print(kernel_table(report["comparisons"]) + "\n\n" + table(report["comparisons"]),
               flush=True)
+
+    if not args.no_speed and args.ggml_lib:
+        load = os.getloadavg()
+        report["kernel_costs"] = child(args, "kernel-costs", "defaults", None)
+        report["kernel_costs_load_average_before"] = load
+        print("\n| product | bundled, ms | " + args.ggml_lib_name + ", ms | ratio |\n|---|---:|---:|---:|")
+        for name, row in report["kernel_costs"].items():
+            print(f"| {name} | {row['bundled, ms']:.2f} | {row['other, ms']:.2f} | {row['other / bundled']:.2f} |")
+        out.write_text(json.dumps(report, indent=1) + "\n")
 
     if not args.no_speed:
         timed = ["defaults"] + [name for name in (args.speed if args.speed is not None else

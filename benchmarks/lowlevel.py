@@ -17,6 +17,7 @@ import os
 import platform
 import struct
 import subprocess
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
@@ -268,10 +269,13 @@ class Ggml:
 
     F32, F16, Q4_1, Q8_0 = 0, 1, 3, 8
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_folder: str | None = None) -> None:
+        """`cpu_folder`: take the CPU backend (libggml-cpu.so) from there instead, beside the
+        one already loaded, so that two builds can be timed in turn in one process."""
         folder = os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(llama_cpp.__file__).parent / "lib")
         base = ctypes.CDLL(str(Path(folder) / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-        cpu = ctypes.CDLL(str(Path(folder) / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        cpu = ctypes.CDLL(str((Path(cpu_folder or folder) / "libggml-cpu.so").resolve()),
+                          mode=ctypes.RTLD_LOCAL)
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for name, restype, argtypes in (
                 ("ggml_init", p, [_InitParams]), ("ggml_free", None, [p]),
@@ -287,28 +291,54 @@ class Ggml:
 
     def mul_mat(self, kind: int, a: np.ndarray, b: np.ndarray, threads: int = 2) -> np.ndarray:
         """`a` (M x K, stored as `kind`) times each row of `b` (N x K, float32): N x M."""
-        base = self._base
-        (m, k), n = a.shape, b.shape[0]
-        ctx = base.ggml_init(_InitParams(64 << 20, None, False))
+        product = self.product(kind, a, b)
         try:
-            ta = base.ggml_new_tensor_2d(ctx, kind, k, m)
-            tb = base.ggml_new_tensor_2d(ctx, self.F32, k, n)
-            a32 = np.ascontiguousarray(a, dtype=np.float32)
-            b32 = np.ascontiguousarray(b, dtype=np.float32)
-            if kind == self.F32:
-                ctypes.memmove(base.ggml_get_data(ta), a32.ctypes.data, a32.nbytes)
-            elif kind == self.F16:
-                a16 = a32.astype(np.float16)
-                ctypes.memmove(base.ggml_get_data(ta), a16.ctypes.data, a16.nbytes)
-            else:
-                base.ggml_quantize_chunk(kind, a32.ctypes.data, base.ggml_get_data(ta), 0, m, k,
-                                         None)
-            ctypes.memmove(base.ggml_get_data(tb), b32.ctypes.data, b32.nbytes)
-            out = base.ggml_mul_mat(ctx, ta, tb)
-            graph = base.ggml_new_graph(ctx)
-            base.ggml_build_forward_expand(graph, out)
-            self._cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
-            data = ctypes.cast(base.ggml_get_data(out), ctypes.POINTER(ctypes.c_float))
-            return np.ctypeslib.as_array(data, shape=(n, m)).copy()
+            product.run(threads)
+            return product.result()
         finally:
-            base.ggml_free(ctx)
+            product.close()
+
+    def product(self, kind: int, a: np.ndarray, b: np.ndarray) -> Product:
+        return Product(self._base, self._cpu, kind, a, b)
+
+
+class Product:
+    """One ggml graph of one `mul_mat`, built once and run as often as asked (to time it)."""
+
+    def __init__(self, base: ctypes.CDLL, cpu: ctypes.CDLL, kind: int, a: np.ndarray,
+                 b: np.ndarray) -> None:
+        (self.m, k), self.n = a.shape, b.shape[0]
+        a32 = np.ascontiguousarray(a, dtype=np.float32)
+        b32 = np.ascontiguousarray(b, dtype=np.float32)
+        size = a32.nbytes + 2 * b32.nbytes + 4 * self.n * self.m + (16 << 20)
+        self._base, self._cpu = base, cpu
+        self._ctx = base.ggml_init(_InitParams(size, None, False))
+        ta = base.ggml_new_tensor_2d(self._ctx, kind, k, self.m)
+        tb = base.ggml_new_tensor_2d(self._ctx, Ggml.F32, k, self.n)
+        if kind == Ggml.F32:
+            ctypes.memmove(base.ggml_get_data(ta), a32.ctypes.data, a32.nbytes)
+        elif kind == Ggml.F16:
+            a16 = a32.astype(np.float16)
+            ctypes.memmove(base.ggml_get_data(ta), a16.ctypes.data, a16.nbytes)
+        else:
+            base.ggml_quantize_chunk(kind, a32.ctypes.data, base.ggml_get_data(ta), 0, self.m,
+                                     k, None)
+        ctypes.memmove(base.ggml_get_data(tb), b32.ctypes.data, b32.nbytes)
+        self._out = base.ggml_mul_mat(self._ctx, ta, tb)
+        self._graph = base.ggml_new_graph(self._ctx)
+        base.ggml_build_forward_expand(self._graph, self._out)
+
+    def run(self, threads: int = 1) -> float:
+        """Compute it once; the seconds it took."""
+        began = time.perf_counter()
+        self._cpu.ggml_graph_compute_with_ctx(self._ctx, self._graph, threads)
+        return time.perf_counter() - began
+
+    def result(self) -> np.ndarray:
+        data = ctypes.cast(self._base.ggml_get_data(self._out), ctypes.POINTER(ctypes.c_float))
+        return np.ctypeslib.as_array(data, shape=(self.n, self.m)).copy()
+
+    def close(self) -> None:
+        if self._ctx:
+            self._base.ggml_free(self._ctx)
+            self._ctx = None
