@@ -1,9 +1,8 @@
 """Where greedy text parts with the batch and with the prompt's pieces, on this CPU (issue 15).
 
-    python -m benchmarks.determinism                          # ~4 minutes on 2 cores
-    python -m benchmarks.determinism --no-speed               # the comparisons only (~1 minute)
+    python -m benchmarks.determinism --no-speed               # the comparisons (2-4 min a setting)
     python -m benchmarks.determinism --ggml-lib DIR           # also against another ggml build
-    python -m benchmarks.determinism --no-compare --ggml-lib DIR --threads 1   # speed only
+    python -m benchmarks.determinism --no-compare --ggml-lib DIR --threads 1   # speed (~7 min)
 
 llama.cpp through llama-cpp-python's low-level API only (`benchmarks/lowlevel.py`), greedy,
 the embedded SmolLM2-135M Q4_1. Each comparison feeds both sides the same tokens (the greedy
@@ -50,16 +49,27 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from chatstream_lite.model_file import default_model_path
+from chatstream_lite.model_file import resolve_model_path
 
-from .lowlevel import (CHAT, Ggml, LogCapture, Row, Session, Setting, cpu_slug, gguf_tensor_types, machine,
-                       user_turn)
+from .lowlevel import (
+    CHAT,
+    Ggml,
+    LogCapture,
+    Row,
+    Session,
+    Setting,
+    cpu_slug,
+    gguf_tensor_types,
+    machine,
+    user_turn,
+)
 
 RESULTS = Path(__file__).parent / "results"
 STEPS = 64
@@ -373,7 +383,7 @@ def child(args: argparse.Namespace, what: str, key: str, lib: str | None) -> dic
                "--model", str(args.model), "--threads", str(args.threads if what == "speed" else 0)]
     if what == "kernel-costs":
         command += ["--other-cpu-backend", args.ggml_lib]
-    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{what} {key}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -381,15 +391,15 @@ def child(args: argparse.Namespace, what: str, key: str, lib: str | None) -> dic
 
 def variants(args: argparse.Namespace) -> dict[str, tuple[str, str | None]]:
     """name -> (setting key, ggml library folder or None for the bundled one)."""
-    found = {key: (key, None) for key in SETTINGS}
+    found: dict[str, tuple[str, str | None]] = {key: (key, None) for key in SETTINGS}
     if args.ggml_lib:
         found[f"defaults, {args.ggml_lib_name}"] = ("defaults", args.ggml_lib)
     return found
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| setting | KV | comparison | bit-identical | max abs diff | greedy agreement "
-             "| first greedy difference |", "|---|---|---|---|---:|---:|---:|"]
+    lines = [("| setting | KV | comparison | bit-identical | max abs diff | greedy agreement "
+              "| first greedy difference |"), "|---|---|---|---|---:|---:|---:|"]
     for name, result in results.items():
         for kv in ("per-sequence KV streams", "unified KV cache"):
             for group in ("batched vs alone", "pieces vs whole", "cell placement"):
@@ -433,7 +443,7 @@ def main() -> int:
     parser.add_argument("--other-cpu-backend", help=argparse.SUPPRESS)
     parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.model = args.model or default_model_path()
+    args.model = resolve_model_path(args.model)
     if args.child == "kernel-costs":
         print(json.dumps(kernel_costs(args.other_cpu_backend)))
         return 0
@@ -506,7 +516,8 @@ def main() -> int:
             print(f"| {name} | " + " | ".join(
                 f"{row[f]['median']:.1f} ({row[f]['min']:.1f}-{row[f]['max']:.1f})" for f in figures) + " |")
         out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nwrote {out}")
+    if not (args.no_compare and args.no_speed):
+        print(f"\nwrote {out}")
     return 0
 
 

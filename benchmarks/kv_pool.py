@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chatstream_lite.model_file import default_model_path
+from chatstream_lite.model_file import resolve_model_path
 
 from .determinism import OTHERS, REPLY_1, TARGET
 from .lowlevel import CHAT, LogCapture, Row, Session, Setting, cpu_slug, machine, user_turn
@@ -111,7 +111,8 @@ def child(model: Path, what: str, layout: str, longest: int, threads: int) -> di
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
     out = subprocess.run([sys.executable, "-m", "benchmarks.kv_pool", "--child", what,
                           "--layout", layout, "--model", str(model), "--long", str(longest),
-                          "--threads", str(threads)], capture_output=True, text=True, env=env)
+                          "--threads", str(threads)], capture_output=True, text=True, env=env,
+                         check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{what} {layout}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -129,7 +130,7 @@ def main() -> int:
     parser.add_argument("--child", choices=("generation", "capacity"), help=argparse.SUPPRESS)
     parser.add_argument("--layout", choices=LAYOUTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    model = args.model or default_model_path()
+    model = resolve_model_path(args.model)
     if args.child == "generation":
         print(json.dumps(run_generation(model, LAYOUTS[args.layout], args.threads)))
         return 0

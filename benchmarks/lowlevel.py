@@ -18,9 +18,10 @@ import platform
 import struct
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO
 
 import llama_cpp
 import numpy as np
@@ -146,12 +147,12 @@ class LogCapture:
 
         self._callback = keep       # ctypes must keep it alive while llama.cpp may call it
 
-    def __enter__(self) -> LogCapture:
+    def __enter__(self) -> LogCapture:  # noqa: PYI034 - not subclassed
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from llama_cpp import _logger  # noqa: PLC0415 - restore the bindings' own callback
+        from llama_cpp import _logger  # the bindings' own callback, restored
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
     def matching(self, *words: str) -> list[str]:
@@ -181,7 +182,7 @@ def machine() -> dict[str, Any]:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True).stdout.strip())
+                                    capture_output=True, text=True, check=False).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     return {
