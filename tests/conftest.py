@@ -248,25 +248,18 @@ def llama_cpp_reference(model_path: str, question: str, *, n_ctx: int, n_threads
 def reuse_is_exact() -> tuple[bool, str]:
     """Whether reusing KV cells gives bit-identical logits to a cold start on this machine.
 
-    Measured (benchmarks/determinism.py, RESULTS.md "Determinism across CPUs"): llama.cpp's
-    llamafile kernels (tinyBLAS) compute a matrix product with several columns in another
-    order than its one-column path, so on an AVX2-only CPU a token decoded alone (a reply
-    token, or the one token after a reused prefix) gets KV values that differ in the last
-    bits (about 2e-6) from the same token decoded inside a chunk, and greedy text parts after
-    some tens of tokens. With ggml built without llamafile, or on the AVX-512 CPUs the
-    earlier sessions ran on, the two agree.
+    Measured (benchmarks/determinism.py, RESULTS.md "Determinism across CPUs"): ggml hands a
+    product with 2+ columns to llamafile's tinyBLAS and a 1-column one to its own vec_dot,
+    which add in another order; in attention over the F16 KV cache that is about 2e-6, so a
+    token decoded as the only token of its sequence in a call (a reply token, or the one
+    token after a reused prefix) gets other KV values than inside a chunk, and greedy text can
+    part after some tens of tokens. Built without llamafile, every comparison is identical.
+    The source has the same two paths on AVX-512, so the condition is the build, not the CPU.
     """
     system = llama_cpp.llama_print_system_info().decode()
-    flags = set()
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    if "LLAMAFILE = 1" in system and "avx512f" not in flags:
-        return False, ("this CPU has AVX2 but not AVX-512 and llama.cpp was built with "
-                       "llamafile (LLAMAFILE = 1), whose kernels differ between one token and "
-                       "a chunk")
+    if "LLAMAFILE = 1" in system:
+        return False, ("llama.cpp was built with llamafile (LLAMAFILE = 1), whose kernels "
+                       "differ between a token decoded alone and one inside a chunk")
     return True, "holds"
 
 

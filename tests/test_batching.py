@@ -7,8 +7,8 @@ it alone on every CPU measured (benchmarks/RESULTS.md, "Determinism across CPUs"
 
 Reusing KV cells (a session's next turn, a prefix copied from another slot) equals a cold
 start only where llama.cpp computes a token the same way alone and inside a chunk: not with
-the default (llamafile) build on AVX2-only CPUs, where those tests say so and skip their
-final equality after checking the reuse itself.
+the stock (llamafile) build, where those tests say so and skip their final equality after
+checking the reuse itself.
 """
 
 from __future__ import annotations
