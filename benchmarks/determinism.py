@@ -99,11 +99,11 @@ TURN_2 = "What is my name, and which tea do I like? Answer in one long paragraph
 
 # -- comparing logits --------------------------------------------------------------------------
 def compare(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> dict[str, Any]:
-    identical = [np.array_equal(a, b) for a, b in zip(reference, other)]
-    agree = [int(a.argmax()) == int(b.argmax()) for a, b in zip(reference, other)]
+    identical = [np.array_equal(a, b) for a, b in zip(reference, other, strict=False)]
+    agree = [int(a.argmax()) == int(b.argmax()) for a, b in zip(reference, other, strict=False)]
     return {
         "bit_identical": all(identical),
-        "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(reference, other)),
+        "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(reference, other, strict=False)),
         "greedy_agreement": f"{sum(agree)}/{len(agree)}",
         "first_logit_difference": next((i for i, same in enumerate(identical) if not same), None),
         "first_greedy_difference": next((i for i, same in enumerate(agree) if not same), None),
@@ -143,7 +143,7 @@ def batched(session: Session, prompt: list[int], tokens: list[int], others: list
         return [Row(int(last[s].argmax()), position[s], s, True) for s in sorted(last)]
 
     def advance(out: list[np.ndarray]) -> None:
-        for s, logits in zip(sorted(last), out):
+        for s, logits in zip(sorted(last), out, strict=False):
             last[s] = logits
             position[s] += 1
 
@@ -357,7 +357,7 @@ def run_speed(model: Path, setting: Setting, repeats: int = 2) -> dict[str, floa
             clock.start()
             for _ in range(SPEED_TOKENS // 2):
                 logits = session.decode([Row(int(last[s].argmax()), position[s], s, True) for s in last])
-                for s, row in zip(sorted(last), logits):
+                for s, row in zip(sorted(last), logits, strict=False):
                     last[s], position[s] = row, position[s] + 1
             keep("8 sequences together", clock.rates(N_SEQ * (SPEED_TOKENS // 2)))
 

@@ -62,7 +62,7 @@ def run_generation(model: Path, unified: bool, threads: int) -> dict[str, Any]:
             for _ in range(steps):
                 out = session.decode([Row(int(last[s].argmax()), position[s], s, True)
                                       for s in sorted(last)])
-                for s, logits in zip(sorted(last), out):
+                for s, logits in zip(sorted(last), out, strict=False):
                     last[s], position[s] = logits, position[s] + 1
             rates[label] = N_SEQ * steps / (time.perf_counter() - began)
             if label == "warm-up":
@@ -91,7 +91,7 @@ def run_capacity(model: Path, unified: bool, longest: int, threads: int) -> dict
                 refused = str(error)
                 # The chunk did not fit whole; find how much of it does, one token at a time.
                 session.forget(0, start=done)
-                for i, t in enumerate(piece):
+                for _i, t in enumerate(piece):
                     try:
                         session.decode([Row(t, done, 0, True)])
                     except RuntimeError:

@@ -147,7 +147,7 @@ class LogCapture:
 
         self._callback = keep       # ctypes must keep it alive while llama.cpp may call it
 
-    def __enter__(self) -> LogCapture:  # noqa: PYI034 - not subclassed
+    def __enter__(self) -> LogCapture:
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
         return self
 
