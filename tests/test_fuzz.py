@@ -292,8 +292,8 @@ HOSTILE_OPENAI_BODIES = [
     ("stop a lone surrogate", f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": "{LONE}"}}'),
     ("stop list a lone surrogate",
      f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": ["ok", "{LONE}"]}}'),
-    ("system after user", '{"messages": [{"role": "user", "content": "hi"}, '
-     '{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}]}'),
+    # (A system message after a user turn is accepted since issue 12 where the template can
+    # render it: tests/test_openai_parity.py.)
     ("assistant last", '{"messages": [{"role": "user", "content": "hi"}, '
      '{"role": "assistant", "content": "hello"}]}'),
     ("an unknown role", '{"messages": [{"role": "wizard", "content": "hi"}]}'),
