@@ -180,7 +180,7 @@ async def _still_serving(server: StormServer) -> list[str]:
 
 
 async def _settle_and_check(server: StormServer, plan: list[tuple[str, str]]) -> list[str]:
-    engine = server.chat_stream.engine
+    engine = server.chat_stream.runtime.admission   # running and queued requests
     deadline = time.monotonic() + 600
     expected = sum(1 for _, point in plan if point != "before_body")
     while time.monotonic() < deadline:
