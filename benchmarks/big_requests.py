@@ -51,24 +51,31 @@ async def _stream(url: str, gaps: list[tuple[float, float]], started: asyncio.Ev
                 started.set()
 
 
-async def _big(url: str, case: str) -> tuple[int, float]:
+async def _prepare(url: str, case: str) -> tuple[str, bytes, dict[str, str]]:
+    """The big request's path, body (serialized here, before the measured window: the client
+    shares this process's loop with the server) and cookies (a long history for /chat_stream)."""
+    if case.startswith("v1"):
+        count = int(case.split("-")[1])
+        body = json.dumps({"messages": _messages(count), "max_tokens": 8}).encode()
+        return "/v1/chat/completions", body, {}
+    cookies: dict[str, str] = {}
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
-        if case.startswith("v1"):
-            count = int(case.split("-")[1])
-            body: dict[str, Any] = {"messages": _messages(count), "max_tokens": 8}
-            sent = time.monotonic()
-            async with client.post(url + "/v1/chat/completions", json=body) as response:
-                await response.read()
-                return response.status, time.monotonic() - sent
-        # A session with a long history, then a 1 MiB user_input.
         for i in range(20):
             async with client.post(url + "/chat_stream", json={
                     "user_input": f"Remember the number {i} and say ok.", "max_new_tokens": 4,
                     "temperature": 0.0}) as response:
                 await response.read()
+        cookies = {c.key: c.value for c in client.cookie_jar}
+    body = json.dumps({"user_input": "word " * (1024 * 1024 // 5 - 10),
+                       "max_new_tokens": 4}).encode()
+    return "/chat_stream", body, cookies
+
+
+async def _big(url: str, path: str, body: bytes, cookies: dict[str, str]) -> tuple[int, float]:
+    async with aiohttp.ClientSession(cookies=cookies) as client:
         sent = time.monotonic()
-        async with client.post(url + "/chat_stream", json={
-                "user_input": "word " * (1024 * 1024 // 5 - 10), "max_new_tokens": 4}) as response:
+        async with client.post(url + path, data=body,
+                               headers={"Content-Type": "application/json"}) as response:
             await response.read()
             return response.status, time.monotonic() - sent
 
@@ -85,13 +92,14 @@ async def run(cases: list[str]) -> list[dict[str, Any]]:
     rows = []
     try:
         for case in cases:
+            path, body, cookies = await _prepare(url, case)
             gaps: list[tuple[float, float]] = []
             started = asyncio.Event()
             stream = asyncio.create_task(_stream(url, gaps, started))
             await started.wait()
             await asyncio.sleep(0.3)
             begin = time.monotonic()
-            status, took = await _big(url, case)
+            status, took = await _big(url, path, body, cookies)
             end = time.monotonic()
             await stream
             during = [gap for at, gap in gaps if begin <= at <= end + 0.2]

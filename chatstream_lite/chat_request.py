@@ -8,10 +8,13 @@ which field is wrong and why; unknown fields are ignored so that newer clients k
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
@@ -27,6 +30,20 @@ from .settings import SEED_LIMIT
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 # Our bodies nest three levels (messages -> message -> content parts); far more is an attack.
 MAX_JSON_DEPTH = 32
+# Bodies above this are parsed in a worker thread: checking 20,000 messages takes a few
+# hundred milliseconds of Python, which on the event loop would stall every running stream
+# (benchmarks/big_requests.py). The GIL still passes between them every few milliseconds.
+LARGE_BODY = 64 * 1024
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+T = TypeVar("T")
+
+
+async def parse_off_loop(parse: Callable[..., T], body: bytes, *args: Any) -> T:
+    """`parse(body, *args)`, in a worker thread when the body is large."""
+    if len(body) > LARGE_BODY:
+        return await asyncio.to_thread(parse, body, *args)
+    return parse(body, *args)
 
 
 @dataclass(frozen=True)
@@ -95,7 +112,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if _depth(data) > MAX_JSON_DEPTH:
         raise BadRequest(f"The body is nested too deeply (at most {MAX_JSON_DEPTH} levels).")
     try:  # the bytes are UTF-8, so only an escape such as "\ud800" can be a lone surrogate
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest("The body is not valid Unicode text: it holds a lone surrogate "
                          "(a \\ud800-\\udfff escape that is not part of a pair).") from None
@@ -114,7 +132,8 @@ def _depth(value: Any) -> int:
         if isinstance(item, list):
             deepest = max(deepest, depth)
             if depth <= MAX_JSON_DEPTH:
-                stack.extend((child, depth + 1) for child in item)
+                stack.extend((child, depth + 1) for child in item
+                             if isinstance(child, (list, dict)))
     return deepest
 
 

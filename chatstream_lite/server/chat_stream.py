@@ -36,6 +36,7 @@ from ..auth import DEFAULT_PROTECTED, ApiKey
 from ..chat_request import (
     DEFAULT_MAX_BODY_SIZE,
     parse_chat_request,
+    parse_off_loop,
     read_body,
     require_json,
 )
@@ -256,7 +257,7 @@ class ChatStream:
             self.api_key.check(request)
             body = request_body if request_body is not None else await read_body(
                 request, self.max_body_size)
-            chat_request = parse_chat_request(body, self.defaults)
+            chat_request = await parse_off_loop(parse_chat_request, body, self.defaults)
             session = await get_session(request)
             session_id = await conversations.lock(session)
             try:

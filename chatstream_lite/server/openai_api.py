@@ -27,6 +27,7 @@ from ..chat_request import (
     integer_field,
     number_field,
     parse_json_object,
+    parse_off_loop,
     read_body,
     sampling_params,
 )
@@ -301,9 +302,9 @@ class OpenAIAPI:
         async def admit() -> Accepted:
             chat_stream.api_key.check(request)
             body = await read_body(request, chat_stream.max_body_size)
-            completion = parse_completion_request(body, chat_stream.defaults,
-                                                  chat_stream.system_prompt,
-                                                  self.runtime.require_model())
+            completion = await parse_off_loop(parse_completion_request, body,
+                                              chat_stream.defaults, chat_stream.system_prompt,
+                                              self.runtime.require_model())
             served = self.served_model()
             # The client owns the history: what does not fit is refused, never cut silently.
             job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)
@@ -320,8 +321,8 @@ class OpenAIAPI:
         async def admit() -> Accepted:
             chat_stream.api_key.check(request)
             body = await read_body(request, chat_stream.max_body_size)
-            completion = parse_text_completion_request(body, chat_stream.defaults,
-                                                       self.runtime.require_model())
+            completion = await parse_off_loop(parse_text_completion_request, body,
+                                              chat_stream.defaults, self.runtime.require_model())
             served = self.served_model()
             job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)
             framing_type = EventStream if completion.stream else JSONBody
