@@ -21,11 +21,10 @@ if TYPE_CHECKING:
     from .errors import ChatStreamError
     from .model_file import ModelNotFound, default_model_path
     from .prompt import ChatPrompt, ChatTemplate
-    from .redis_sessions import RedisSessionStore
     from .server.chat_stream import ChatStream
     from .server.health import CheckResult
     from .server.openai_api import OpenAIAPI
-    from .sessions import MemorySessionStore, MemoryStorage, SessionStore
+    from .sessions import MemorySessionStore, MemoryStorage, RedisSessionStore, SessionStore
     from .status import StreamStatus
 
 _WHERE = {
@@ -40,7 +39,7 @@ _WHERE = {
     "MockEngine": ".engine.mock",
     "ModelNotFound": ".model_file",
     "OpenAIAPI": ".server.openai_api",
-    "RedisSessionStore": ".redis_sessions",
+    "RedisSessionStore": ".sessions",
     "SamplingParams": ".engine",
     "SessionStore": ".sessions",
     "StreamStatus": ".status",

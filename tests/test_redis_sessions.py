@@ -15,7 +15,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from chatstream_lite import ChatStream, RedisSessionStore
-from chatstream_lite.redis_sessions import LOCK_KEY_PREFIX, RedisSessionLocks, connect
+from chatstream_lite.sessions.redis import LOCK_KEY_PREFIX, RedisSessionLocks, connect
 
 from .conftest import ROOT, RedisServer, free_port, subprocess_env
 
@@ -47,7 +47,7 @@ async def test_a_lock_whose_replica_died_expires_by_itself(redis_server: RedisSe
     # A real process takes the lock and is killed (SIGKILL: no cleanup of any kind).
     script = (
         "import asyncio, os, signal\n"
-        "from chatstream_lite.redis_sessions import RedisSessionLocks, connect\n"
+        "from chatstream_lite.sessions.redis import RedisSessionLocks, connect\n"
         "async def main():\n"
         f"    locks = RedisSessionLocks(connect({redis_server.url!r}), ttl=1.0)\n"
         "    assert await locks.acquire('s2')\n"

@@ -50,12 +50,12 @@ from ..engine.mock import DEFAULT_DELAY, MockEngine
 from ..errors import ChatStreamError, SessionStoreUnavailable
 from ..model_file import resolve_model_path
 from ..prompt import ChatPrompt
-from ..redis_sessions import RedisSessionStore
 from ..sessions import (
     DEFAULT_IDLE_TTL,
     DEFAULT_MAX_SESSIONS,
     MemorySessionStore,
     MemoryStorage,
+    RedisSessionStore,
     SessionStore,
 )
 from ..settings import DEFAULTS

@@ -8,7 +8,7 @@ in-process `SessionLocks`. A full store makes room by forgetting the least recen
 session, but never an active one (used within `active_window`, 30 minutes): new sessions are
 refused with 429 instead, and each client address may start only so many (`NewSessionLimit`),
 so a flood of cookie-less requests cannot wipe the histories of the people chatting.
-`RedisSessionStore` (redis_sessions.py) is the same three things in Redis, shared by every replica.
+`RedisSessionStore` (sessions/redis.py) is the same three things in Redis, shared by every replica.
 
     >>> store = MemorySessionStore(MemoryStorage(max_sessions=10_000, idle_ttl=24 * 3600))
     >>> aiohttp_session.setup(app, store.storage)
@@ -27,8 +27,8 @@ from typing import Protocol
 from aiohttp import web
 from aiohttp_session import AbstractStorage, Session
 
-from .errors import ChatStreamError
-from .settings import DEFAULTS
+from ..errors import ChatStreamError
+from ..settings import DEFAULTS
 
 DEFAULT_COOKIE_NAME = "CHATSTREAM_SESSION"
 DEFAULT_MAX_SESSIONS = DEFAULTS.max_sessions

@@ -33,8 +33,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockNotOwnedError, RedisError
 
-from .errors import SessionStoreUnavailable
-from .sessions import DEFAULT_COOKIE_NAME, DEFAULT_IDLE_TTL, new_session_id
+from ..errors import SessionStoreUnavailable
+from .memory import DEFAULT_COOKIE_NAME, DEFAULT_IDLE_TTL, new_session_id
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,40 @@
+"""Session stores: where each browser session's history and its one-request lock live.
+
+    SessionStore              the protocol: an aiohttp-session storage + per-session locks
+    MemorySessionStore        this process (memory.py): bounded, active sessions never evicted
+    RedisSessionStore         Redis (redis.py): shared by every replica, cross-replica locks
+
+A new store implements `SessionStore` (see `redis.py` for a complete one).
+"""
+
+from .memory import (
+    DEFAULT_COOKIE_NAME,
+    DEFAULT_IDLE_TTL,
+    DEFAULT_MAX_SESSIONS,
+    Locks,
+    MemorySessionStore,
+    MemoryStorage,
+    NewSessionLimit,
+    SessionLocks,
+    SessionStore,
+    TooManySessions,
+    ensure_identity,
+    new_session_id,
+)
+from .redis import RedisSessionStore
+
+__all__ = [
+    "DEFAULT_COOKIE_NAME",
+    "DEFAULT_IDLE_TTL",
+    "DEFAULT_MAX_SESSIONS",
+    "Locks",
+    "MemorySessionStore",
+    "MemoryStorage",
+    "NewSessionLimit",
+    "RedisSessionStore",
+    "SessionLocks",
+    "SessionStore",
+    "TooManySessions",
+    "ensure_identity",
+    "new_session_id",
+]
