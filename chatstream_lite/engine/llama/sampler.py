@@ -8,13 +8,24 @@ The chain is the one llama-cpp-python's `Llama.generate` builds (same samplers, 
 same defaults), so a reply sampled here equals one from `create_chat_completion` with the
 same settings and seed. Each running sequence has its own chain: its repeat-penalty history
 and its random state belong to that request alone.
+
+A grammar is kept beside the chain, not in it, and used as llama.cpp's common sampler does:
+the chain picks a token from the unconstrained logits, the grammar checks that one token,
+and only when it refuses is the grammar applied to the whole vocabulary and the pick made
+again. Applying a JSON grammar to 49,152 candidates costs ~50 ms per token on 2 cores (five
+times the decode); checking one costs microseconds, and most picks pass. Greedy picks are
+the same either way (the best token the grammar allows); sampled ones follow the same
+distribution (a rejected draw is redrawn from the allowed tokens alone).
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 import random
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals
 
 from ..sampling import SamplingParams
@@ -36,16 +47,20 @@ class SamplerChain:
         # installed llama.cpp has, exactly as Llama._init_sampler does.
         chain = _internals.LlamaSampler()
         self._chain = chain
+        self._n_vocab = n_vocab
+        self._grammar: llama_cpp.llama_sampler_p | None = None
         if params.grammar is not None:
-            # Before every other sampler, as llama.cpp's grammar-first mode: what follows
-            # (penalties, top-k, the pick) only ever sees tokens the grammar allows.
             assert vocab is not None, "a grammar needs the model's vocabulary"
             grammar = llama_cpp.llama_sampler_init_grammar(
                 vocab, params.grammar.encode("utf-8"), b"root")
             if not grammar:
                 chain.close()
                 raise ValueError("llama.cpp could not parse the grammar")
-            llama_cpp.llama_sampler_chain_add(chain.sampler, grammar)
+            self._grammar = grammar
+            self._candidates = _internals.LlamaTokenDataArray(n_vocab=n_vocab)
+            self._one = (llama_cpp.llama_token_data * 1)()
+            self._one_array = llama_cpp.llama_token_data_array(
+                data=self._one, size=1, selected=-1, sorted=False)
         if params.logit_bias:
             # First, as llama.cpp's common sampler puts it: a bias of -100 bans a token
             # before any other sampler sees it.
@@ -65,8 +80,42 @@ class SamplerChain:
             chain.add_dist(seed)
 
     def sample(self, context: _internals.LlamaContext, index: int) -> int:
-        """Sample from the logits of batch row `index`; the token joins the penalty history."""
-        return self._chain.sample(context, index)
+        """Sample from the logits of batch row `index`; the token joins the penalty history
+        (and advances the grammar)."""
+        if self._grammar is None:
+            return self._chain.sample(context, index)
+        return self._sample_with_grammar(context, index)
+
+    def _sample_with_grammar(self, context: _internals.LlamaContext, index: int) -> int:
+        grammar, chain = self._grammar, self._chain.sampler
+        assert grammar is not None
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx, index),
+                                       shape=(self._n_vocab,))
+        candidates = self._candidates
+        candidates.copy_logits(logits)
+        everything = ctypes.byref(candidates.candidates)
+        llama_cpp.llama_sampler_apply(chain, everything)
+        token = int(candidates.candidates_data.id[candidates.candidates.selected])
+        if not self._allows(token):
+            candidates.copy_logits(logits)
+            llama_cpp.llama_sampler_apply(grammar, everything)
+            llama_cpp.llama_sampler_apply(chain, everything)
+            token = int(candidates.candidates_data.id[candidates.candidates.selected])
+        llama_cpp.llama_sampler_accept(grammar, token)
+        llama_cpp.llama_sampler_accept(chain, token)
+        return token
+
+    def _allows(self, token: int) -> bool:
+        """Whether the grammar, in its present state, lets `token` come next."""
+        one = self._one[0]
+        one.id, one.logit, one.p = token, 1.0, 0.0
+        self._one_array.size, self._one_array.selected = 1, -1
+        assert self._grammar is not None
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
+        return not math.isinf(self._one[0].logit)
 
     def close(self) -> None:
         self._chain.close()
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None

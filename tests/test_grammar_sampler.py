@@ -1,0 +1,79 @@
+"""The grammar's fast path picks what the grammar applied to every token would pick.
+
+`SamplerChain` checks only the chain's pick against the grammar and applies the grammar to
+the whole vocabulary only when that pick is refused (as llama.cpp's common sampler does).
+Here both ways sample from the same logits, step by step, on the real model: greedy, the
+tokens must be the same at every step, and the reply must be the JSON the grammar allows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import llama_cpp
+import pytest
+from llama_cpp import _internals
+
+from chatstream_lite.engine import SamplingParams
+from chatstream_lite.engine.llama.grammar import json_grammar
+from chatstream_lite.engine.llama.model import Model
+from chatstream_lite.engine.llama.sampler import SamplerChain
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer"}}}
+PROMPT = ("<|im_start|>user\nDescribe a person as JSON with a name and an age."
+          "<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def model(model_path: str) -> Iterator[Model]:
+    # This test's thread owns the model, as the engine thread does in the server.
+    loaded = Model.load(model_path, n_ctx=512, n_batch=256, n_seq=1, n_gpu_layers=0,
+                        n_threads=len(os.sched_getaffinity(0)), verbose=False)
+    yield loaded
+    loaded.close()
+
+
+def reference_chain(model: Model, grammar: str) -> _internals.LlamaSampler:
+    """The slow way: the grammar first in the chain, applied to every candidate."""
+    chain = _internals.LlamaSampler()
+    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+    assert sampler
+    llama_cpp.llama_sampler_chain_add(chain.sampler, sampler)
+    chain.add_greedy()
+    return chain
+
+
+def test_the_fast_path_picks_what_the_whole_grammar_picks(model: Model) -> None:
+    grammar = json_grammar(json.dumps(SCHEMA))
+    fast = SamplerChain(SamplingParams(temperature=0.0, repeat_penalty=1.0, grammar=grammar),
+                        model.n_vocab, model.vocab)
+    slow = reference_chain(model, grammar)
+    prompt = model.vocabulary.tokenize(PROMPT, special=True)
+    model.forget(0)
+    model.batch.clear()
+    for pos, token in enumerate(prompt):
+        model.batch.add(token, pos, 0, pos == len(prompt) - 1)
+    assert model.decode() == 0
+    row, reply = model.batch.size - 1, b""
+    try:
+        for pos in range(len(prompt), len(prompt) + 60):
+            expected = slow.sample(model.context, row)   # reads the logits, keeps them
+            token = fast.sample(model.context, row)
+            assert token == expected, f"step {pos - len(prompt)}: {token} != {expected}"
+            if model.is_end_of_generation(token):
+                break
+            reply += model.piece(token)
+            model.batch.clear()
+            row = model.batch.add(token, pos, 0, True)
+            assert model.decode() == 0
+        else:
+            pytest.fail(f"no end of generation in 60 tokens: {reply!r}")
+    finally:
+        fast.close()
+        slow.close()
+    value = json.loads(reply)
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int)
