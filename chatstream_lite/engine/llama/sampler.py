@@ -107,8 +107,7 @@ class SamplerChain:
 
     def _allows(self, token: int) -> bool:
         """Whether the grammar, in its present state, lets `token` come next."""
-        one = self._one[0]
-        one.id, one.logit, one.p = token, 1.0, 0.0
+        self._one[0] = llama_cpp.llama_token_data(token, 1.0, 0.0)
         self._one_array.size, self._one_array.selected = 1, -1
         assert self._grammar is not None
         llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
