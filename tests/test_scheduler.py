@@ -233,3 +233,61 @@ async def test_queue_wait_expires_only_jobs_still_waiting() -> None:
     wait.stop("served")
     await asyncio.sleep(0.1)
     assert expired == ["slow"]
+
+
+# -- several choices of one prompt (SamplingParams.n) -----------------------------------------
+def _choices_job(prompt: list[int], n: int, max_new_tokens: int = 2) -> Job:
+    job = Job([], SamplingParams(max_new_tokens=max_new_tokens, n=n))
+    job.prompt = Prompt(prompt, 0, ())
+    return job
+
+
+def test_choices_copy_the_read_prompt_and_finish_once_with_every_reason() -> None:
+    scheduler, events, memory = _scheduler(slots=3)
+    job = _choices_job([5, 6, 7, 8], n=3)
+    leader = scheduler.admit(job)
+    assert leader is not None
+    _read_all_prompts(scheduler)
+    forks = scheduler.fork(leader)
+    assert [s.choice for s in forks] == [1, 2]
+    assert memory.copied == [(leader.slot.seq_id, s.slot.seq_id) for s in forks]
+    assert all(s.slot.tokens == [5, 6, 7, 8] and not s.reading for s in forks)
+    scheduler.take(leader, 1, b"a", False)
+    scheduler.take(forks[0], 1, b"b", True)          # choice 1 ends at once
+    scheduler.take(forks[1], 1, b"c", False)
+    assert not any(isinstance(e, Finished) for e in _of(events, job))
+    scheduler.generated(scheduler.plan_generation())
+    scheduler.take(leader, 2, b"d", False)           # its second token: the length cut
+    scheduler.take(forks[1], 2, b"e", False)
+    ends = [e for e in _of(events, job) if isinstance(e, Finished)]
+    assert ends == [Finished("length", True, 4, 4, 0.0, 0.0, ("length", "stop", "length"))]
+    pieces = [(e.choice, e.text) for e in _of(events, job) if isinstance(e, Piece)]
+    assert pieces == [(0, "a"), (2, "c"), (0, "d"), (2, "e")]
+    assert not scheduler.sequences
+
+
+def test_a_failing_choice_fails_its_job_and_frees_every_slot_once() -> None:
+    scheduler, events, _ = _scheduler(slots=2)
+    job = _choices_job([1, 2], n=2)
+    leader = scheduler.admit(job)
+    assert leader is not None
+    _read_all_prompts(scheduler)
+    forks = scheduler.fork(leader)
+    scheduler.fail(forks[0], RuntimeError("sampler"))
+    scheduler.fail(leader, RuntimeError("again"))    # a batch failure reports each member
+    assert not scheduler.sequences
+    assert [type(e) for e in _of(events, job)] == [Started, Failed, Failed]  # deliver keeps one
+    assert scheduler.slots.acquire(None, [9, 9])[0] is not None   # the slots are free
+
+
+def test_cancelling_a_job_with_choices_ends_it_once() -> None:
+    scheduler, events, _ = _scheduler(slots=2)
+    job = _choices_job([1, 2, 3], n=2)
+    leader = scheduler.admit(job)
+    assert leader is not None
+    _read_all_prompts(scheduler)
+    scheduler.fork(leader)
+    job.cancel()
+    scheduler.leave_cancelled()
+    assert [e for e in _of(events, job) if isinstance(e, Finished)] == [
+        Finished("cancelled", True, 3, 0, 0.0, 0.0, ("cancelled", "cancelled"))]

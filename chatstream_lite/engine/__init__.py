@@ -11,7 +11,7 @@ time limits, drain), `prepare` (template, tokens, fitting), `template`, `job`, `
 """
 
 from .admission import Admission
-from .events import Event, Failed, Finished, FinishReason, Piece, Started
+from .events import Event, Failed, Finished, FinishReason, Piece, Started, TokenLogprob
 from .faults import Faults
 from .job import Job, PlainPrompt, Prompt, PromptInput
 from .protocol import Engine, EngineStats, ModelInfo
@@ -37,4 +37,5 @@ __all__ = [
     "PromptInput",
     "SamplingParams",
     "Started",
+    "TokenLogprob",
 ]

@@ -8,6 +8,7 @@
 What happens to a job here, in order:
 1. **The bound** (synchronous, so exact however many requests arrive at once): at most
    `engine.capacity` running plus `max_queue_size` waiting; one more is `QueueFull` (429).
+   A job asking for `n` choices takes `n` places (one engine sequence each).
 2. **Preparation** (`prepare.py`) in a worker thread: the template rendered, the text
    tokenized, the oldest turns dropped to fit. A job whose client leaves stops there; one
    that cannot fit fails with the request's own error (a 400, no callback).
@@ -25,7 +26,7 @@ from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..errors import ChatStreamError, QueueFull, QueueTimeout, ServiceUnavailable
+from ..errors import BadRequest, ChatStreamError, QueueFull, QueueTimeout, ServiceUnavailable
 from ..settings import DEFAULTS
 from .events import Failed, Finished
 from .job import Job, PlainPrompt, Prompt, PromptInput
@@ -92,7 +93,12 @@ class Admission:
         if not engine.ready or engine.model_info is None:
             raise ServiceUnavailable("The model is not loaded (starting up or shutting down).")
         check_limits(messages, max_messages=self.max_messages, max_chars=self.max_input_chars)
-        if len(self._running) + len(self._waiting) >= engine.capacity + self.max_queue_size:
+        if params.n > min(engine.capacity, engine.model_info.max_choices):
+            raise BadRequest(f"n={params.n} is more choices than this server runs at once "
+                             f"({min(engine.capacity, engine.model_info.max_choices)}).",
+                             param="n")
+        if _places(self._running) + _places(self._waiting) + params.n > \
+                engine.capacity + self.max_queue_size:
             raise QueueFull(
                 f"The server is busy: {len(self._running)} running and "
                 f"{len(self._waiting)} waiting (max_queue_size={self.max_queue_size}).")
@@ -141,8 +147,8 @@ class Admission:
         if engine.failure is not None:
             return
         for job in list(self._waiting):
-            if len(self._running) >= engine.capacity:
-                return
+            if _places(self._running) + job.params.n > engine.capacity:
+                return          # in order: a job with several choices is not overtaken
             if job.prompt is None:
                 continue        # still being prepared; a later one may start first
             self._remove(job)
@@ -215,3 +221,8 @@ class Admission:
 
     def close(self) -> None:
         self._workers.shutdown(wait=False, cancel_futures=True)
+
+
+def _places(jobs: deque[Job] | set[Job]) -> int:
+    """Engine places the jobs take: one per choice."""
+    return sum(job.params.n for job in jobs)

@@ -1,7 +1,8 @@
 """What an engine reports about a job, in order: `Started`, `Piece`..., then `Finished` or `Failed`.
 
 Events reach the event loop through `Job.deliver`; a job's last event is always exactly one
-`Finished` or `Failed`.
+`Finished` or `Failed`. A job asking for several choices (`SamplingParams.n`) gets the pieces
+of all of them, each marked with its choice, and still one `Finished` once every choice ended.
 """
 
 from __future__ import annotations
@@ -21,10 +22,24 @@ class Started:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (`SamplingParams.logprobs`),
+    with the most likely alternatives at that step, best first."""
+
+    token: bytes            # the token's bytes: possibly part of a UTF-8 character
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Piece:
-    """Text safe to send: never half a UTF-8 character, never part of a stop string."""
+    """Text safe to send: never half a UTF-8 character, never part of a stop string.
+    `logprobs`: the tokens the text came from, when asked for (a token whose text was held
+    back goes with the piece that releases it; one eaten by a stop string is dropped)."""
 
     text: str
+    choice: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,7 @@ class Finished:
     completion_tokens: int = 0
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
+    choices: tuple[FinishReason, ...] = ()   # each choice's own reason, when n > 1
 
 
 @dataclass(frozen=True)

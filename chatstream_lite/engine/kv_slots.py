@@ -104,6 +104,20 @@ class KVSlots:
         self.trim(slot, shared)
         return shared
 
+    def fork(self, source: Slot) -> Slot:
+        """A free slot holding a copy of everything `source` holds (another choice of the
+        same prompt): empty slots first, else the least recently used idle one."""
+        idle = [slot for slot in self._slots if not slot.busy]
+        if not idle:
+            raise RuntimeError("every KV slot is busy")  # admission counted a place per choice
+        slot = min(idle, key=lambda s: (bool(s.tokens), s.last_used))
+        self._memory.copy(source.seq_id, slot.seq_id)
+        slot.tokens[:] = source.tokens
+        slot.busy = True
+        slot.owner = None
+        self._touch(slot)
+        return slot
+
     def release(self, slot: Slot) -> None:
         """The job is done; the slot's cells stay for its owner's next turn."""
         slot.busy = False

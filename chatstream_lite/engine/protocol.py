@@ -37,6 +37,8 @@ class ModelInfo:
     # raises ValueError for a schema it cannot take. None: this engine has no grammars.
     json_grammar: Callable[[str | None], str] | None = None
     add_bos: bool = False        # a plain-text prompt starts with the BOS token
+    logprobs: bool = False       # can report token log-probabilities (`SamplingParams.logprobs`)
+    max_choices: int = 1         # the most choices one job may ask for (`SamplingParams.n`)
 
 
 @dataclass

@@ -29,3 +29,8 @@ class SamplingParams:
     # A GBNF grammar the reply must follow (`ModelInfo.json_grammar` makes one from a JSON
     # Schema); it is this sequence's alone, so the others in its batch are unaffected.
     grammar: str | None = None
+    # Report each token's log-probability with this many alternatives (None: do not).
+    logprobs: int | None = None
+    # Replies to sample from the one prompt: it is read once, its KV cells copied to the
+    # other choices' sequences (each with its own sampler; a seed counts up per choice).
+    n: int = 1

@@ -20,16 +20,20 @@ read in chunks between the other streams' tokens instead of freezing them, and a
 cancelled while its prompt is read stops within one chunk. Each prompt chunk is decoded on
 its own, with the boundaries it would have alone. New jobs join between steps; finished or
 cancelled ones leave before the next.
+
+A job asking for `n` choices runs as `n` sequences: its prompt is read once, by the first;
+when that one has read it, `fork` copies its KV cells to the others, which sample their
+first token from the same logits. The job's `Finished` comes once its last choice ended.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from .events import Event, Failed, Finished, FinishReason, Piece, Started
+from .events import Event, Failed, Finished, FinishReason, Piece, Started, TokenLogprob
 from .faults import Faults
 from .job import Job
 from .kv_slots import KVSlots, Slot
@@ -57,10 +61,20 @@ class Sequence:
     row: int = -1               # its row in this step's generation batch
     generated: int = 0
     prompt_done: float = 0.0
+    choice: int = 0             # which of its job's choices (SamplingParams.n) this is
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # not yet sent with a piece
 
     @property
     def reading(self) -> bool:
         return len(self.slot.tokens) < len(self.prompt)
+
+
+@dataclass(eq=False)
+class _Choices:
+    """How a job's choices ended so far (one entry per choice; None: still running)."""
+
+    reasons: list[FinishReason | None]
+    generated: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,7 @@ class Scheduler:
         self.clock = clock
         self.stats = stats
         self.sequences: list[Sequence] = []
+        self._choices: dict[Job, _Choices] = {}
 
     @property
     def active(self) -> bool:
@@ -115,7 +130,22 @@ class Scheduler:
         seq = Sequence(job, slot, prompt.tokens, TextAssembler(list(prompt.stops)),
                        started=self.clock())
         self.sequences.append(seq)
+        self._choices[job] = _Choices([None] * job.params.n)
         return seq
+
+    def fork(self, seq: Sequence) -> list[Sequence]:
+        """`seq` has read its prompt: its job's other choices start from a copy of its KV
+        cells (never reading the prompt again) and sample from the same logits. The
+        admission layer counted a place for each choice, so their slots are free."""
+        forks: list[Sequence] = []
+        stops = seq.job.prompt.stops if seq.job.prompt is not None else ()
+        for choice in range(1, seq.job.params.n):
+            slot = self.slots.fork(seq.slot)
+            forks.append(Sequence(seq.job, slot, seq.prompt,
+                                  TextAssembler(list(stops)), started=seq.started,
+                                  prompt_done=seq.prompt_done, choice=choice))
+        self.sequences.extend(forks)
+        return forks
 
     # -- planning -------------------------------------------------------------------------
     def leave_cancelled(self) -> None:
@@ -161,7 +191,8 @@ class Scheduler:
             seq.pending = -1
 
     # -- outcomes -------------------------------------------------------------------------
-    def take(self, seq: Sequence, token: int, data: bytes, end_of_generation: bool) -> None:
+    def take(self, seq: Sequence, token: int, data: bytes, end_of_generation: bool,
+             logprob: TokenLogprob | None = None) -> None:
         """One sampled token (`data`: its bytes): end of reply, or a piece and the next input."""
         job = seq.job
         if job.cancelled:
@@ -177,9 +208,11 @@ class Scheduler:
                 self.fail(seq, error)
                 return
         seq.generated += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         piece, stopped = seq.text.add(data)
         if piece:
-            self.emit(job, Piece(piece))
+            self._piece(seq, piece)
         if stopped:
             self.finish(seq, "stop")
         elif seq.generated >= job.params.max_new_tokens or self._out_of_time(seq):
@@ -196,22 +229,40 @@ class Scheduler:
         limit = self.max_generation_time
         return limit is not None and self.clock() - seq.prompt_done >= limit
 
+    def _piece(self, seq: Sequence, text: str) -> None:
+        self.emit(seq.job, Piece(text, seq.choice, tuple(seq.logprobs)))
+        seq.logprobs.clear()
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """`seq`'s reply ended; its job's `Finished` goes out with its last choice's end."""
+        job = seq.job
         if reason != "cancelled":
             tail = seq.text.flush()
             if tail:
-                self.emit(seq.job, Piece(tail))
+                self._piece(seq, tail)
+        choices = self._choices[job]
+        choices.reasons[seq.choice] = reason
+        choices.generated += seq.generated
+        self._leave(seq)
+        if any(s.job is job for s in self.sequences):
+            return
+        del self._choices[job]
         now = self.clock()
         prompt_done = seq.prompt_done or now
-        self.emit(seq.job, Finished(reason, True, len(seq.prompt), seq.generated,
-                                    prompt_done - seq.started, now - prompt_done))
-        self._leave(seq)
+        reasons = tuple(r or "cancelled" for r in choices.reasons)
+        first = "cancelled" if job.cancelled else reasons[0]
+        self.emit(job, Finished(first, True, len(seq.prompt), choices.generated,
+                                prompt_done - seq.started, now - prompt_done,
+                                reasons if len(reasons) > 1 else ()))
 
     def fail(self, seq: Sequence, error: BaseException, *, clear_slot: bool = False) -> None:
+        """`seq` failed, and with it its job: its other choices leave too."""
         if clear_slot:
             self.slots.clear(seq.slot)  # its cells are in an unknown state now
         self.emit(seq.job, Failed(error))
-        self._leave(seq)
+        self._choices.pop(seq.job, None)
+        for other in [s for s in self.sequences if s.job is seq.job]:
+            self._leave(other)
 
     def _leave(self, seq: Sequence) -> None:
         self.stats.completion_tokens += seq.generated

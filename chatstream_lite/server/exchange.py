@@ -61,7 +61,7 @@ class Exchange:
         # failure once accepted (status unknown_error_occurred, one callback): opening the
         # stream failed, or the job failed before any header went out.
         self.error: ChatStreamError | None = None
-        self.reply = ""                 # exactly the text handed to the framing
+        self.reply = ""                 # exactly the text handed to the framing (choice 0)
         self.dropped_messages = 0
         self.finish_reason = ""
         self.usage = Usage()
@@ -83,7 +83,7 @@ class Exchange:
             async for event in self.job.events():
                 if isinstance(event, Piece):
                     if self._opened and not self._gone:
-                        await self._send(event.text)
+                        await self._send(event)
                 elif isinstance(event, Started):
                     self.dropped_messages = event.dropped_messages
                     self.usage.prompt_tokens = event.prompt_tokens
@@ -142,9 +142,9 @@ class Exchange:
             return
         self._opened = True
 
-    async def _send(self, text: str) -> None:
+    async def _send(self, piece: Piece) -> None:
         try:
-            await self.framing.send(text)
+            await self.framing.send(piece)
         except ConnectionError:
             self._client_gone()
             return
@@ -154,7 +154,8 @@ class Exchange:
         else:
             self.piece_gaps.append(now - self._last_piece_at)
         self._last_piece_at = now
-        self._pieces.append(text)
+        if piece.choice == 0:
+            self._pieces.append(piece.text)
 
     async def _close(self, finished: Finished) -> None:
         try:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from ..engine import Finished, FinishReason, Started
+from ..engine import Finished, FinishReason, Piece, Started, TokenLogprob
 from ..errors import ChatStreamError, GenerationFailed
 from .responses import error_response, openai_error_response
 
@@ -38,7 +38,7 @@ class Framing(Protocol):
 
     async def open(self, started: Started) -> None: ...
 
-    async def send(self, text: str) -> None: ...
+    async def send(self, piece: Piece) -> None: ...
 
     async def close(self, finished: Finished) -> None: ...
 
@@ -73,9 +73,9 @@ class PlainText:
         self.response = response
         await response.prepare(self.request)
 
-    async def send(self, text: str) -> None:
+    async def send(self, piece: Piece) -> None:
         assert self.response is not None
-        await self.response.write(text.encode("utf-8"))
+        await self.response.write(piece.text.encode("utf-8"))
 
     async def close(self, finished: Finished) -> None:
         assert self.response is not None
@@ -106,7 +106,7 @@ class ServedModel:
 class _Completion:
     """What every framing of one completion shares: its id, the model, the context check,
     and the shape of a choice: a chat message (`/v1/chat/completions`) or plain text
-    (`/v1/completions`, `completion.chat` false)."""
+    (`/v1/completions`, `completion.chat` false), with its logprobs when asked for."""
 
     def __init__(self, request: web.Request, served: ServedModel,
                  completion: CompletionRequest) -> None:
@@ -115,14 +115,20 @@ class _Completion:
         self.fingerprint = served.fingerprint
         self.completion = completion
         self.chat = completion.chat
+        self.n = completion.params.n
+        self.with_logprobs = completion.params.logprobs is not None
         self.id = f"chatcmpl-{uuid.uuid4().hex}" if self.chat else f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self._offsets = [0] * self.n       # text_offset of each choice's next token
 
-    def choice(self, text: str | None, finish_reason: str | None, *,
-               whole: bool = False, first: bool = False) -> dict[str, Any]:
-        """Choice 0: a whole reply, or a streamed piece (`first`: the chat role's chunk)."""
+    def choice(self, index: int, text: str | None, finish_reason: str | None, *,
+               whole: bool = False, first: bool = False,
+               logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        """A whole reply, or a streamed piece (`first`: the chat role's chunk)."""
+        shaped = self._logprobs(index, logprobs) if self.with_logprobs and (
+            logprobs or whole) else None
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None,
+            return {"index": index, "text": text or "", "logprobs": shaped,
                     "finish_reason": finish_reason}
         if whole:
             body: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
@@ -130,7 +136,21 @@ class _Completion:
             body = {"delta": {"role": "assistant", "content": ""}}
         else:
             body = {"delta": {} if text is None else {"content": text}}
-        return {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, **body, "logprobs": shaped, "finish_reason": finish_reason}
+
+    def _logprobs(self, index: int, tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+        """OpenAI's two shapes: chat's `content` list, the legacy completions' columns."""
+        if self.chat:
+            return {"content": [{**_token(t.token, t.logprob), "top_logprobs": [
+                _token(alt, lp) for alt, lp in t.top]} for t in tokens], "refusal": None}
+        offsets = []
+        for t in tokens:
+            offsets.append(self._offsets[index])
+            self._offsets[index] += len(_text(t.token))
+        return {"tokens": [_text(t.token) for t in tokens],
+                "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [{_text(alt): lp for alt, lp in t.top} for t in tokens],
+                "text_offset": offsets}
 
     @staticmethod
     def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -141,8 +161,23 @@ class _Completion:
         return openai_error_response(error)
 
 
+def _text(token: bytes) -> str:
+    # A token may be part of a UTF-8 character: its text shows U+FFFD there, its `bytes`
+    # are exact (as OpenAI's own).
+    return token.decode("utf-8", errors="replace")
+
+
+def _token(token: bytes, logprob: float) -> dict[str, Any]:
+    return {"token": _text(token), "logprob": logprob, "bytes": list(token)}
+
+
 def _finish_reason(reason: FinishReason | str) -> str:
     return "length" if reason == "length" else "stop"
+
+
+def _finish_reasons(finished: Finished, n: int) -> list[str]:
+    reasons = finished.choices or (finished.reason,) * n
+    return [_finish_reason(reason) for reason in reasons]
 
 
 class JSONBody(_Completion):
@@ -150,14 +185,22 @@ class JSONBody(_Completion):
 
     headers_sent = False
 
+    def __init__(self, request: web.Request, served: ServedModel,
+                 completion: CompletionRequest) -> None:
+        super().__init__(request, served, completion)
+        self._texts: list[list[str]] = [[] for _ in range(self.n)]
+        self._tokens: list[list[TokenLogprob]] = [[] for _ in range(self.n)]
+        self._finished: Finished | None = None
+
     async def open(self, started: Started) -> None:
         pass
 
-    async def send(self, text: str) -> None:
-        pass  # the Exchange keeps the text; it goes out whole at the end
+    async def send(self, piece: Piece) -> None:
+        self._texts[piece.choice].append(piece.text)
+        self._tokens[piece.choice].extend(piece.logprobs)
 
     async def close(self, finished: Finished) -> None:
-        pass
+        self._finished = finished
 
     async def abort(self, error: BaseException) -> None:
         pass  # never called: no header goes out before the end
@@ -165,16 +208,17 @@ class JSONBody(_Completion):
     def response_for(self, exchange: Exchange) -> web.StreamResponse:
         if exchange.error is not None:
             return self.error_response(exchange.error)
-        if exchange.status != "success":
+        if exchange.status != "success" or self._finished is None:
             return web.Response(status=499)  # the client left: nobody reads this
+        reasons = _finish_reasons(self._finished, self.n)
         return web.json_response({
             "id": self.id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": self.fingerprint,
-            "choices": [self.choice(exchange.reply, _finish_reason(exchange.finish_reason),
-                                    whole=True)],
+            "choices": [self.choice(i, "".join(self._texts[i]), reasons[i], whole=True,
+                                    logprobs=self._tokens[i]) for i in range(self.n)],
             "usage": self.usage(exchange.usage.prompt_tokens,
                                 exchange.usage.completion_tokens),
         }, dumps=dumps)
@@ -193,13 +237,15 @@ class EventStream(_Completion):
         self.response = _event_source_response()
         await self.response.prepare(self.request)
         if self.chat:
-            await self._chunk(self.choice(None, None, first=True))
+            for index in range(self.n):
+                await self._chunk(self.choice(index, None, None, first=True))
 
-    async def send(self, text: str) -> None:
-        await self._chunk(self.choice(text, None))
+    async def send(self, piece: Piece) -> None:
+        await self._chunk(self.choice(piece.choice, piece.text, None, logprobs=piece.logprobs))
 
     async def close(self, finished: Finished) -> None:
-        await self._chunk(self.choice(None, _finish_reason(finished.reason)))
+        for index, reason in enumerate(_finish_reasons(finished, self.n)):
+            await self._chunk(self.choice(index, None, reason))
         if self.completion.include_usage:
             usage = self.usage(finished.prompt_tokens, finished.completion_tokens)
             await self._event({**self._head(), "choices": [], "usage": usage})

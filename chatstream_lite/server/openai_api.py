@@ -52,13 +52,16 @@ MAX_TOKENS_ASKED = 2**31 - 1      # what max_tokens may ask for; the server's ca
 # let a client believe it got tool calling.
 SUPPORTED = {"messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
              "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop",
-             "response_format", "frequency_penalty", "presence_penalty", "logit_bias"}
+             "response_format", "frequency_penalty", "presence_penalty", "logit_bias",
+             "n", "logprobs", "top_logprobs"}
 # /v1/completions: the same, with a plain-text `prompt` instead of `messages` and no
 # response_format (llama-server takes a grammar there; we have no need yet).
-TEXT_SUPPORTED = SUPPORTED - {"messages", "max_completion_tokens", "response_format"} | {"prompt"}
+TEXT_SUPPORTED = SUPPORTED - {"messages", "max_completion_tokens", "response_format",
+                               "top_logprobs"} | {"prompt"}
 IGNORED = {"model", "user"}
-NEUTRAL: dict[str, Any] = {"n": 1, "logprobs": False}
-TEXT_NEUTRAL: dict[str, Any] = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}
+NEUTRAL: dict[str, Any] = {}
+TEXT_NEUTRAL: dict[str, Any] = {"best_of": 1, "echo": False, "suffix": ""}
+MAX_TOP_LOGPROBS = 20             # OpenAI's limit (chat); the legacy endpoint's is 5, we take 20
 MAX_LOGIT_BIAS = 300              # tokens one request may bias (OpenAI: 300)
 ROLES = {"system", "developer", "user", "assistant"}
 
@@ -85,6 +88,7 @@ def parse_completion_request(body: bytes, defaults: SamplingParams,
     stream, include_usage = _stream(data)
     messages = _messages(data.get("messages"), system_prompt)
     params = _params(data, defaults, model.n_vocab if model else 0)
+    params = replace(params, n=_choices(data), logprobs=_chat_logprobs(data, model))
     grammar = _response_format(data.get("response_format"), model)
     if grammar is not None:
         params = replace(params, grammar=grammar)
@@ -105,6 +109,9 @@ def parse_text_completion_request(body: bytes, defaults: SamplingParams,
         raise BadRequest("'prompt' must be a non-empty string (one prompt per request; "
                          "token-id prompts are not supported).", param="prompt")
     params = _params(data, defaults, model.n_vocab if model else 0)
+    top = data.get("logprobs")
+    logprobs = None if top is None else _top_logprobs("logprobs", top, model)
+    params = replace(params, n=_choices(data), logprobs=logprobs)
     return CompletionRequest(PlainPrompt(prompt), params, stream, include_usage)
 
 
@@ -245,6 +252,31 @@ def _params(data: dict[str, Any], defaults: SamplingParams, n_vocab: int) -> Sam
     if (v := data.get("logit_bias")) is not None:
         params = replace(params, logit_bias=_logit_bias(v, n_vocab))
     return params
+
+
+def _choices(data: dict[str, Any]) -> int:
+    """`n`: how many replies to the one prompt. The bound is the engine's (Admission): each
+    choice is a sequence of its own, decoded beside the others."""
+    value = data.get("n")
+    return 1 if value is None else integer_field("n", value, 1, 128)
+
+
+def _chat_logprobs(data: dict[str, Any], model: ModelInfo | None) -> int | None:
+    """Chat's `logprobs: true` and `top_logprobs` (alternatives per token, 0-20)."""
+    wanted, top = data.get("logprobs"), data.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise BadRequest("'logprobs' must be true or false.", param="logprobs")
+    if not wanted:
+        if top is not None:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+        return None
+    return _top_logprobs("top_logprobs", 0 if top is None else top, model)
+
+
+def _top_logprobs(name: str, value: Any, model: ModelInfo | None) -> int:
+    if model is not None and not model.logprobs:
+        raise BadRequest("This engine does not report log-probabilities.", param=name)
+    return integer_field(name, value, 0, MAX_TOP_LOGPROBS)
 
 
 def _logit_bias(value: Any, n_vocab: int) -> tuple[tuple[int, float], ...]:

@@ -170,7 +170,8 @@ class LlamaEngine:
                                     max_generation_time=cfg.max_generation_time)
         name = model.metadata.get("general.name") or cfg.model_path.stem
         return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary,
-                         model.n_vocab, json_grammar, model.add_bos)
+                         model.n_vocab, json_grammar, model.add_bos, logprobs=True,
+                         max_choices=cfg.parallel)
 
     def _unload(self) -> None:
         if self._model is not None:
@@ -239,7 +240,13 @@ class LlamaEngine:
                 continue
             scheduler.chunk_read(chunk)
             if chunk.last:
-                self._sample(scheduler, runner, chunk.seq, row)
+                # The job's other choices (n > 1) copy these cells and sample from this row.
+                forks = scheduler.fork(chunk.seq)
+                for seq in forks:
+                    self._attach(scheduler, runner, seq)
+                for seq in [chunk.seq, *forks]:
+                    if seq in scheduler.sequences:
+                        self._sample(scheduler, runner, seq, row)
         self._flush()           # a first token goes out before the others' step
         members = scheduler.plan_generation()
         if not members:
@@ -259,7 +266,9 @@ class LlamaEngine:
         assert model is not None
         try:
             token = runner.sample(seq, row)
-            scheduler.take(seq, token, model.piece(token), model.is_end_of_generation(token))
+            end = model.is_end_of_generation(token)
+            logprob = None if end else runner.logprob(seq, row, token)
+            scheduler.take(seq, token, model.piece(token), end, logprob)
         except Exception as error:
             log.exception("generation failed")
             scheduler.fail(seq, error)

@@ -11,9 +11,10 @@ knows how to put them through llama.cpp. A failed decode raises `DecodeFailed`.
 
 from __future__ import annotations
 
+from ..events import TokenLogprob
 from ..scheduler import Chunk, Sequence
 from .model import Model
-from .sampler import SamplerChain
+from .sampler import SamplerChain, token_logprobs
 
 
 class DecodeFailed(RuntimeError):
@@ -26,7 +27,8 @@ class Runner:
 
     def attach(self, seq: Sequence) -> None:
         """Give a new sequence its own sampler chain (its penalties and random state)."""
-        seq.sampler = SamplerChain(seq.job.params, self.model.n_vocab, self.model.vocab)
+        seq.sampler = SamplerChain(seq.job.params, self.model.n_vocab, self.model.vocab,
+                                   choice=seq.choice)
 
     def decode_chunk(self, chunk: Chunk) -> int:
         """Decode prompt tokens `chunk.start:end` of one sequence; returns the last row."""
@@ -51,6 +53,16 @@ class Runner:
     def sample(self, seq: Sequence, row: int) -> int:
         assert isinstance(seq.sampler, SamplerChain)
         return seq.sampler.sample(self.model.context, row)
+
+    def logprob(self, seq: Sequence, row: int, token: int) -> TokenLogprob | None:
+        """`token`'s log-probability at `row` and the alternatives, if `seq`'s job asked."""
+        top = seq.job.params.logprobs
+        if top is None:
+            return None
+        model = self.model
+        value, best = token_logprobs(model.context, row, model.n_vocab, token, top)
+        return TokenLogprob(model.piece(token), value,
+                            tuple((model.piece(i), lp) for i, lp in best))
 
     def _decode(self) -> None:
         status = self.model.decode()

@@ -41,8 +41,10 @@ class SamplerChain:
     """A llama.cpp sampler chain for one sequence; not thread-safe (the engine thread owns it)."""
 
     def __init__(self, params: SamplingParams, n_vocab: int,
-                 vocab: llama_cpp.llama_vocab_p | None = None) -> None:
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
+                 vocab: llama_cpp.llama_vocab_p | None = None, *, choice: int = 0) -> None:
+        # A seeded request's choices count up from its seed: each differs, all repeat.
+        seed = (params.seed + choice) % 2**32 if params.seed is not None else \
+            random.getrandbits(32)
         # llama-cpp-python's own wrapper: it builds each sampler with whatever signature the
         # installed llama.cpp has, exactly as Llama._init_sampler does.
         chain = _internals.LlamaSampler()
@@ -118,3 +120,20 @@ class SamplerChain:
         if self._grammar is not None:
             llama_cpp.llama_sampler_free(self._grammar)
             self._grammar = None
+
+
+def token_logprobs(context: _internals.LlamaContext, index: int, n_vocab: int, token: int,
+                   top: int) -> tuple[float, list[tuple[int, float]]]:
+    """`token`'s log-probability under the model's own distribution at batch row `index`
+    (the raw logits' log-softmax: before penalties, biases, grammar or temperature, as
+    OpenAI and llama-cpp-python report it), and the `top` most likely tokens, best first."""
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx, index),
+                                   shape=(n_vocab,)).astype(np.float64)
+    peak = float(logits.max())
+    log_total = peak + math.log(float(np.exp(logits - peak).sum()))
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        ids = np.argpartition(-logits, top - 1)[:top]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        best = [(int(i), float(logits[i]) - log_total) for i in ids]
+    return float(logits[token]) - log_total, best
