@@ -23,11 +23,15 @@ from .errors import (
     BadRequest,
     ClientClosedRequest,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from .settings import SEED_LIMIT
 
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+# Seconds a request body may take to arrive after its head: a 1 MiB body needs 30 s only
+# below ~35 KB/s, and a client that stalls longer is more likely an attack than a user.
+DEFAULT_BODY_TIMEOUT = 30.0
 # Our bodies nest three levels (messages -> message -> content parts); far more is an attack.
 MAX_JSON_DEPTH = 32
 # Bodies above this are parsed in a worker thread: checking 20,000 messages takes a few
@@ -53,23 +57,31 @@ class ChatRequest:
     params: SamplingParams
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, refusing other content types than JSON (415) and bodies over `limit`
-    bytes (413)."""
+async def read_body(request: web.Request, limit: int,
+                    timeout: float | None = DEFAULT_BODY_TIMEOUT) -> bytes:
+    """The raw body, refusing other content types than JSON (415), bodies over `limit`
+    bytes (413) and bodies that take longer than `timeout` seconds to arrive (408).
+
+    Without the deadline a client that sends a head and then trickles (or withholds) its
+    body holds a connection and a handler for good: the connection cap counts it as busy,
+    so a few hundred of them would turn every newcomer away."""
     require_json(request)
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
+                chunks.append(chunk)
     except ConnectionResetError:  # aiohttp's "Connection lost": else a traceback per client
         raise ClientClosedRequest(
             "The client closed the connection before its body arrived.") from None
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout:g} s.") from None
     return b"".join(chunks)
 
 

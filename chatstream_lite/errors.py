@@ -59,6 +59,11 @@ class PayloadTooLarge(ChatStreamError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ChatStreamError):
+    status = 408
+    code = "request_timeout"
+
+
 class ClientClosedRequest(ChatStreamError):
     """The client left before its whole request arrived: nothing was started, and the
     answer (nginx's 499) is for the metrics and logs, since nobody is left to read it."""

@@ -327,3 +327,30 @@ async def test_the_page_asks_for_the_api_key_and_sends_it(keyed: Server) -> None
         finally:
             await browser.close()
     assert not [text for text in console if "Content Security Policy" in text], console
+
+
+# -- a body that never arrives -------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/chat_stream", "/v1/chat/completions"])
+async def test_a_body_that_stalls_after_the_head_gets_408_and_frees_the_handler(
+        path: str) -> None:
+    async for server in serve(_mock(body_timeout=1.0), build_full_app):
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Content-Length: 100\r\n\r\n")
+        writer.write(head.encode() + b'{"user_inp')      # 10 of the 100 bytes, then nothing
+        started = asyncio.get_running_loop().time()
+        try:
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+            waited = asyncio.get_running_loop().time() - started
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                pass
+            body = await asyncio.wait_for(reader.read(200), 10)
+        finally:
+            writer.close()
+        assert status_line.split()[1] == b"408", status_line
+        assert 0.9 <= waited < 5, waited
+        assert b"request_timeout" in body
+        async with aiohttp.ClientSession() as client:     # the server goes on serving
+            async with client.post(server.url + "/chat_stream",
+                                   json={"user_input": "Hi"}) as response:
+                assert response.status == 200 and await response.text()

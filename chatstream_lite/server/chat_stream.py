@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 
 from ..auth import DEFAULT_PROTECTED, ApiKey
 from ..chat_request import (
+    DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BODY_SIZE,
     parse_chat_request,
     parse_off_loop,
@@ -103,6 +104,7 @@ class ChatStream:
         served_model_name: str | None = DEFAULTS.served_model_name,
         stop: list[str] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
         session_store: str | Redis | SessionStore | None = None,
         session_storage: AbstractStorage | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
@@ -140,6 +142,7 @@ class ChatStream:
         self.system_prompt = system_prompt
         self.served_model_name = served_model_name    # the model's id in the OpenAI API
         self.max_body_size = max_body_size
+        self.body_timeout = body_timeout      # seconds for a body to arrive (408 past it)
         self.session_store = _open_session_store(
             session_store, session_storage, max_sessions=max_sessions,
             idle_ttl=session_idle_ttl, secure=cookie_secure or None)
@@ -256,7 +259,7 @@ class ChatStream:
         async def admit() -> Accepted:
             self.api_key.check(request)
             body = request_body if request_body is not None else await read_body(
-                request, self.max_body_size)
+                request, self.max_body_size, self.body_timeout)
             chat_request = await parse_off_loop(parse_chat_request, body, self.defaults)
             session = await get_session(request)
             session_id = await conversations.lock(session)

@@ -333,7 +333,8 @@ class OpenAIAPI:
 
         async def admit() -> Accepted:
             chat_stream.api_key.check(request)
-            body = await read_body(request, chat_stream.max_body_size)
+            body = await read_body(request, chat_stream.max_body_size,
+                                   chat_stream.body_timeout)
             completion = await parse_off_loop(parse_completion_request, body,
                                               chat_stream.defaults, chat_stream.system_prompt,
                                               self.runtime.require_model())
@@ -352,7 +353,8 @@ class OpenAIAPI:
 
         async def admit() -> Accepted:
             chat_stream.api_key.check(request)
-            body = await read_body(request, chat_stream.max_body_size)
+            body = await read_body(request, chat_stream.max_body_size,
+                                   chat_stream.body_timeout)
             completion = await parse_off_loop(parse_text_completion_request, body,
                                               chat_stream.defaults, self.runtime.require_model())
             served = self.served_model()
