@@ -342,7 +342,7 @@ async def test_a_body_that_stalls_after_the_head_gets_408_and_frees_the_handler(
         try:
             status_line = await asyncio.wait_for(reader.readline(), 10)
             waited = asyncio.get_running_loop().time() - started
-            while (line := await reader.readline()) not in (b"\r\n", b""):
+            while await reader.readline() not in (b"\r\n", b""):
                 pass
             body = await asyncio.wait_for(reader.read(200), 10)
         finally:
