@@ -138,3 +138,15 @@ async def test_bad_n_and_logprobs_are_400s(client: AsyncOpenAI, body: dict[str, 
         await client.chat.completions.create(
             model="x", messages=fresh_question(), max_tokens=4, extra_body=body)
     assert refused.value.status_code == 400
+
+
+async def test_the_mock_engine_refuses_what_it_cannot_do() -> None:
+    # --mock has no logits and one sequence: a 400 naming the parameter, not a fake answer.
+    async for mock in serve(ChatStream(mock=True, mock_delay=0), build_full_app):
+        async with AsyncOpenAI(base_url=mock.url + "/v1", api_key="x", max_retries=0) as c:
+            for body, param in [({"n": 2}, "n"), ({"logprobs": True}, "logprobs")]:
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await c.chat.completions.create(
+                        model="x", messages=fresh_question(), max_tokens=4, extra_body=body)
+                assert refused.value.body is not None
+                assert refused.value.body.get("param") == param   # type: ignore[union-attr]

@@ -270,13 +270,18 @@ def _chat_logprobs(data: dict[str, Any], model: ModelInfo | None) -> int | None:
         if top is not None:
             raise BadRequest("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
         return None
-    return _top_logprobs("top_logprobs", 0 if top is None else top, model)
+    _logprobs_supported("logprobs", model)
+    return 0 if top is None else integer_field("top_logprobs", top, 0, MAX_TOP_LOGPROBS)
 
 
 def _top_logprobs(name: str, value: Any, model: ModelInfo | None) -> int:
+    _logprobs_supported(name, model)
+    return integer_field(name, value, 0, MAX_TOP_LOGPROBS)
+
+
+def _logprobs_supported(name: str, model: ModelInfo | None) -> None:
     if model is not None and not model.logprobs:
         raise BadRequest("This engine does not report log-probabilities.", param=name)
-    return integer_field(name, value, 0, MAX_TOP_LOGPROBS)
 
 
 def _logit_bias(value: Any, n_vocab: int) -> tuple[tuple[int, float], ...]:
