@@ -44,6 +44,9 @@ from .runner import DecodeFailed, Runner
 
 log = logging.getLogger(__name__)
 
+# The longest the engine thread waits for the loop (`wait_for_loop`): a loop busy elsewhere
+# must not hold back generation for more than a fraction of a token.
+LOOP_WAIT = 0.002
 DEFAULT_N_CTX = DEFAULTS.n_ctx
 DEFAULT_N_BATCH = DEFAULTS.n_batch
 
@@ -57,6 +60,11 @@ class LlamaConfig:
     n_batch: int = DEFAULT_N_BATCH    # tokens per decode; the prompt chunk between cancel checks
     parallel: int = 1                 # sequences decoded together (num_of_concurrent_executions)
     max_generation_time: float | None = None  # seconds of generation per reply; None: no limit
+    # After handing a step's pieces to the event loop, wait (at most LOOP_WAIT) until the
+    # loop has run the handlers they woke before decoding on: on a machine with as many
+    # cores as llama.cpp threads, the loop then writes while the model waits, instead of
+    # preempting one of llama.cpp's threads mid-decode (which stalls all of them).
+    wait_for_loop: bool = False
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -92,6 +100,7 @@ class LlamaEngine:
         self._outbox: list[tuple[Job, Event]] = []   # the thread's events since the last flush
         self._inbox: deque[Job] = deque()            # loop -> thread: jobs to start
         self._work = threading.Event()               # wakes the idle thread
+        self._loop_done = threading.Event()          # the loop ran a flush's handlers
         self._serving: asyncio.Future[None] | None = None
         self._stopping = False                       # the thread exits once idle
         self._closing = False
@@ -143,6 +152,10 @@ class LlamaEngine:
     def _deliver(self, events: list[tuple[Job, Event]]) -> None:
         for job, event in events:
             job.deliver(event)
+        if self.config.wait_for_loop:
+            # Queued behind the handlers these events woke: set once they have run a step.
+            assert self._loop is not None
+            self._loop.call_soon(self._loop_done.set)
 
     # -- on the thread --------------------------------------------------------------------
     def _load(self) -> ModelInfo:
@@ -186,7 +199,10 @@ class LlamaEngine:
         if self._outbox:
             assert self._loop is not None
             events, self._outbox = self._outbox, []
+            self._loop_done.clear()
             self._loop.call_soon_threadsafe(self._deliver, events)
+            if self.config.wait_for_loop:
+                self._loop_done.wait(LOOP_WAIT)
 
     def _serve(self) -> None:
         """The thread's loop: take new jobs, run a step, hand the events over; sleep when idle."""
