@@ -258,6 +258,7 @@ async def test_a_fast_stream_is_rendered_at_most_once_a_frame(
         words = len(LONG_MARKDOWN.split())
         log.info("render cost: %s", json.dumps({
             "reply_chars": len(LONG_MARKDOWN), "words": words, "seconds": round(elapsed, 2),
+            "words_per_s": round(words / elapsed),
             "chunks": stats["chunks"], "renders": stats["renders"],
             "mean_ms": round(stats["ms"] / stats["renders"], 2),
             "max_ms": round(stats["maxMs"], 2), "busy_share": round(stats["ms"] / 1000 / elapsed, 3)}))
@@ -266,6 +267,13 @@ async def test_a_fast_stream_is_rendered_at_most_once_a_frame(
         assert stats["renders"] <= elapsed * 60 * 1.1 + 2
         assert stats["renders"] < stats["chunks"]
         await expect(page.locator(".message.assistant .code")).to_have_count(8)
+        # Rendered block by block as it streamed, it reads exactly as rendered whole.
+        assert await page.evaluate("""() => {
+            const reply = document.querySelector('.message.assistant');
+            const whole = document.createElement('div');
+            whole.append(window.chatstreamLite.renderMarkdown(reply.raw));
+            return reply.querySelector('.text').innerHTML === whole.innerHTML;
+        }""")
         assert tab.errors == []
     finally:
         await tab.close()
