@@ -80,6 +80,9 @@ def create_app(chat_stream: ChatStream, callback: Callback | None = None) -> web
     async def clear_context_endpoint(request: web.Request) -> web.StreamResponse:
         return await chat_stream.handle_clear_context_request(request)
 
+    async def history_endpoint(request: web.Request) -> web.StreamResponse:
+        return await chat_stream.handle_history_request(request)
+
     async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
         try:
             chat_stream.api_key.check(request)
@@ -92,6 +95,7 @@ def create_app(chat_stream: ChatStream, callback: Callback | None = None) -> web
 
     app.router.add_post("/chat_stream", chat_stream_endpoint)
     app.router.add_post("/clear_context", clear_context_endpoint)
+    app.router.add_get("/history", history_endpoint)
     OpenAIAPI(chat_stream).add_routes(app, OPENAI_PREFIX)
     app.router.add_get("/health", chat_stream.health.handle)
     app.router.add_get("/metrics", metrics_endpoint)

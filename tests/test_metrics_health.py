@@ -60,7 +60,7 @@ async def test_health_reports_the_loaded_model_and_the_queue(server: Server) -> 
     assert status == 200
     assert body == {"status": "ok", "model": "SmolLM2-135M-Instruct.Q4_1", "gpu_offload": False,
                     "running": 0, "queued": 0, "max_queue_size": MAX_QUEUE_SIZE,
-                    "engine": "ready", "session_store": "memory",
+                    "engine": "ready", "load_progress": 1.0, "session_store": "memory",
                     "checks": {"engine": True, "session_store": True}}
 
 

@@ -75,6 +75,11 @@ async def _reply_length(page: Page) -> int:
         "() => document.querySelector('.message.assistant:last-child .text').textContent.length"))
 
 
+async def _raw_reply(page: Page) -> str:
+    """The reply's text as it arrived (the page shows it rendered from Markdown)."""
+    return str(await page.evaluate("() => document.querySelector('.message.assistant').raw"))
+
+
 async def _history(server: Server) -> list[dict[str, str]]:
     return [m for m in server.recorder.calls[-1][1] if m["role"] != "system"]
 
@@ -109,7 +114,7 @@ async def test_send_stop_regenerate_clear_in_chromium(server: Server, browser: B
         await expect(page.locator(".message.assistant .tag")).to_contain_text("stopped")
         await recorder.wait_for(calls + 1)
         assert recorder.statuses[-1] == "client_disconnected_while_streaming"
-        shown = await page.locator(".message.assistant .text").text_content()
+        shown = await _raw_reply(page)
         stored = (await _history(server))[-1]
         assert shown and stored["role"] == "assistant" and stored["content"].startswith(shown)
         await page.screenshot(path=str(ARTIFACTS / "ui-stopped.png"))
@@ -120,7 +125,7 @@ async def test_send_stop_regenerate_clear_in_chromium(server: Server, browser: B
         await recorder.wait_for(calls + 2)
         assert recorder.statuses[-1] == "success"
         await expect(page.locator("#stop")).to_be_disabled()
-        regenerated = await page.locator(".message.assistant .text").text_content()
+        regenerated = await _raw_reply(page)
         assert await page.locator(".message.assistant").count() == 1
         assert await page.locator(".message.assistant .tag").count() == 0
         assert await _history(server) == [
@@ -128,7 +133,7 @@ async def test_send_stop_regenerate_clear_in_chromium(server: Server, browser: B
             {"role": "assistant", "content": regenerated}]
         assert regenerated and len(regenerated) > len(shown)
 
-        # A second turn, for the screenshot the README shows.
+        # A second turn, then Clear.
         await page.fill("#input", "Give the cat a name, please.")
         await page.click("#send")
         await recorder.wait_for(calls + 3)

@@ -21,6 +21,9 @@ class Faults:
     # Raised by the engine's own loop at its next turn, as a bug in the engine would be;
     # the engine stays dead (503 for everything) until the server restarts.
     thread_error: BaseException | None = None
+    # Called by the llama.cpp engine on its thread with each fraction llama.cpp reports while
+    # it loads the model (inside its progress callback: a test can hold the load there).
+    during_load: Callable[[float], None] | None = None
     wake: Callable[[], None] = field(default=lambda: None, repr=False)  # set by the engine
 
     def kill_thread(self, error: BaseException) -> None:

@@ -219,6 +219,28 @@ class ChatStream:
         return self.conversations.get_chat_prompt(request)
 
     # -- endpoints --------------------------------------------------------------------------
+    async def handle_history_request(self, request: web.Request) -> web.Response:
+        """This session's turns, oldest first: `{"messages": [{"role", "content"}, ...]}`.
+
+        The system prompt is the server's setting, not a turn, so it is left out. A request
+        without a session cookie gets `[]` and no session is made (a page that only looks
+        does not use up the new-session allowance). A pure read: it neither takes nor waits
+        for the session's lock, because a GET must never make the session's own next
+        request get 409; mid-reply it answers at once with the turns stored so far, and the
+        reply in flight joins them when it ends (a stopped one with its partial text).
+        """
+        try:
+            self.api_key.check(request)
+            if self.session_store.storage.load_cookie(request) is None:
+                messages = []
+            else:
+                session = await get_session(request)
+                messages = [m for m in self.conversations.load(session).get_contents()
+                            if m["role"] != "system"]
+        except ChatStreamError as error:   # 401, 429 (too many new sessions), 503 (store)
+            return error_response(error)
+        return web.json_response({"messages": messages}, headers={"Cache-Control": "no-store"})
+
     async def handle_clear_context_request(self, request: web.Request) -> web.Response:
         """Forget this session's history (its system prompt stays)."""
         conversations = self.conversations

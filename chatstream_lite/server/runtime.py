@@ -151,4 +151,10 @@ class Runtime:
             "queued": self.admission.queued,
             "max_queue_size": self.admission.max_queue_size,
             "engine": state,
+            # 0..1 of the weights loaded, where the engine reports it (llama.cpp does).
+            "load_progress": _rounded(getattr(engine, "load_progress", None)),
         })
+
+
+def _rounded(fraction: float | None) -> float | None:
+    return None if fraction is None else round(fraction, 3)

@@ -91,6 +91,7 @@ class LlamaEngine:
         self.model_info: ModelInfo | None = None
         self.failure: BaseException | None = None
         self.last_progress = time.monotonic()        # written by the thread, read by /health
+        self.load_progress: float | None = None      # 0..1 as llama.cpp loads; read by /health
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-engine")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._died: Died | None = None
@@ -169,7 +170,8 @@ class LlamaEngine:
         # session's next turn finds them unless a newer session needed the slot.
         model = Model.load(cfg.model_path, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch,
                            n_seq=cfg.parallel, n_gpu_layers=cfg.n_gpu_layers,
-                           n_threads=self.threads, verbose=cfg.verbose)
+                           n_threads=self.threads, verbose=cfg.verbose,
+                           progress=self._load_progressed)
         template_text = model.metadata.get("tokenizer.chat_template")
         if not template_text:
             model.close()
@@ -185,6 +187,14 @@ class LlamaEngine:
         return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary,
                          model.n_vocab, json_grammar, model.add_bos, logprobs=True,
                          max_choices=cfg.parallel)
+
+    def _load_progressed(self, fraction: float) -> None:
+        """Inside llama.cpp's load, a few hundred times: one log line per tenth."""
+        if int(fraction * 10) > int((self.load_progress or 0.0) * 10):
+            log.info("loading the model: %d %%", fraction * 100)
+        self.load_progress = fraction
+        if self.faults.during_load is not None:
+            self.faults.during_load(fraction)
 
     def _unload(self) -> None:
         if self._model is not None:

@@ -20,11 +20,17 @@ attention off included, so a single sequence computes what llama-cpp-python comp
 
 from __future__ import annotations
 
+import ctypes
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
+
+log = logging.getLogger(__name__)
 
 
 class Batch:
@@ -106,11 +112,20 @@ class Model:
 
     @classmethod
     def load(cls, path: Path, *, n_ctx: int, n_batch: int, n_seq: int, n_gpu_layers: int,
-             n_threads: int, verbose: bool) -> Model:
+             n_threads: int, verbose: bool,
+             progress: Callable[[float], None] | None = None) -> Model:
+        """`progress(fraction)`: called on this thread as llama.cpp loads the weights."""
         _init_backend(verbose)
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
-        model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=verbose)
+        callback = _progress_callback(progress) if progress is not None else None
+        if callback is not None:   # called during the load only; `callback` keeps it alive
+            model_params.progress_callback = callback
+        # verbose=True only stops LlamaModel from pointing the process's fds 1 and 2 at
+        # /dev/null for the whole load, which silenced every other thread (the server
+        # answering /health meanwhile) and the progress lines; llama.cpp's own log lines
+        # are filtered by `set_verbose` in `_init_backend`.
+        model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=True)
         n_batch = min(n_ctx, n_batch)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * n_seq               # llama.cpp splits it evenly among the streams
@@ -176,6 +191,25 @@ class Model:
         """Make `dst_seq_id` hold what `src_seq_id` holds. Each sequence has its own KV
         stream, and llama.cpp copies a stream whole, at the next decode."""
         llama_cpp.llama_memory_seq_cp(self._memory, src_seq_id, dst_seq_id, -1, -1)
+
+
+def _progress_callback(progress: Callable[[float], None]) -> Any:
+    """llama.cpp's `progress_callback`: it runs inside the C load, so it never raises (an
+    exception would make ctypes answer False, which aborts the load); the first error is
+    logged and the load goes on."""
+    failed = False
+
+    def callback(fraction: float, _user_data: ctypes.c_void_p) -> bool:
+        nonlocal failed
+        try:
+            progress(fraction)
+        except Exception:  # a report must never stop the load
+            if not failed:
+                failed = True
+                log.exception("reporting the load progress failed; the load goes on")
+        return True
+
+    return llama_cpp.llama_progress_callback(callback)
 
 
 _backend_ready = False
