@@ -77,8 +77,9 @@ async def test_health_reports_loading_with_the_fraction_while_the_model_loads(
                     assert page.status == 200
                 async with client.get("/history") as history:
                     assert history.status == 200
-                status, _ = await post_chat(client, user_input="Hi")
+                status, refusal = await post_chat(client, user_input="Hi")
                 assert status == 503
+                assert re.search(r"The model is loading \((5|6|7|8|9)\d%\)", refusal), refusal
         finally:
             held.release()
         await server.chat_stream.wait_loaded()

@@ -91,7 +91,7 @@ class Admission:
         if engine.failure is not None:
             raise self._dead(engine.failure)
         if not engine.ready or engine.model_info is None:
-            raise ServiceUnavailable("The model is not loaded (starting up or shutting down).")
+            raise ServiceUnavailable(self._not_ready())
         check_limits(messages, max_messages=self.max_messages, max_chars=self.max_input_chars)
         if params.n > min(engine.capacity, engine.model_info.max_choices):
             raise BadRequest(f"n={params.n} is more choices than this server runs at once "
@@ -126,6 +126,13 @@ class Admission:
         future.add_done_callback(
             lambda done: loop.call_soon_threadsafe(self._prepared, job, done))
         return job
+
+    def _not_ready(self) -> str:
+        # The llama.cpp engine reports its load; the others just are not ready yet.
+        progress = getattr(self.engine, "load_progress", None)
+        if self.engine.model_info is None and isinstance(progress, float):
+            return f"The model is loading ({progress:.0%}); try again shortly."
+        return "The model is not loaded (starting up or shutting down)."
 
     def _prepared(self, job: Job, done: Future[Prompt]) -> None:
         """On the loop: the worker is done with `job`."""
