@@ -152,10 +152,12 @@ async def test_unsupported_parameters_are_openai_shaped_400s(client: AsyncOpenAI
     messages = [{"role": "user", "content": "Hi"}]
     cases = [
         ({"n": 2}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f g"}}]},
+         "tools[0].function.name"),
         ({"temperature": 3}, "temperature"),
         ({"max_tokens": -1}, "max_tokens"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
         ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
     ]
     for extra, param in cases:

@@ -6,8 +6,8 @@
 Nothing here imports the HTTP layer, and nothing but `engine.llama` imports llama_cpp, so
 `MockEngine` and the request path work without it. Modules: `admission` (the bounded queue,
 time limits, drain), `prepare` (template, tokens, fitting), `template`, `job`, `events`,
-`protocol` (the `Engine` seam), `scheduler` (the step plan), `kv_slots`, `text`, `faults`,
-`mock`, and `llama` (the model, runner and thread).
+`protocol` (the `Engine` seam), `scheduler` (the step plan), `tools` (function calling's
+formats), `kv_slots`, `text`, `faults`, `mock`, and `llama` (the model, runner and thread).
 """
 
 from .admission import Admission

@@ -10,7 +10,8 @@ samples, and a huge request cannot stall the other streams.
 
 Two rules:
 - **Message contents never become control tokens.** The template's own text is tokenized
-  with special-token parsing, every content without it (`ChatTemplate.layout`). For a
+  with special-token parsing, every content without it (`ChatTemplate.layout`), and so is
+  every other request text the template renders (tool definitions, calls, results). For a
   template that changes contents while rendering them (so the marked layout is not exact),
   the real rendering is tokenized whole, and a content that holds control-token text is
   refused instead.
@@ -22,6 +23,7 @@ Two rules:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Protocol
 
@@ -33,7 +35,7 @@ from ..errors import (
     PromptTooLong,
 )
 from .job import PlainPrompt, Prompt, PromptInput
-from .template import ChatTemplate, Layout, Message
+from .template import ChatTemplate, Conversation, Data, Layout, Message, Part, message_chars
 
 # How many times fitting may re-render after its estimate: a template whose text between
 # messages depends on what is dropped can need one more turn dropped; never more than this.
@@ -56,7 +58,9 @@ def check_limits(messages: PromptInput, *, max_messages: int, max_chars: int) ->
     if len(messages) > max_messages:
         raise BadRequest(f"Too many messages: {len(messages)}; this server takes at most "
                          f"{max_messages} per request (max_messages).", param="messages")
-    total = sum(len(m["content"]) for m in messages)
+    total = sum(message_chars(m) for m in messages)
+    if isinstance(messages, Conversation):
+        total += sum(len(json.dumps(t, ensure_ascii=False)) for t in messages.tools)
     if total > max_chars:
         raise PayloadTooLarge(f"The messages hold {total} characters; this server takes at "
                               f"most {max_chars} per request (max_input_chars).")
@@ -87,13 +91,18 @@ def prepare(messages: list[Message], template: ChatTemplate, tokenizer: Tokenize
             stops: tuple[str, ...] = ()) -> Prompt:
     """`messages` as token ids in at most `budget` tokens; see the module docstring.
 
-    With `drop_oldest`, whole turns (a user message and the reply after it) are dropped from
+    With `drop_oldest`, whole turns (a user message and the replies after it) are dropped from
     the oldest on, never the system prompt and never the last message; without it, a
     conversation that does not fit is refused (`ContextLengthExceeded`).
+
+    A `Conversation` gives the template its tool definitions too. A last message from the
+    assistant is continued (prefill): the prompt ends with its content.
     """
     _check_text(messages)
+    tools = messages.tools if isinstance(messages, Conversation) else None
+    continue_final = messages[-1]["role"] == "assistant"
     encoder = _Encoder(messages, tokenizer, cancelled)
-    layout = template.layout(messages)
+    layout = template.layout(messages, tools=tools, continue_final=continue_final)
     if not layout.exact:
         return Prompt(encoder.whole(layout), 0, stops)
     tokens = encoder.encode(layout.parts, range(len(messages)))
@@ -114,7 +123,8 @@ def prepare(messages: list[Message], template: ChatTemplate, tokenizer: Tokenize
             break
         dropped = more
         kept = [*range(first), *range(first + dropped, len(messages))]
-        kept_layout = template.layout([messages[i] for i in kept])
+        kept_layout = template.layout([messages[i] for i in kept], tools=tools,
+                                      continue_final=continue_final)
         tokens = encoder.encode(kept_layout.parts, kept)
         if len(tokens) <= budget:
             return Prompt(tokens, dropped, stops)
@@ -143,6 +153,7 @@ class _Encoder:
         self._cancelled = cancelled
         self._contents: dict[int, list[int]] = {}
         self._texts: dict[str, list[int]] = {}
+        self._data: dict[str, list[int]] = {}
 
     def content(self, index: int) -> list[int]:
         tokens = self._contents.get(index)
@@ -159,11 +170,25 @@ class _Encoder:
             tokens = self._texts[text] = self._tokenizer.tokenize(text, special=True)
         return tokens
 
-    def encode(self, parts: list[str | int], indices: list[int] | range) -> list[int]:
+    def data(self, text: str) -> list[int]:
+        """Request text other than a content: plain text, as a content is."""
+        tokens = self._data.get(text)
+        if tokens is None:
+            tokens = self._data[text] = self._tokenizer.tokenize(text, special=False)
+        return tokens
+
+    def part(self, part: Part, indices: list[int] | range) -> list[int]:
+        if isinstance(part, str):
+            return self.text(part)
+        if isinstance(part, Data):
+            return self.data(part.text)
+        return self.content(indices[part])
+
+    def encode(self, parts: list[Part], indices: list[int] | range) -> list[int]:
         """Token ids of a layout of the messages `indices` (part `i` is `indices[i]`)."""
         tokens: list[int] = []
         for part in parts:
-            tokens += self.text(part) if isinstance(part, str) else self.content(indices[part])
+            tokens += self.part(part, indices)
         return tokens
 
     def whole(self, layout: Layout) -> list[int]:
@@ -175,19 +200,23 @@ class _Encoder:
                 raise BadRequest(f"Message {index} holds the text of a control token, which "
                                  "this model's chat template cannot keep apart from its own.",
                                  param="messages")
+        for text in layout.data:
+            if self._tokenizer.tokenize(text, special=True) != self.data(text):
+                raise BadRequest("A tool definition, call or name holds the text of a control "
+                                 "token, which this model's chat template cannot keep apart "
+                                 "from its own.", param="messages")
         return self._tokenizer.tokenize(layout.text, special=True)
 
 
-def _costs(parts: list[str | int], encoder: _Encoder, count: int) -> list[int]:
-    """Tokens each message brings: its content and the template text up to the next one."""
+def _costs(parts: list[Part], encoder: _Encoder, count: int) -> list[int]:
+    """Tokens each message brings: its content and the text up to the next one."""
     costs = [0] * count
     owner = -1
     for part in parts:
         if isinstance(part, int):
             owner = part
-            costs[owner] += len(encoder.content(part))
-        elif owner >= 0:
-            costs[owner] += len(encoder.text(part))
+        if owner >= 0:
+            costs[owner] += len(encoder.part(part, range(count)))
     return costs
 
 
@@ -201,8 +230,11 @@ def _turns_to_drop(messages: list[Message], first: int, dropped: int, costs: lis
     while True:
         if index >= last:
             return None
-        # One turn: the user message and, when present, the reply that follows it.
-        step = 2 if index + 1 < last and messages[index + 1]["role"] == "assistant" else 1
+        # One turn: the user message and, when present, the replies that follow it (the
+        # assistant's, its tool calls' results, the assistant's again...).
+        step = 1
+        while index + step < last and messages[index + step]["role"] in ("assistant", "tool"):
+            step += 1
         saved += sum(costs[index:index + step])
         index += step
         if saved >= excess:

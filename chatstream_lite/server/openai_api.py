@@ -6,7 +6,9 @@
     client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused-or-your-key")
     client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi"}])
 
-Stateless: the history comes in `messages`, nothing is stored. It shares ChatStream's engine,
+Stateless: the history comes in `messages`, nothing is stored. Function calling (`tools`) is
+openai_tools.py's; a last message from the assistant is continued (prefill), and the reply
+holds only the continuation, as llama-server's does. It shares ChatStream's engine,
 queue bound, disconnect detection and metrics with `/chat_stream`. With `"stream": true` the
 reply is Server-Sent Events framed as OpenAI frames them (`aiohttp-sse`). Messages that do not
 fit the context are refused with 400 `context_length_exceeded`, as OpenAI does, instead of
@@ -36,6 +38,15 @@ from ..engine.template import Role
 from ..errors import BadRequest, ChatStreamError
 from .framing import EventStream, JSONBody, ServedModel
 from .handler import Accepted, serve_exchange
+from .openai_tools import (
+    ToolCallsBody,
+    ToolCallsStream,
+    ToolPlan,
+    check_tool_history,
+    message_tool_fields,
+    parse_tools,
+    tool_format,
+)
 from .responses import openai_error_response
 
 if TYPE_CHECKING:
@@ -53,17 +64,18 @@ MAX_TOKENS_ASKED = 2**31 - 1      # what max_tokens may ask for; the server's ca
 SUPPORTED = {"messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
              "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop",
              "response_format", "frequency_penalty", "presence_penalty", "logit_bias",
-             "n", "logprobs", "top_logprobs"}
+             "n", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"}
 # /v1/completions: the same, with a plain-text `prompt` instead of `messages` and no
 # response_format (llama-server takes a grammar there; we have no need yet).
 TEXT_SUPPORTED = SUPPORTED - {"messages", "max_completion_tokens", "response_format",
-                               "top_logprobs"} | {"prompt"}
+                               "top_logprobs", "tools", "tool_choice",
+                               "parallel_tool_calls"} | {"prompt"}
 IGNORED = {"model", "user"}
 NEUTRAL: dict[str, Any] = {}
 TEXT_NEUTRAL: dict[str, Any] = {"best_of": 1, "echo": False, "suffix": ""}
 MAX_TOP_LOGPROBS = 20             # OpenAI's limit (chat); the legacy endpoint's is 5, we take 20
 MAX_LOGIT_BIAS = 300              # tokens one request may bias (OpenAI: 300)
-ROLES = {"system", "developer", "user", "assistant"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ class CompletionRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    tools: ToolPlan | None = None   # set when the reply may call a tool
 
     @property
     def chat(self) -> bool:
@@ -92,7 +105,42 @@ def parse_completion_request(body: bytes, defaults: SamplingParams,
     grammar = _response_format(data.get("response_format"), model)
     if grammar is not None:
         params = replace(params, grammar=grammar)
-    return CompletionRequest(messages, params, stream, include_usage)
+    messages, params, plan = _with_tools(data, messages, params, model)
+    if messages[-1]["role"] == "assistant" and params.grammar is not None:
+        raise BadRequest("A last assistant message (prefill) cannot be continued under "
+                         "tools or a response_format: the reply must start a JSON value.",
+                         param="messages")
+    return CompletionRequest(messages, params, stream, include_usage, plan)
+
+
+def _with_tools(data: dict[str, Any], messages: list[Message], params: SamplingParams,
+                model: ModelInfo | None) -> tuple[list[Message], SamplingParams, ToolPlan | None]:
+    """The messages as the template's tool format renders them (tool calls and results in
+    the history, the tools when the reply may call one), and the grammar that holds the
+    reply to a call where the format has one."""
+    asked = parse_tools(data, model)
+    fmt = tool_format(model)
+    messages = fmt.messages(messages, asked)
+    if not asked.callable:
+        return messages, params, None
+    # A reply with calls is read whole before its calls go out, one reader per request:
+    # several choices, or logprobs tied to text the reader holds back, are not offered.
+    for name, given in (("n", params.n > 1), ("logprobs", params.logprobs is not None)):
+        if given:
+            raise BadRequest(f"'{name}' cannot be combined with tools.", param=name)
+    if params.grammar is not None:
+        raise BadRequest("'response_format' cannot be combined with tools.",
+                         param="response_format")
+    if model is None or model.json_grammar is None:
+        raise BadRequest("This engine cannot constrain replies to tool calls.", param="tools")
+    try:
+        grammar = fmt.grammar(asked, model.json_grammar)
+    except ValueError as error:
+        raise BadRequest(f"These tools' schemas cannot be held by a grammar: {error}",
+                         param="tools") from None
+    if grammar is not None:
+        params = replace(params, grammar=grammar)
+    return messages, params, ToolPlan(fmt, asked)
 
 
 def parse_text_completion_request(body: bytes, defaults: SamplingParams,
@@ -184,10 +232,13 @@ def _stream_options(options: Any, stream: bool) -> bool:
 def _messages(raw: Any, system_prompt: str | None) -> list[Message]:
     """The conversation as the engine takes it: leading system/developer messages merged
     into one system message (the server's `system_prompt` when there is none), then the
-    other messages in their order, ending with a user's (or a system message after one).
+    other messages in their order, holding a user's. Tool calls and results keep their
+    fields (openai_tools.py checks them).
 
     A system message after the first turn is passed to the template as it is: a template
-    that cannot render it refuses with its own message (400 `template_refused`)."""
+    that cannot render it refuses with its own message (400 `template_refused`). A last
+    message from the assistant is the start of the reply (prefill); an empty one is no
+    start at all, and is dropped."""
     if not isinstance(raw, list) or not raw:
         raise BadRequest("'messages' must be a non-empty list.", param="messages")
     systems: list[str] = []
@@ -198,19 +249,29 @@ def _messages(raw: Any, system_prompt: str | None) -> list[Message]:
             raise BadRequest(f"'{where}' must be an object.", param=where)
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:  # a list is unhashable
-            raise BadRequest(f"'{where}.role' must be one of system, developer, user, assistant "
-                             f"(tool calls are not supported), not {role!r}.",
-                             param=f"{where}.role")
-        content = _content(message.get("content"), f"{where}.content")
+            raise BadRequest(f"'{where}.role' must be one of system, developer, user, "
+                             f"assistant, tool, not {role!r}.", param=f"{where}.role")
+        tool_fields = message_tool_fields(message, role, where)
+        raw_content = message.get("content")
+        if raw_content is None and "tool_calls" in tool_fields:
+            raw_content = ""        # an assistant's turn that only calls tools
+        content = _content(raw_content, f"{where}.content")
         if role in ("system", "developer"):
             if not turns:
                 systems.append(content)
                 continue
             role = "system"
-        turns.append({"role": cast(Role, role), "content": content})
-    if not any(t["role"] == "user" for t in turns) or turns[-1]["role"] == "assistant":
-        raise BadRequest("The messages must hold a user's, and the last one must not be the "
-                         "assistant's (continuing a reply is not supported).", param="messages")
+        turns.append(cast(Message, {"role": cast(Role, role), "content": content,
+                                    **tool_fields}))
+    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"] and not (
+            turns[-1].get("tool_calls")):
+        turns.pop()
+    if not any(t["role"] == "user" for t in turns):
+        raise BadRequest("The messages must hold a user's.", param="messages")
+    if turns[-1].get("tool_calls"):
+        raise BadRequest("The last message calls tools: send their results (role 'tool') "
+                         "for the model to go on.", param="messages")
+    check_tool_history(turns)
     system = "\n\n".join(systems) if systems else system_prompt
     head: list[Message] = [{"role": "system", "content": system}] if system else []
     return head + turns
@@ -346,8 +407,7 @@ class OpenAIAPI:
             served = self.served_model()
             # The client owns the history: what does not fit is refused, never cut silently.
             job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)
-            framing_type = EventStream if completion.stream else JSONBody
-            return Accepted(job, framing_type(request, served, completion))
+            return Accepted(job, _chat_framing(completion)(request, served, completion))
 
         return await serve_exchange(self.runtime, ENDPOINT, request, admit, openai_error_response)
 
@@ -369,6 +429,12 @@ class OpenAIAPI:
 
         return await serve_exchange(self.runtime, TEXT_ENDPOINT, request, admit,
                                     openai_error_response)
+
+
+def _chat_framing(completion: CompletionRequest) -> type[EventStream] | type[JSONBody]:
+    if completion.tools is not None:
+        return ToolCallsStream if completion.stream else ToolCallsBody
+    return EventStream if completion.stream else JSONBody
 
 
 def fingerprint(info: ModelInfo) -> str:
