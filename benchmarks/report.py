@@ -138,17 +138,31 @@ def _cell(system: dict[str, Any], fig: Figure, base: dict[str, Any] | None) -> s
         return "n/a"
     value = system["figures"].get(fig.key)
     ratio = "" if base is None else _ratio(value, base.get(fig.key))
-    return _format(value, fig.decimals) + ratio
+    return _format(value, fig.decimals) + _spread(system, fig) + ratio
+
+
+def _spread(system: dict[str, Any], fig: Figure) -> str:
+    """" [min–max]" of a figure measured in more than one round."""
+    low_high = system.get("spread", {}).get(fig.key)
+    if system.get("rounds_ok", 1) < 2 or not low_high:
+        return ""
+    low, high = low_high
+    return f" [{_format(low, fig.decimals)}–{_format(high, fig.decimals)}]"
 
 
 def markdown_table(systems: dict[str, dict[str, Any]], figures: list[Figure],
                    baseline: str = "direct") -> str:
-    """One column per system, one row per figure; each value also as a ratio to `baseline`."""
+    """One column per system, one row per figure; each value also as a ratio to `baseline`
+    (with thread variants, "direct @2t" for the columns "... @2t"). Figures measured in
+    several rounds are medians, with [min–max] after them."""
     names = list(systems)
-    base = systems.get(baseline, {}).get("figures")
     lines = ["| figure | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for fig in figures:
-        cells = [_cell(systems[n], fig, None if n == baseline else base) for n in names]
+        cells = []
+        for n in names:
+            base_name = _baseline_of(n, baseline, systems)
+            base = systems.get(base_name, {}).get("figures") if base_name != n else None
+            cells.append(_cell(systems[n], fig, base))
         lines.append(f"| {fig.label} | " + " | ".join(cells) + " |")
     for label, key in (("same text as direct (greedy)", "same_text_as_direct"),
                        ("failed requests", "errors")):
@@ -160,7 +174,16 @@ def markdown_table(systems: dict[str, dict[str, Any]], figures: list[Figure],
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-# -- the targets of issue 4, section 2 ---------------------------------------------------
+def _baseline_of(name: str, baseline: str, systems: dict[str, Any]) -> str:
+    """`direct @2t` for `llama-server @2t` when thread variants are measured, else `direct`."""
+    if " @" in name:
+        variant = baseline + name[name.rindex(" @"):]
+        if variant in systems:
+            return variant
+    return baseline
+
+
+# -- the targets of issues 4 and 14 ------------------------------------------------------
 OURS = ("chatstream_lite /chat_stream", "chatstream_lite /v1/chat/completions")
 
 
@@ -173,8 +196,10 @@ def _fig(systems: dict[str, dict[str, Any]], name: str, key: str) -> float | Non
 
 
 def targets_table(systems: dict[str, dict[str, Any]], *, chunk_tokens: int,
-                  long_prompt_tokens: int, llama_server_np: int) -> str:
-    """Each speed target for each chatstream_lite route: measured, bound, met or not."""
+                  long_prompt_tokens: int, llama_server_np: int, suffix: str = "") -> str:
+    """Each speed target for each chatstream_lite route: measured, bound, met or not.
+
+    `suffix` only labels the rows (" @2t": the systems given are one thread variant's)."""
     peer = "llama-server"
     rows: list[tuple[str, str, str, Any, Any, bool]] = []  # target, route, unit, value, bound, <=?
     for ours in (n for n in OURS if systems.get(n, {}).get("status") == "ok"):
@@ -210,5 +235,6 @@ def targets_table(systems: dict[str, dict[str, Any]], *, chunk_tokens: int,
         else:
             met = value <= bound if at_most else value >= bound
             verdict = "met" if met else f"missed by {abs(value - bound):,.1f} {unit}"
-        lines.append(f"| {target} | {ours} | {_format(value, 1)} | {_format(bound, 1)} | {verdict} |")
+        lines.append(f"| {target} | {ours}{suffix} | {_format(value, 1)} | {_format(bound, 1)} "
+                     f"| {verdict} |")
     return "\n".join(lines)

@@ -61,8 +61,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def chatstream_lite(settings: Settings, port: int, root: Path = ROOT) -> Launch:
-    """`python -m chatstream_lite` from the checkout at `root` (another one: a baseline)."""
+def chatstream_lite(settings: Settings, port: int, root: Path = ROOT,
+                    extra: tuple[str, ...] = ()) -> Launch:
+    """`python -m chatstream_lite` from the checkout at `root` (another one: a baseline),
+    with `extra` flags after the common ones (e.g. `--loop uvloop`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSTREAM_")}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     return Launch(
@@ -71,7 +73,7 @@ def chatstream_lite(settings: Settings, port: int, root: Path = ROOT) -> Launch:
          "--n-threads", str(settings.threads), "--n-gpu-layers", str(settings.n_gpu_layers),
          "--num-of-concurrent-executions", str(settings.parallel),
          "--max-queue-size", str(settings.max_queue_size),
-         "--max-new-tokens", str(settings.max_new_tokens), "--log-level", "INFO"],
+         "--max-new-tokens", str(settings.max_new_tokens), "--log-level", "INFO", *extra],
         ready_path="/health", env=env,   # 503 until the model is loaded (loads in the background)
     )
 
