@@ -46,6 +46,9 @@ class Settings:
     max_new_tokens: int         # the server-side cap (the largest reply of the plan)
     max_queue_size: int = 1024
     n_gpu_layers: int = 0       # layers offloaded to a GPU (0: CPU only; -1: all), every system
+    # llama-server as its own defaults set it up (KV layout, flash attention), with the same
+    # cells per slot as ours (-c np * n_ctx); else --kv-unified -fa off, -c n_ctx.
+    llama_server_defaults: bool = False
 
 
 @dataclass
@@ -128,6 +131,14 @@ def llama_server(binary: str, settings: Settings, port: int, *, n_ctx: int | Non
     """llama-server with `-c n_ctx` (default: settings.n_ctx) cells in all: with `unified`,
     one pool that its slots share; without, each of its -np slots gets n_ctx / np cells of
     its own (chatstream_lite's layout: `-c 32768 -np 8` is our 8 slots x 4096)."""
+    if settings.llama_server_defaults:
+        return Launch(
+            [binary, "-m", str(settings.model), "--host", HOST, "--port", str(port),
+             "-c", str(n_ctx or settings.n_ctx * settings.llama_server_parallel),
+             "-t", str(settings.threads), "-tb", str(settings.threads),
+             "-ngl", str(_all_layers(settings.n_gpu_layers)),
+             "-np", str(settings.llama_server_parallel), "--metrics", "--no-webui"],
+            ready_path="/health")
     return Launch(
         [binary, "-m", str(settings.model), "--host", HOST, "--port", str(port),
          "-c", str(n_ctx or settings.n_ctx), "-t", str(settings.threads),

