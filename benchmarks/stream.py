@@ -8,11 +8,14 @@
 In ONE run, on the same GGUF model, prompts and greedy settings (temperature 0, repeat
 penalty 1.0), with the same n_ctx, threads and n_batch, it measures each system in turn:
 
-- `direct`: `Llama.create_chat_completion(stream=True)` in a process of its own (the ceiling);
+- `direct`: `Llama.create_chat_completion(stream=True)` in a process of its own (one stream's
+  bar);
 - `chat_stream`: chatstream_lite's `POST /chat_stream` over real HTTP;
 - `openai`: chatstream_lite's `POST /v1/chat/completions` ("n/a" while the route is missing);
 - `llama_cpp_server`: llama-cpp-python's FastAPI server (`--interrupt_requests False`);
-- `llama_server`: llama.cpp's C++ server with `-np` = our parallel setting.
+- `llama_server`: llama.cpp's C++ server with `-np` = our parallel setting;
+- `ceiling`: llama.cpp's `llama-batched-bench` at the plan's client counts (benchmarks.ceiling):
+  the aggregate's bar.
 
 Each server is a subprocess on a free 127.0.0.1 port, stopped after its turn. The systems
 take turns in rounds, each round starting one system later (round 1: A B C, round 2: B C A,
@@ -74,6 +77,8 @@ SYSTEMS = {                       # key: column label
     # chatstream_lite on uvloop's event loop (`--loop uvloop`; the `uvloop` extra).
     "chat_stream_uvloop": "chatstream_lite /chat_stream (uvloop)",
     "openai_uvloop": "chatstream_lite /v1/chat/completions (uvloop)",
+    # llama.cpp's llama-batched-bench: B sequences in one context, no server (the ceiling).
+    "ceiling": "llama-batched-bench (ceiling)",
     # With --baseline DIR: the same two routes served by another checkout (e.g. the commit
     # before a change), measured in the same run.
     "chat_stream_baseline": "baseline /chat_stream",
@@ -124,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="a checkout of chatstream_lite to compare with (systems "
                         "chat_stream_baseline and openai_baseline)")
-    systems = ",".join(s for s in SYSTEMS if "baseline" not in s and "uvloop" not in s)
+    systems = ",".join(s for s in SYSTEMS if "baseline" not in s and "uvloop" not in s
+                       and s != "ceiling")
     parser.add_argument("--systems", default=systems,
                         help=f"comma-separated, in order (default: {systems})")
     parser.add_argument("--stages", default=",".join(STAGES),
