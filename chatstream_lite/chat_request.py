@@ -26,12 +26,12 @@ from .errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from .settings import SEED_LIMIT
+from .settings import DEFAULTS, SEED_LIMIT
 
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
-# Seconds a request body may take to arrive after its head: a 1 MiB body needs 30 s only
-# below ~35 KB/s, and a client that stalls longer is more likely an attack than a user.
-DEFAULT_BODY_TIMEOUT = 30.0
+# Seconds a request body may take to arrive after its head (30: a 1 MiB body needs that long
+# only below ~35 KB/s, and a client that stalls longer is more likely an attack than a user).
+DEFAULT_BODY_TIMEOUT = DEFAULTS.body_timeout
 # Our bodies nest three levels (messages -> message -> content parts); far more is an attack.
 MAX_JSON_DEPTH = 32
 # Bodies above this are parsed in a worker thread: checking 20,000 messages takes a few

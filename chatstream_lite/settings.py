@@ -146,6 +146,9 @@ class Settings:
     head_timeout: float = field(default=10.0, metadata=option(
         "seconds a new connection has to send a whole request head; then it is closed "
         "(0: no limit)", group=_SERVER, minimum=0, metavar="SECONDS"))
+    body_timeout: float = field(default=30.0, metadata=option(
+        "seconds a request body has to arrive after its head; then the request gets 408 "
+        "(0: no limit)", group=_SERVER, minimum=0, metavar="SECONDS"))
     keepalive_timeout: float = field(default=15.0, metadata=option(
         "seconds an idle keep-alive connection is kept; a proxy's upstream keep-alive must be "
         "shorter", group=_SERVER, minimum=0.1, metavar="SECONDS"))
@@ -316,6 +319,7 @@ class Settings:
             "cookie_secure": self.cookie_secure,
             "shutdown_grace": self.shutdown_grace,
             "stall_timeout": self.stall_timeout,
+            "body_timeout": self.body_timeout or None,                # 0: no limit
             "api_key": self.api_key,
             "api_key_paths": OPEN_CHAT_API_KEY_PATHS if self.api_key_open_chat
                              else DEFAULT_API_KEY_PATHS,

@@ -55,6 +55,7 @@ CHAT_STREAM_OPTIONS: list[tuple[str, str | None, str, str, Any]] = [
     ("--cookie-secure", None, "1", "cookie_secure", True),
     ("--shutdown-grace", "1.5", "1.5", "shutdown_grace", 1.5),
     ("--stall-timeout", "5", "5", "stall_timeout", 5.0),
+    ("--body-timeout", "12", "12", "body_timeout", 12.0),
     ("--api-key", "k3y", "k3y", "api_key", "k3y"),
     ("--api-key-open-chat", None, "yes", "api_key_paths", ("/v1/", "/metrics")),
     ("--mock", None, "true", "mock", True),
