@@ -294,8 +294,9 @@ HOSTILE_OPENAI_BODIES = [
      f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": ["ok", "{LONE}"]}}'),
     # (A system message after a user turn is accepted since issue 12 where the template can
     # render it: tests/test_openai_parity.py.)
-    ("assistant last", '{"messages": [{"role": "user", "content": "hi"}, '
-     '{"role": "assistant", "content": "hello"}]}'),
+    # (A last assistant message is continued since issue 12: tests/test_openai_tools.py.)
+    ("a tool result answering no call", '{"messages": [{"role": "user", "content": "hi"}, '
+     '{"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]}'),
     ("an unknown role", '{"messages": [{"role": "wizard", "content": "hi"}]}'),
 ]
 

@@ -432,7 +432,7 @@ async def test_an_openai_agents_run_calls_the_tool_and_answers_with_its_result(
             tools=[get_weather],
             model=agents.OpenAIChatCompletionsModel(model="x", openai_client=client),
             model_settings=agents.ModelSettings(tool_choice="required", temperature=0,
-                                                max_tokens=48))
+                                                max_tokens=40))
         run = agents.Runner.run_streamed(agent, "What is the weather in Paris?", max_turns=3)
         async for _ in run.stream_events():
             pass

@@ -59,8 +59,8 @@ MAX_TOKENS_ASKED = 2**31 - 1      # what max_tokens may ask for; the server's ca
 
 # Parameters we implement (top_k and repeat_penalty are llama.cpp extensions, as in
 # llama-server), parameters we accept and ignore, and parameters we accept only at the
-# value that asks for nothing. Anything else is a 400: silently ignoring e.g. `tools` would
-# let a client believe it got tool calling.
+# value that asks for nothing. Anything else is a 400: silently ignoring e.g. `logprobs`
+# would let a client believe it got them.
 SUPPORTED = {"messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
              "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop",
              "response_format", "frequency_penalty", "presence_penalty", "logit_bias",
