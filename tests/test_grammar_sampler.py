@@ -77,3 +77,23 @@ def test_the_fast_path_picks_what_the_whole_grammar_picks(model: Model) -> None:
         slow.close()
     value = json.loads(reply)
     assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+
+
+def test_schema_strings_refuse_raw_control_characters(model: Model) -> None:
+    # Strict JSON parsers refuse a raw newline inside a string; the grammar must too.
+    schema = {"type": "object", "required": ["a"], "properties": {"a": {"type": "string"}}}
+    chain = SamplerChain(SamplingParams(temperature=0.0, grammar=json_grammar(json.dumps(schema))),
+                         model.n_vocab, model.vocab)
+    try:
+        grammar = chain._grammar
+        assert grammar is not None
+        for token in model.vocabulary.tokenize('{"a": "x', special=False):
+            assert chain._allows(token)
+            llama_cpp.llama_sampler_accept(grammar, token)
+        newline, = model.vocabulary.tokenize("\n", special=False)
+        tab, = model.vocabulary.tokenize("\t", special=False)
+        letter, = model.vocabulary.tokenize("y", special=False)
+        assert chain._allows(letter)
+        assert not chain._allows(newline) and not chain._allows(tab)
+    finally:
+        chain.close()

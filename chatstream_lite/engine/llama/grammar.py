@@ -18,6 +18,8 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 # would overflow the C stack of the engine thread. These bounds keep far below that.
 MAX_GRAMMAR_CHARS = 256 * 1024
 MAX_GRAMMAR_DEPTH = 1024
+ANY_CHAR = r'char ::= [^"\\] |'
+JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
 
 def json_grammar(schema: str | None) -> str:
@@ -32,6 +34,10 @@ def json_grammar(schema: str | None) -> str:
     except (ValueError, TypeError, KeyError, AttributeError, AssertionError,
             NotImplementedError) as error:   # the converter's ways of saying "cannot"
         raise ValueError(str(error) or type(error).__name__) from None
+    # The converter's string character is any but `"` and `\`, raw control characters
+    # included, which strict JSON parsers refuse (a raw newline in a string, say); llama.cpp's
+    # own converter and JSON_GBNF exclude them.
+    grammar = grammar.replace(ANY_CHAR, JSON_CHAR)
     if len(grammar) > MAX_GRAMMAR_CHARS or _depth(grammar) > MAX_GRAMMAR_DEPTH:
         raise ValueError("the schema's grammar is too large (lower maxLength, maxItems or "
                          "the nesting)")
