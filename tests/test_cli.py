@@ -66,6 +66,7 @@ SERVER_OPTIONS: list[tuple[str, str, str, str, Any, Any]] = [
     ("--host", "0.0.0.0", "::1", "host", "0.0.0.0", "::1"),
     ("--port", "9000", "9001", "port", 9000, 9001),
     ("--log-level", "debug", "warning", "log_level", "DEBUG", "WARNING"),
+    ("--loop", "uvloop", "UVLOOP", "loop", "uvloop", "uvloop"),
     ("--cors-origin", "https://a.example", "https://a.example, https://b.example",  # a list
      "cors_origin", ("https://a.example",), ("https://a.example", "https://b.example")),
     ("--head-timeout", "5", "0", "head_timeout", 5.0, 0.0),
@@ -313,6 +314,44 @@ async def test_the_server_takes_variables_and_lets_flags_beat_them() -> None:
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
+
+
+def test_asking_for_uvloop_without_it_installed_exits_with_2_saying_how_to_get_it() -> None:
+    # uvloop is an extra: here it is made unimportable the way a missing package is.
+    code = ("import sys; sys.modules['uvloop'] = None\n"
+            "from chatstream_lite.cli import main\n"
+            "sys.exit(main(['--mock', '--loop', 'uvloop']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--loop uvloop: uvloop is not installed" in result.stderr
+    assert "chatstream_lite[uvloop]" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_the_server_streams_on_uvloop_when_asked() -> None:
+    pytest.importorskip("uvloop", reason="the uvloop extra is not installed")
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatstream_lite", "--mock", "--mock-delay", "0", "--port",
+         str(port), "--loop", "uvloop"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+            for _ in range(300):
+                try:
+                    async with client.post("/chat_stream", json={"user_input": "Hi"}) as reply:
+                        assert reply.status == 200 and await reply.text()
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert process.poll() is None, process.communicate()[0]
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the server never answered")
+    finally:
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert "event loop: uvloop" in output
 
 
 def test_missing_model_exits_with_a_clear_message(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Scale-out: two `python -m chatstream_lite` processes share one real Redis and serve one
-conversation, whichever replica each turn lands on.
+conversation, whichever replica each turn lands on; behind nginx with the example config
+(examples/scale_out/nginx.conf), a conversation's turns stay on one replica while it is up.
 
 The proof that each turn saw the whole conversation is the history the replica wrote back,
 read from Redis directly: a replica that had not loaded the turns before would store only
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from yarl import URL
+
+from benchmarks.scale_out import Nginx, access_log, nginx_config
 
 from .conftest import GREEDY, ROOT, RedisServer, free_port, subprocess_env
 
@@ -261,3 +266,90 @@ async def test_redis_stopping_mid_stream_then_restarting(
     for replica in a_and_b:
         assert replica.process.poll() is None
         assert "Traceback" not in replica.output()
+
+
+# -- nginx in front: the example config routes a session to where its KV cache is ----------
+@pytest.fixture(scope="module")
+def nginx_available() -> None:
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        pytest.skip("nginx is not installed (Debian: apt-get install -y nginx)")
+
+
+@asynccontextmanager
+async def nginx_in_front(ports: list[int], directory: Path) -> AsyncIterator[Nginx]:
+    """examples/scale_out/nginx.conf itself, with only its ports and paths rewritten."""
+    listen = free_port()
+    nginx = Nginx(nginx_config(listen, ports, directory), directory, listen)
+    nginx.start()
+    try:
+        await nginx.wait_ready()
+        yield nginx
+    finally:
+        nginx.stop()
+
+
+async def chat_via(client: aiohttp.ClientSession, nginx: Nginx, text: str) -> tuple[int, str]:
+    async with client.post(nginx.url + "/chat_stream",
+                           json={"user_input": text, "max_new_tokens": 8, **GREEDY}) as response:
+        return response.status, await response.text()
+
+
+def upstreams_of(nginx: Nginx, session: str) -> list[str]:
+    """The replica (host:port) that answered each /chat_stream turn sent with this cookie."""
+    return [line["upstream"] for line in access_log(nginx.directory / "access.log")
+            if line["session"] == session and "/chat_stream" in line["request"]]
+
+
+async def test_through_nginx_a_sessions_turns_land_on_the_same_replica(
+        a_and_b: tuple[Replica, Replica], nginx_available: None, tmp_path: Path) -> None:
+    async with nginx_in_front([r.port for r in a_and_b], tmp_path) as nginx:
+        sessions = []
+        for _ in range(3):   # three conversations: each stays put, wherever it hashes
+            async with user() as client:
+                for turn in range(5):
+                    status, reply = await chat_via(client, nginx, f"Turn {turn}: a colour?")
+                    assert status == 200 and reply
+                sessions.append(session_id(client, a_and_b[0]))
+        for session in sessions:
+            served = upstreams_of(nginx, session)
+            assert len(served) == 4, served   # turns 2-5 carry the cookie
+            assert len(set(served)) == 1, f"a session moved between replicas: {served}"
+
+
+async def test_when_a_sessions_replica_is_down_its_next_turn_goes_to_the_other_with_its_history(
+        a_and_b: tuple[Replica, Replica], redis_server: RedisServer, nginx_available: None,
+        tmp_path: Path) -> None:
+    replica_a = a_and_b[0]
+    replica_c = start_replica("c", redis_server.url, tmp_path)
+    try:
+        await wait_healthy(replica_c)
+        async with nginx_in_front([replica_a.port, replica_c.port], tmp_path) as nginx:
+            # New conversations until one is pinned to C (its hash decides; about one in two).
+            for attempt in range(12):
+                client = user()
+                turns = []
+                for turn in range(2):
+                    text = f"Try {attempt}, turn {turn}: name a river."
+                    status, reply = await chat_via(client, nginx, text)
+                    assert status == 200
+                    turns.append((text, reply))
+                session = session_id(client, replica_a)
+                if upstreams_of(nginx, session) == [f"127.0.0.1:{replica_c.port}"]:
+                    break
+                await client.close()
+            else:
+                raise AssertionError("no conversation hashed to replica C in 12 tries")
+            try:
+                replica_c.process.send_signal(signal.SIGINT)
+                replica_c.process.wait(timeout=30)
+                status, reply = await chat_via(client, nginx, "And a mountain?")
+                assert status == 200 and reply
+                turns.append(("And a mountain?", reply))
+            finally:
+                await client.close()
+            assert upstreams_of(nginx, session)[-1] == f"127.0.0.1:{replica_a.port}"
+            assert stored_history(redis_server, session) == conversation(*turns)
+    finally:
+        if replica_c.process.poll() is None:
+            replica_c.process.kill()
+            replica_c.process.wait()
