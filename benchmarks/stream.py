@@ -542,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{bench.rounds} round(s), busy {args.busy}; {info['nproc']} x {info['cpu']}; "
               f"GPU {info['gpu']}; load {origin['loadavg_before']}")
 
+    busy: dict[str, Any] = {"processes": args.busy, "pinned": args.busy_pin, "pids": []}
+
     def write(systems: dict[str, Any], final: bool) -> str:
         info["loadavg_end"] = os.getloadavg()
         figures = figure_list(bench.plan.concurrency, bench.plan.turns)
@@ -564,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                          "threads": bench.thread_counts},
             "rounds": bench.rounds, "rounds_done": len(bench.order), "complete": final,
             "order": bench.order,
-            "busy": {"processes": args.busy, "pinned": args.busy_pin},
+            "busy": busy,
             "plan": bench.plan.to_json(), "table": table, "targets": targets,
             "systems": systems,
         }
@@ -573,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         return table + "\n\nTargets (issues 4 and 14):\n\n" + targets
 
     try:
-        with busy_processes(args.busy, args.busy_pin):
+        with busy_processes(args.busy, args.busy_pin) as busy_pids:
+            busy["pids"] = busy_pids
             systems = asyncio.run(bench.run(
                 after_round=lambda partial: None if write(partial, False) else None))
     finally:
