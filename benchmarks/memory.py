@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parallel = args.parallel or _default_parallel()
     settings = Settings(model=Path(model), n_ctx=args.n_ctx, threads=args.threads,
                         parallel=parallel, llama_server_parallel=parallel,
-                        max_new_tokens=HOLD_TOKENS, max_queue_size=plan.idle + 16)
+                        max_new_tokens=min(HOLD_TOKENS, args.n_ctx // 2),
+                        max_queue_size=plan.idle + 16)
     _raise_open_files_limit(2 * plan.idle + 256)
     tokenizer = Tokenizer(settings.model)
     logs = args.output.parent / "logs"

@@ -194,7 +194,7 @@ def test_memory_at_equal_capacity_compares_ours_with_llama_server(tmp_path: Path
         pytest.skip(why)
     output = tmp_path / "capacity.json"
     result = _run("benchmarks.memory", "--only", "capacity", "--rounds", "1", "--parallel", "2",
-                  "--n-ctx", "512", "--output", str(output))
+                  "--n-ctx", "512", "--threads", "1", "--output", str(output))
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(output.read_text())
     _check_provenance(document, "benchmarks.memory")
