@@ -15,7 +15,7 @@
    each against llama-server given the same cells per user (`-c P*n_ctx -np P`, each slot
    its own n_ctx) and the same cells as one shared pool (`--kv-unified`), its other KV
    settings left at their defaults. RSS after a warm-up request, after P concurrent
-   200-token replies, and the peak; the three alternate in rounds (medians). Target: ours
+   64-token replies, and the peak; the three alternate in rounds (medians). Target: ours
    <= 1.1x llama-server's at equal capacity.
 """
 
@@ -236,7 +236,7 @@ async def _capacity_one(system: str, settings: Settings, tokenizer: Tokenizer, l
     async with ServerProcess(launch, logs / f"capacity-{name}.log", port) as server:
         tokens = NoTokens("") if kind == "chat_stream" else MetricsTokens(server.base_url)
         target = HttpTarget(server.base_url, kind, tokenizer, tokens, 600)
-        plan = Plan(max_tokens=200)
+        plan = Plan(max_tokens=64)
         warm = await _one(target, PROMPTS[-1], 8)
         loaded = await _steady_rss(server.pid, 2.0)
         records = await _concurrent(target, settings.parallel, plan)
@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parallel = args.parallel or _default_parallel()
     settings = Settings(model=Path(model), n_ctx=args.n_ctx, threads=args.threads,
                         parallel=parallel, llama_server_parallel=parallel,
-                        max_new_tokens=HOLD_TOKENS, max_queue_size=plan.idle + 16)
+                        max_new_tokens=min(HOLD_TOKENS, args.n_ctx // 2),
+                        max_queue_size=plan.idle + 16)
     _raise_open_files_limit(2 * plan.idle + 256)
     tokenizer = Tokenizer(settings.model)
     logs = args.output.parent / "logs"

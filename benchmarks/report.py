@@ -147,7 +147,9 @@ def _spread(system: dict[str, Any], fig: Figure) -> str:
     if system.get("rounds_ok", 1) < 2 or not low_high:
         return ""
     low, high = low_high
-    return f" [{_format(low, fig.decimals)}–{_format(high, fig.decimals)}]"
+    counted = system.get("rounds_counted", {}).get(fig.key)
+    of = f", {counted} of {system['rounds_ok']} rounds" if counted else ""
+    return f" [{_format(low, fig.decimals)}–{_format(high, fig.decimals)}{of}]"
 
 
 def markdown_table(systems: dict[str, dict[str, Any]], figures: list[Figure],

@@ -4,6 +4,7 @@
     python -m benchmarks.stream --quick --systems direct,chat_stream
     python -m benchmarks.stream --parallel 8 --llama-server ~/llama.cpp/build/bin/llama-server
     python -m benchmarks.stream --threads 2,1 --busy 1 --stages single   # a shared machine
+    python -m benchmarks.stream --summarise results/x.json   # medians again from its rounds
 
 In ONE run, on the same GGUF model, prompts and greedy settings (temperature 0, repeat
 penalty 1.0), with the same n_ctx, threads and n_batch, it measures each system in turn:
@@ -434,16 +435,23 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         return {**rounds[0], "rounds": rounds, "pids": [r.get("pid") for r in rounds]}
     figures: dict[str, Any] = {}
     spread: dict[str, list[float]] = {}
+    counted: dict[str, int] = {}
     for key in ok[0]["figures"]:
         values = [r["figures"].get(key) for r in ok]
         numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if numbers and len(numbers) == len(values):
+        if numbers:
+            # A round whose requests failed (a timeout) has no figure: the median is over the
+            # rounds that have one, and `counted` says how many that was.
             figures[key] = statistics.median(numbers)
             spread[key] = [min(numbers), max(numbers)]
+            if len(numbers) < len(values):
+                counted[key] = len(numbers)
+        elif any(v is not None for v in values):
+            figures[key] = next(v for v in values if v is not None)  # lists: the first round's
         else:
-            figures[key] = values[0]   # lists and labels: the first round's
+            figures[key] = None
     result: dict[str, Any] = {
-        "status": "ok", "figures": figures, "spread": spread,
+        "status": "ok", "figures": figures, "spread": spread, "rounds_counted": counted,
         "errors": sum(r["errors"] for r in ok), "rounds_ok": len(ok), "rounds": rounds,
         "pid": ok[-1].get("pid"), "pids": [r.get("pid") for r in rounds],
         "loadavg_before": rounds[0].get("loadavg_before"),
@@ -493,8 +501,35 @@ def busy_processes(count: int, pin: bool) -> Iterator[list[int]]:
             child.wait()
 
 
+def summarise(path: Path) -> str:
+    """Recompute a results JSON's medians, table and targets from its rounds (after a change
+    to how rounds combine); the rounds themselves are left as measured."""
+    document = json.loads(path.read_text())
+    plan = Plan.from_json(document["plan"])
+    systems = {label: combine(result["rounds"]) for label, result in document["systems"].items()}
+    direct = systems.get(SYSTEMS["direct"])
+    direct_raw = direct["rounds"][0].get("raw") if direct and direct["status"] == "ok" else None
+    for label, result in systems.items():
+        if result["status"] == "ok" and label not in (SYSTEMS["direct"], SYSTEMS["ceiling"]):
+            result["same_text_as_direct"] = same_text_all(result["rounds"], direct_raw)
+    table = markdown_table(systems, figure_list(plan.concurrency, plan.turns))
+    settings = document["settings"]
+    model = default_model_path()
+    long_tokens = Tokenizer(model).count(long_prompt(plan.long_prompt_paragraphs)) if model else 0
+    targets = targets_table(systems, chunk_tokens=servers.N_BATCH,
+                            llama_server_np=settings["llama_server_parallel"],
+                            long_prompt_tokens=long_tokens)
+    document.update(systems=systems, table=table, targets=targets,
+                    summarised_again=command_line("benchmarks.stream", ["--summarise", str(path)]))
+    path.write_text(json.dumps(document, indent=1))
+    return table + "\n\n" + targets
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--summarise"] and len(argv) == 2:
+        print(summarise(Path(argv[1])))
+        return 0
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     origin = provenance(argv, "benchmarks.stream")
@@ -506,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{bench.plan.max_tokens} tokens, n_gpu_layers {s.n_gpu_layers}, "
               f"{bench.rounds} round(s), busy {args.busy}; {info['nproc']} x {info['cpu']}; "
               f"GPU {info['gpu']}; load {origin['loadavg_before']}")
+
+    busy: dict[str, Any] = {"processes": args.busy, "pinned": args.busy_pin, "pids": []}
 
     def write(systems: dict[str, Any], final: bool) -> str:
         info["loadavg_end"] = os.getloadavg()
@@ -529,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                          "threads": bench.thread_counts},
             "rounds": bench.rounds, "rounds_done": len(bench.order), "complete": final,
             "order": bench.order,
-            "busy": {"processes": args.busy, "pinned": args.busy_pin},
+            "busy": busy,
             "plan": bench.plan.to_json(), "table": table, "targets": targets,
             "systems": systems,
         }
@@ -538,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         return table + "\n\nTargets (issues 4 and 14):\n\n" + targets
 
     try:
-        with busy_processes(args.busy, args.busy_pin):
+        with busy_processes(args.busy, args.busy_pin) as busy_pids:
+            busy["pids"] = busy_pids
             systems = asyncio.run(bench.run(
                 after_round=lambda partial: None if write(partial, False) else None))
     finally:
