@@ -98,10 +98,11 @@ def figures(rows: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def run(binary: str, model: Path, *, threads: int, n_gpu_layers: int = 0,
-        parallel: tuple[int, ...] = PARALLEL, log: Path | None = None,
-        timeout: float = 1800) -> dict[str, Any]:
+        parallel: tuple[int, ...] = PARALLEL, reply: int = REPLY_TOKENS,
+        log: Path | None = None, timeout: float = 1800) -> dict[str, Any]:
     """One run: {"status", "figures", "rows", "command"} (status "n/a" with a reason)."""
-    argv = command(binary, model, threads=threads, n_gpu_layers=n_gpu_layers, parallel=parallel)
+    argv = command(binary, model, threads=threads, n_gpu_layers=n_gpu_layers, parallel=parallel,
+                   reply=reply)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reply-tokens", type=int, default=REPLY_TOKENS,
+                        help=f"-ntg: tokens generated per sequence (default {REPLY_TOKENS}, "
+                        "benchmarks.stream's reply length; fewer only for a smoke run)")
     parser.add_argument("--batched-bench", metavar="PATH")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for number in range(1, args.rounds + 1):
         print(f"== round {number}/{args.rounds} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
         result = run(binary, model, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                     log=args.output.parent / "logs" / f"ceiling-r{number}.log")
+                     reply=args.reply_tokens, log=args.output.parent / "logs" / f"ceiling-r{number}.log")
         results.append({**result, "round": number, "loadavg_before": os.getloadavg()})
     ok = [r for r in results if r["status"] == "ok"]
     medians = {key: statistics.median(r["figures"][key] for r in ok)

@@ -181,8 +181,8 @@ def test_llama_batched_bench_runs_as_the_ceiling(tmp_path: Path) -> None:
     if binary is None:
         pytest.skip(why)
     output = tmp_path / "ceiling.json"
-    result = _run("benchmarks.ceiling", "--rounds", "1", "--threads", "1", "--output",
-                  str(output))
+    result = _run("benchmarks.ceiling", "--rounds", "1", "--threads", "1", "--reply-tokens",
+                  "16", "--output", str(output))
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(output.read_text())
     _check_provenance(document, "benchmarks.ceiling")
