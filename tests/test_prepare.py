@@ -119,6 +119,32 @@ def test_fitting_drops_whole_oldest_turns_keeps_the_system_prompt_and_refuses_th
         prepare(messages, template, tokenizer, budget=3, drop_oldest=True, cancelled=never)
 
 
+def test_a_template_that_edits_contents_is_fitted_to_the_budget_too() -> None:
+    # Padded contents under a trimming template: the layout is not exact, so the prompt is
+    # the whole rendering tokenized; it must still fit the budget (or be refused), never be
+    # handed to the engine longer than the context allows.
+    trimming = ChatTemplate(CHATML.replace("message['content']", "message['content'] | trim"),
+                            bos_token="", eos_token="<|im_end|>")
+    tokenizer = MockTokenizer()
+    messages = _chat(*[f"  turn {i} " + "word " * 20 for i in range(41)], system=" sys ")
+    whole = len(tokenizer.tokenize(trimming.render(messages).text, special=True))
+    budget = whole // 3
+    fitted = prepare(messages, trimming, tokenizer, budget=budget, drop_oldest=True,
+                     cancelled=never)
+    assert len(fitted.tokens) <= budget
+    assert fitted.dropped_messages > 0 and fitted.dropped_messages % 2 == 0   # whole turns
+    kept = [messages[0], *messages[1 + fitted.dropped_messages:]]
+    assert fitted.tokens == tokenizer.tokenize(trimming.render(kept).text, special=True)
+    # Dropping one turn fewer would not have fitted: the oldest turns go, no more.
+    one_fewer = [messages[0], *messages[fitted.dropped_messages - 1:]]
+    assert len(tokenizer.tokenize(trimming.render(one_fewer).text, special=True)) > budget
+    with pytest.raises(ContextLengthExceeded):
+        prepare(messages, trimming, tokenizer, budget=budget, drop_oldest=False,
+                cancelled=never)
+    with pytest.raises(PromptTooLong):
+        prepare(messages, trimming, tokenizer, budget=5, drop_oldest=True, cancelled=never)
+
+
 def test_fitting_a_thousand_messages_tokenizes_each_one_once(
         vocabulary: Any, template: ChatTemplate) -> None:
     counting = CountingTokenizer(vocabulary)

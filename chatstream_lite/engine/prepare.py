@@ -104,7 +104,8 @@ def prepare(messages: list[Message], template: ChatTemplate, tokenizer: Tokenize
     encoder = _Encoder(messages, tokenizer, cancelled)
     layout = template.layout(messages, tools=tools, continue_final=continue_final)
     if not layout.exact:
-        return Prompt(encoder.whole(layout), 0, stops)
+        return _fit_whole(messages, template, encoder, layout, budget=budget,
+                          drop_oldest=drop_oldest, stops=stops)
     tokens = encoder.encode(layout.parts, range(len(messages)))
     if len(tokens) <= budget:
         return Prompt(tokens, 0, stops)
@@ -134,6 +135,46 @@ def prepare(messages: list[Message], template: ChatTemplate, tokenizer: Tokenize
         f"{budget} tokens (n_ctx minus max_new_tokens) even with the older turns dropped.")
 
 
+def _fit_whole(messages: list[Message], template: ChatTemplate, encoder: _Encoder,
+               layout: Layout, *, budget: int, drop_oldest: bool,
+               stops: tuple[str, ...]) -> Prompt:
+    """`prepare` for a template that edits contents: the same rules, measured on whole
+    renderings. Each message's cost is its content's tokens plus an even share of the
+    template's text, so each re-rendering drops about what is needed (a few renderings, not
+    one per turn)."""
+    tokens = encoder.whole(layout)
+    if len(tokens) <= budget:
+        return Prompt(tokens, 0, stops)
+    if not drop_oldest:
+        raise ContextLengthExceeded(
+            f"The messages need {len(tokens)} tokens, but only {budget} fit in this model's "
+            f"context (n_ctx minus the reply's max tokens). Shorten the messages or lower "
+            "max_tokens.", param="messages")
+    count = len(messages)
+    contents = [len(encoder.content(i)) for i in range(count)]
+    share = max(0, len(tokens) - sum(contents)) // max(1, count)
+    costs = [n + share for n in contents]
+    tools = messages.tools if isinstance(messages, Conversation) else None
+    continue_final = messages[-1]["role"] == "assistant"
+    first = 1 if messages[0]["role"] == "system" else 0
+    excess = len(tokens) - budget
+    dropped = 0
+    for _ in range(MAX_FIT_ROUNDS):
+        more = _turns_to_drop(messages, first, dropped, costs, excess)
+        if more is None:
+            break
+        dropped = more
+        kept = [*messages[:first], *messages[first + dropped:]]
+        tokens = encoder.whole(template.layout(kept, tools=tools,
+                                               continue_final=continue_final))
+        if len(tokens) <= budget:
+            return Prompt(tokens, dropped, stops)
+        excess = len(tokens) - budget
+    raise PromptTooLong(
+        f"The message is too long for this model's context: the prompt needs more than "
+        f"{budget} tokens (n_ctx minus max_new_tokens) even with the older turns dropped.")
+
+
 def _check_text(messages: list[Message]) -> None:
     for index, message in enumerate(messages):
         try:
@@ -154,6 +195,7 @@ class _Encoder:
         self._contents: dict[int, list[int]] = {}
         self._texts: dict[str, list[int]] = {}
         self._data: dict[str, list[int]] = {}
+        self._checked: set[int] = set()     # contents found free of control-token text
 
     def content(self, index: int) -> list[int]:
         tokens = self._contents.get(index)
@@ -195,6 +237,9 @@ class _Encoder:
         """A template that edits contents: tokenize its real output with special tokens
         parsed, after making sure that no content holds control-token text."""
         for index, message in enumerate(self._messages):
+            if index in self._checked:
+                continue
+            self._checked.add(index)
             plain = self.content(index)
             if self._tokenizer.tokenize(message["content"], special=True) != plain:
                 raise BadRequest(f"Message {index} holds the text of a control token, which "
