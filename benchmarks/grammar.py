@@ -1,5 +1,6 @@
-"""What a JSON-Schema grammar costs: tokens/s with and without `response_format`, alone and
-with 8 clients at once, through `/v1/chat/completions` on the real model.
+"""What a JSON-Schema grammar costs: tokens/s with and without `response_format` (and with a
+forced tool call, whose arguments are grammar-constrained the same way), alone and with 8
+clients at once, through `/v1/chat/completions` on the real model.
 
     python -m benchmarks.grammar                  # ~3 minutes on 2 cores
     python -m benchmarks.grammar --story bounded --runs 1 --out results/grammar.json
@@ -7,7 +8,9 @@ with 8 clients at once, through `/v1/chat/completions` on the real model.
 Both kinds of request ask for the same story, greedy, streamed with usage, at most `--tokens`;
 with `--story bounded` the schema's one string field is long enough that no reply ends early. A
 stream's rate counts its tokens after the first piece over the time from that piece to its
-end (prompt reading excluded); the aggregate is all tokens over the round's wall time.
+end (prompt reading excluded); a tool call arrives whole at the end, so its rate is
+end to end (from sending the request, prompt included; the "end to end" column gives the same
+figure for every row); the aggregate is all tokens over the round's wall time.
 """
 
 from __future__ import annotations
@@ -37,22 +40,27 @@ STORIES: dict[str, dict[str, Any]] = {
 }
 
 
-def formats(story: str) -> dict[str, dict[str, Any] | None]:
+def formats(story: str) -> dict[str, dict[str, Any]]:
+    """Each kind of request: what it adds to the body."""
     schema = {"type": "object", "additionalProperties": False, "required": ["story"],
               "properties": {"story": STORIES[story]}}
-    return {"free text": None,
-            f"json_schema ({story})": {"type": "json_schema", "json_schema": {
-                "name": "story", "schema": schema, "strict": True}}}
+    tool = {"type": "function", "function": {"name": "tell_story", "description":
+                                             "Tell the user a story.", "parameters": schema}}
+    return {"free text": {},
+            f"json_schema ({story})": {"response_format": {"type": "json_schema", "json_schema": {
+                "name": "story", "schema": schema, "strict": True}}},
+            f"forced tool call ({story})": {"tools": [tool], "tool_choice": {
+                "type": "function", "function": {"name": "tell_story"}}}}
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, tokens: int,
-                     response_format: dict[str, Any] | None) -> tuple[int, float]:
-    """(completion tokens, tokens/s after the first piece) of one streamed reply."""
+                     extra: dict[str, Any]) -> tuple[int, float, float]:
+    """(completion tokens, tokens/s after the first piece, tokens/s end to end) of one
+    streamed reply; a tool call's rate after the first piece is its end-to-end rate."""
     body: dict[str, Any] = {"model": "x", "messages": MESSAGES, "max_tokens": tokens,
                             "temperature": 0, "repeat_penalty": 1.0, "stream": True,
-                            "stream_options": {"include_usage": True}}
-    if response_format is not None:
-        body["response_format"] = response_format
+                            "stream_options": {"include_usage": True}, **extra}
+    sent = time.monotonic()
     first = 0.0
     count = 0
     async with session.post(url, json=body) as response:
@@ -65,8 +73,11 @@ async def one_stream(session: aiohttp.ClientSession, url: str, tokens: int,
                 count = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content") and not first:
                 first = time.monotonic()
-    seconds = time.monotonic() - first
-    return count, (count - 1) / seconds if count > 1 and seconds > 0 else 0.0
+    end = time.monotonic()
+    whole = count / (end - sent)
+    if not first or "tools" in extra:   # a tool call is sent whole, at its end
+        return count, whole, whole
+    return count, (count - 1) / (end - first) if count > 1 else 0.0, whole
 
 
 async def measure(tokens: int, runs: int, clients: int, story: str) -> dict[str, Any]:
@@ -81,21 +92,22 @@ async def measure(tokens: int, runs: int, clients: int, story: str) -> dict[str,
     results: dict[str, Any] = {}
     try:
         async with aiohttp.ClientSession() as session:
-            await one_stream(session, url, 4, None)                       # warm-up
-            for _ in range(runs):      # alternate, so that drift hits both alike
-                for name, response_format in formats(story).items():
-                    entry = results.setdefault(name, {"alone": [], "per_stream": [],
-                                                      "aggregate": [], "tokens": []})
-                    count, rate = await one_stream(session, url, tokens, response_format)
+            await one_stream(session, url, 4, {})                          # warm-up
+            for _ in range(runs):      # alternate, so that drift hits all alike
+                for name, extra in formats(story).items():
+                    entry = results.setdefault(name, {"alone": [], "alone_end_to_end": [],
+                                                      "per_stream": [], "aggregate": [],
+                                                      "tokens": []})
+                    count, rate, whole = await one_stream(session, url, tokens, extra)
                     entry["alone"].append(rate)
+                    entry["alone_end_to_end"].append(whole)
                     start = time.monotonic()
                     outcomes = await asyncio.gather(*(
-                        one_stream(session, url, tokens, response_format)
-                        for _ in range(clients)))
+                        one_stream(session, url, tokens, extra) for _ in range(clients)))
                     wall = time.monotonic() - start
-                    entry["per_stream"].extend(r for _, r in outcomes)
-                    entry["aggregate"].append(sum(c for c, _ in outcomes) / wall)
-                    entry["tokens"].extend([count, *(c for c, _ in outcomes)])
+                    entry["per_stream"].extend(r for _, r, _ in outcomes)
+                    entry["aggregate"].append(sum(c for c, _, _ in outcomes) / wall)
+                    entry["tokens"].extend([count, *(c for c, _, _ in outcomes)])
     finally:
         await runner.cleanup()
     return results
@@ -151,11 +163,12 @@ def sampler_cost(tokens: int) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any], clients: int) -> str:
-    rows = ["| request | tokens/s alone | tokens/s per stream, "
+    rows = ["| request | tokens/s alone | end to end, alone | tokens/s per stream, "
             f"{clients} clients | aggregate tokens/s, {clients} clients | tokens per reply |",
-            "|---|---|---|---|---|"]
+            "|---|---:|---:|---:|---:|---|"]
     for name, entry in results.items():
         rows.append(f"| {name} | {statistics.median(entry['alone']):.1f} | "
+                    f"{statistics.median(entry['alone_end_to_end']):.1f} | "
                     f"{statistics.median(entry['per_stream']):.1f} | "
                     f"{statistics.median(entry['aggregate']):.1f} | "
                     f"{min(entry['tokens'])}–{max(entry['tokens'])} |")
