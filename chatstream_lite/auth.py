@@ -5,7 +5,7 @@ shows the server's state.
     api_key.check(request)       # raises Unauthorized (401) when the path needs the key
 
 Every handler that reaches the model or shows state (`/chat_stream`, `/clear_context`,
-`/v1/*`, `/metrics`) calls `check` first thing, inside the code that turns errors into
+`/history`, `/v1/*`, `/metrics`) calls `check` first thing, inside the code that turns errors into
 responses, so a refused key is rendered in the endpoint's own error shape and counted as a
 rejection. `/health` and the chat page (`GET /`, `/static/`) never call it: they stay open.
 By default a key guards every path those handlers are routed at (`DEFAULT_PROTECTED`:

@@ -222,12 +222,13 @@ class Settings:
 
     # -- access ----------------------------------------------------------------------------
     api_key: str | None = field(default=None, repr=False, metadata=option(
-        "require 'Authorization: Bearer KEY' on /chat_stream, /clear_context, /v1/* and "
-        "/metrics (/health and the page stay open; the page asks for the key); prefer the "
+        "require 'Authorization: Bearer KEY' on /chat_stream, /clear_context, /history, /v1/* "
+        "and /metrics (/health and the page stay open; the page asks for the key); prefer the "
         "variable: a flag shows in `ps`", group=_ACCESS, nonempty=True, secret=True,
         metavar="KEY", shown_default="none"))
     api_key_open_chat: bool = field(default=False, metadata=option(
-        "with --api-key, let /chat_stream and /clear_context through without it; /v1/* and "
+        "with --api-key, let /chat_stream, /clear_context and /history through without it; "
+        "/v1/* and "
         "/metrics stay guarded", group=_ACCESS))
     api_key_guards_chat: bool = field(default=False, metadata=option(
         "kept for old scripts: the key guards the chat routes by default now (no effect)",
