@@ -228,8 +228,7 @@ class Settings:
         metavar="KEY", shown_default="none"))
     api_key_open_chat: bool = field(default=False, metadata=option(
         "with --api-key, let /chat_stream, /clear_context and /history through without it; "
-        "/v1/* and "
-        "/metrics stay guarded", group=_ACCESS))
+        "/v1/* and /metrics stay guarded", group=_ACCESS))
     api_key_guards_chat: bool = field(default=False, metadata=option(
         "kept for old scripts: the key guards the chat routes by default now (no effect)",
         group=_ACCESS))
