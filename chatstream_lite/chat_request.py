@@ -43,9 +43,12 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 T = TypeVar("T")
 
 
-async def parse_off_loop(parse: Callable[..., T], body: bytes, *args: Any) -> T:
-    """`parse(body, *args)`, in a worker thread when the body is large."""
-    if len(body) > LARGE_BODY:
+async def parse_off_loop(parse: Callable[..., T], body: bytes, *args: Any,
+                         always: bool = False) -> T:
+    """`parse(body, *args)`, in a worker thread when the body is large, or `always` (a parse
+    whose cost does not follow the body's size: a small JSON Schema can ask for a grammar
+    that takes milliseconds to seconds to build)."""
+    if always or len(body) > LARGE_BODY:
         return await asyncio.to_thread(parse, body, *args)
     return parse(body, *args)
 

@@ -263,6 +263,10 @@ async def test_schemas_the_grammar_cannot_hold_are_400s(client: AsyncOpenAI) -> 
          "response_format.json_schema.schema"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
          "response_format.json_schema"),
+        # A 100-byte body that would have the converter write out 10^12 rules.
+        ({"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "string", "maxLength": 10**12}}},
+         "response_format.json_schema.schema"),
     ]
     for response_format, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:

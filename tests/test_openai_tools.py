@@ -177,6 +177,8 @@ async def test_bad_tool_definitions_and_histories_are_400s(client: AsyncOpenAI) 
         ({"tools": [tool(parameters={"type": "string"})]}, "tools[0].function.parameters"),
         ({"tools": [tool(parameters={"type": "object", "properties": {
             "a": {"type": "string", "maxLength": 100_000}}})]}, "tools[0].function.parameters"),
+        ({"tools": [tool(parameters={"type": "object", "properties": {
+            "a": {"type": "array", "minItems": 10**12}}})]}, "tools[0].function.parameters"),
         ({"tools": [tool()], "tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": [tool()], "tool_choice": {"type": "function", "function": {"name": "g"}}},
          "tool_choice"),

@@ -401,9 +401,10 @@ class OpenAIAPI:
             chat_stream.api_key.check(request)
             body = await read_body(request, chat_stream.max_body_size,
                                    chat_stream.body_timeout)
+            # Off the loop whatever the size: `response_format` and `tools` build grammars.
             completion = await parse_off_loop(parse_completion_request, body,
                                               chat_stream.defaults, chat_stream.system_prompt,
-                                              self.runtime.require_model())
+                                              self.runtime.require_model(), always=True)
             served = self.served_model()
             # The client owns the history: what does not fit is refused, never cut silently.
             job = self.runtime.submit(completion.messages, completion.params, drop_oldest=False)

@@ -11,6 +11,9 @@ the engine thread. The grammar sampler itself is built per sequence (sampler.py)
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 # llama.cpp parses a grammar recursively, one level per parenthesis, and the converter nests
@@ -19,6 +22,13 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 MAX_GRAMMAR_CHARS = 256 * 1024
 MAX_GRAMMAR_DEPTH = 1024
 ANY_CHAR = r'char ::= [^"\\] |'
+# The converter writes out one rule per repetition a count asks for before the bounds above
+# can be checked: `maxLength: 1e9` would build gigabytes of text for minutes. Counts above this
+# are refused before converting (what it lets through converts in a few milliseconds; the
+# size and depth bounds then refuse all but the small ones).
+MAX_REPETITION = 65_536
+COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties",
+                  "maxProperties", "minContains", "maxContains")
 JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
 
@@ -27,6 +37,7 @@ def json_grammar(schema: str | None) -> str:
     any JSON object when it is None. A schema it cannot convert raises `ValueError`."""
     if schema is None:
         return JSON_GBNF
+    _check_counts(schema)
     try:
         grammar: str = json_schema_to_gbnf(schema)
     except RecursionError:
@@ -42,6 +53,25 @@ def json_grammar(schema: str | None) -> str:
         raise ValueError("the schema's grammar is too large (lower maxLength, maxItems or "
                          "the nesting)")
     return grammar
+
+
+def _check_counts(schema: str) -> None:
+    """Refuse a repetition count the converter would spend unbounded time and memory on."""
+    try:
+        stack: list[Any] = [json.loads(schema)]
+    except ValueError:
+        return                                      # the converter says what is wrong
+    while stack:                                    # no recursion: any nesting is fine here
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in COUNT_KEYWORDS and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool) and not 0 <= value <= MAX_REPETITION:
+                    raise ValueError(f"'{key}' must be between 0 and {MAX_REPETITION}, "
+                                     f"not {value}")
+                stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _depth(grammar: str) -> int:
