@@ -121,6 +121,7 @@ def sampler_cost(tokens: int) -> dict[str, Any]:
     from chatstream_lite.engine.llama.grammar import json_grammar
     from chatstream_lite.engine.llama.model import Model
     from chatstream_lite.engine.llama.sampler import SamplerChain
+    from chatstream_lite.engine.tools import Tool, ToolFormat, ToolRequest
 
     model = Model.load(default_model_path(), n_ctx=1024, n_batch=512, n_seq=1, n_gpu_layers=0,
                        n_threads=len(__import__("os").sched_getaffinity(0)), verbose=False)
@@ -129,10 +130,18 @@ def sampler_cost(tokens: int) -> dict[str, Any]:
         special=True)
     results: dict[str, Any] = {}
     try:
-        for name, story in [("free text", None), *STORIES.items()]:
-            grammar = None if story is None else json_grammar(json.dumps({
-                "type": "object", "required": ["story"], "additionalProperties": False,
-                "properties": {"story": story}}))
+        cases: list[tuple[str, str | None]] = [("free text", None)]
+        for story_name, story in STORIES.items():
+            schema = {"type": "object", "required": ["story"], "additionalProperties": False,
+                      "properties": {"story": story}}
+            cases.append((f"json_schema ({story_name})", json_grammar(json.dumps(schema))))
+            # The generic tool format's grammar for a forced call of one tool (the prompt
+            # stays the plain one, so the model's first picks are refused more often than
+            # with the tool-describing system turn a real request has).
+            forced = ToolRequest((Tool("tell_story", schema),), "required", "tell_story")
+            cases.append((f"forced tool call ({story_name})",
+                          ToolFormat().grammar(forced, json_grammar)))
+        for name, grammar in cases:
             chain = SamplerChain(SamplingParams(temperature=0.0, repeat_penalty=1.0,
                                                 grammar=grammar), model.n_vocab, model.vocab)
             model.forget(0)
@@ -156,7 +165,8 @@ def sampler_cost(tokens: int) -> dict[str, Any]:
                 decoding += time.perf_counter() - start
             chain.close()
             results[name] = {"tokens": count, "sample_ms": 1000 * sampling / count,
-                             "decode_ms": 1000 * decoding / max(1, count - 1)}
+                             "decode_ms": 1000 * decoding / max(1, count - 1),
+                             "refusals": chain.refusals}
     finally:
         model.close()
     return results
@@ -188,9 +198,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.sampler_only:
         costs = sampler_cost(args.tokens)
-        print("| request | tokens | sampler ms/token | llama_decode ms/token |\n|---|---|---|---|")
+        print("| request | tokens | grammar refusals | sampler ms/token | llama_decode ms/token |"
+              "\n|---|---:|---:|---:|---:|")
         for name, c in costs.items():
-            print(f"| {name} | {c['tokens']} | {c['sample_ms']:.2f} | {c['decode_ms']:.2f} |")
+            print(f"| {name} | {c['tokens']} | {c['refusals']} | {c['sample_ms']:.2f} | "
+                  f"{c['decode_ms']:.2f} |")
+        if args.out is not None:
+            args.out.write_text(json.dumps(costs, indent=1) + "\n")
         return
     results = asyncio.run(measure(args.tokens, args.runs, args.clients, args.story))
     if args.out is not None:

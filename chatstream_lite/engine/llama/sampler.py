@@ -51,6 +51,7 @@ class SamplerChain:
         self._chain = chain
         self._n_vocab = n_vocab
         self._grammar: llama_cpp.llama_sampler_p | None = None
+        self.refusals = 0     # picks the grammar refused, each paid with a full-vocabulary pass
         if params.grammar is not None:
             assert vocab is not None, "a grammar needs the model's vocabulary"
             grammar = llama_cpp.llama_sampler_init_grammar(
@@ -99,6 +100,7 @@ class SamplerChain:
         llama_cpp.llama_sampler_apply(chain, everything)
         token = int(candidates.candidates_data.id[candidates.candidates.selected])
         if not self._allows(token):
+            self.refusals += 1
             candidates.copy_logits(logits)
             llama_cpp.llama_sampler_apply(grammar, everything)
             llama_cpp.llama_sampler_apply(chain, everything)
