@@ -101,3 +101,34 @@ def test_schema_strings_refuse_raw_control_characters(model: Model) -> None:
         assert not chain._allows(newline) and not chain._allows(tab)
     finally:
         chain.close()
+
+
+SHAPES = {
+    "string maxLength": lambda n: {"type": "string", "maxLength": n},
+    "array maxItems": lambda n: {"type": "array", "items": {"type": "integer"}, "maxItems": n},
+    "objects in an array": lambda n: {"type": "array", "maxItems": n, "items": {
+        "type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}}},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_grammar_the_converter_accepts_llama_cpp_parses(model: Model, shape: str) -> None:
+    # A grammar the request's parsing accepted but llama.cpp refuses would fail on the engine
+    # thread instead of as the request's 400 (and llama.cpp prints the whole grammar to
+    # stderr). Find the largest count the converter takes; llama.cpp must take it too.
+    def accepted(n: int) -> str | None:
+        try:
+            return json_grammar(json.dumps(SHAPES[shape](n)))
+        except ValueError:
+            return None
+
+    low, high = 1, 4096
+    assert accepted(low) is not None and accepted(high) is None
+    while low + 1 < high:
+        middle = (low + high) // 2
+        low, high = (middle, high) if accepted(middle) is not None else (low, middle)
+    grammar = accepted(low)
+    assert grammar is not None
+    chain = SamplerChain(SamplingParams(temperature=0.0, grammar=grammar), model.n_vocab,
+                         model.vocab)       # raises ValueError when llama.cpp refuses it
+    chain.close()

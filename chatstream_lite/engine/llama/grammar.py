@@ -4,8 +4,9 @@
     >>> gbnf = json_grammar('{"type": "object", ...}')      # what a JSON Schema allows
 
 The conversion is llama-cpp-python's port of llama.cpp's json-schema-to-grammar, the one
-llama-server uses; keywords it does not know (`format`, say) are not enforced. It runs in the
-request's own handler, so a schema it cannot take is the request's 400, never a failure on
+llama-server uses; keywords it does not know (`format`, say) are not enforced. It runs while
+the request is parsed (in a worker thread, never on the event loop: a small schema can ask
+for a large grammar), so a schema it cannot take is the request's 400, never a failure on
 the engine thread. The grammar sampler itself is built per sequence (sampler.py).
 """
 
@@ -18,9 +19,11 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 # llama.cpp parses a grammar recursively, one level per parenthesis, and the converter nests
 # one level per repetition (`maxLength: 100000` nests 100,000 deep): a deep enough grammar
-# would overflow the C stack of the engine thread. These bounds keep far below that.
+# would overflow the C stack of the engine thread. llama.cpp's parser now refuses more than
+# 1,000 levels itself (measured: `maxLength` 1000 parses, 1001 does not), which would fail the
+# request on the engine thread rather than as its 400; so the depth bound is exactly that.
 MAX_GRAMMAR_CHARS = 256 * 1024
-MAX_GRAMMAR_DEPTH = 1024
+MAX_GRAMMAR_DEPTH = 1000
 ANY_CHAR = r'char ::= [^"\\] |'
 # The converter writes out one rule per repetition a count asks for before the bounds above
 # can be checked: `maxLength: 1e9` would build gigabytes of text for minutes. Counts above this
