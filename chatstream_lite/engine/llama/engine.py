@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -41,12 +40,10 @@ from ..template import ChatTemplate
 from .grammar import json_grammar
 from .model import Model
 from .runner import DecodeFailed, Runner
+from .threads import default_threads
 
 log = logging.getLogger(__name__)
 
-# The longest the engine thread waits for the loop (`wait_for_loop`): a loop busy elsewhere
-# must not hold back generation for more than a fraction of a token.
-LOOP_WAIT = 0.002
 DEFAULT_N_CTX = DEFAULTS.n_ctx
 DEFAULT_N_BATCH = DEFAULTS.n_batch
 
@@ -56,15 +53,10 @@ class LlamaConfig:
     model_path: Path
     n_ctx: int = DEFAULT_N_CTX        # one conversation's KV cells (history + reply), per sequence
     n_gpu_layers: int = -1
-    n_threads: int | None = None      # None: every core this process may use
+    n_threads: int | None = None      # None: one per physical core this process may use
     n_batch: int = DEFAULT_N_BATCH    # tokens per decode; the prompt chunk between cancel checks
     parallel: int = 1                 # sequences decoded together (num_of_concurrent_executions)
     max_generation_time: float | None = None  # seconds of generation per reply; None: no limit
-    # After handing a step's pieces to the event loop, wait (at most LOOP_WAIT) until the
-    # loop has run the handlers they woke before decoding on: on a machine with as many
-    # cores as llama.cpp threads, the loop then writes while the model waits, instead of
-    # preempting one of llama.cpp's threads mid-decode (which stalls all of them).
-    wait_for_loop: bool = False
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -85,7 +77,7 @@ class LlamaEngine:
 
     def __init__(self, config: LlamaConfig) -> None:
         self.config = config
-        self.threads = config.n_threads or len(os.sched_getaffinity(0))
+        self.threads = config.n_threads or default_threads()
         self.stats = EngineStats()
         self.faults = Faults(wake=self._wake)
         self.model_info: ModelInfo | None = None
@@ -101,7 +93,6 @@ class LlamaEngine:
         self._outbox: list[tuple[Job, Event]] = []   # the thread's events since the last flush
         self._inbox: deque[Job] = deque()            # loop -> thread: jobs to start
         self._work = threading.Event()               # wakes the idle thread
-        self._loop_done = threading.Event()          # the loop ran a flush's handlers
         self._serving: asyncio.Future[None] | None = None
         self._stopping = False                       # the thread exits once idle
         self._closing = False
@@ -153,10 +144,6 @@ class LlamaEngine:
     def _deliver(self, events: list[tuple[Job, Event]]) -> None:
         for job, event in events:
             job.deliver(event)
-        if self.config.wait_for_loop:
-            # Queued behind the handlers these events woke: set once they have run a step.
-            assert self._loop is not None
-            self._loop.call_soon(self._loop_done.set)
 
     # -- on the thread --------------------------------------------------------------------
     def _load(self) -> ModelInfo:
@@ -209,10 +196,7 @@ class LlamaEngine:
         if self._outbox:
             assert self._loop is not None
             events, self._outbox = self._outbox, []
-            self._loop_done.clear()
             self._loop.call_soon_threadsafe(self._deliver, events)
-            if self.config.wait_for_loop:
-                self._loop_done.wait(LOOP_WAIT)
 
     def _serve(self) -> None:
         """The thread's loop: take new jobs, run a step, hand the events over; sleep when idle."""
