@@ -90,6 +90,28 @@ async def test_health_reports_loading_with_the_fraction_while_the_model_loads(
             assert status == 200 and reply
 
 
+async def test_health_says_99_not_100_percent_until_the_context_is_made_too(
+        model_path: str) -> None:
+    # llama.cpp reports 1.0 once the weights are read; the context (KV cells, buffers) comes
+    # after. Held right there, the chat still gets 503: /health must not say 100 % yet.
+    held = HeldLoad(at=1.0)
+    async with loading(model_path, held) as server:
+        try:
+            await wait_until(held.reached.is_set, timeout=30)
+            async with server.client() as client:
+                status, body = await health(client)
+                assert status == 503 and body["engine"] == "loading"
+                assert body["load_progress"] == 0.99
+                status, refusal = await post_chat(client, user_input="Hi")
+                assert status == 503 and "(99%)" in refusal, refusal
+        finally:
+            held.release()
+        await server.chat_stream.wait_loaded()
+        async with server.client() as client:
+            status, body = await health(client)
+            assert status == 200 and body["load_progress"] == 1.0
+
+
 async def test_a_failing_progress_report_never_aborts_the_load(
         model_path: str, caplog: pytest.LogCaptureFixture) -> None:
     calls = 0

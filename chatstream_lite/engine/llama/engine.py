@@ -44,6 +44,8 @@ from .threads import default_threads
 
 log = logging.getLogger(__name__)
 
+# What /health's load_progress says once the weights are read and the context is being made.
+WEIGHTS_READ = 0.99
 DEFAULT_N_CTX = DEFAULTS.n_ctx
 DEFAULT_N_BATCH = DEFAULTS.n_batch
 
@@ -84,6 +86,7 @@ class LlamaEngine:
         self.failure: BaseException | None = None
         self.last_progress = time.monotonic()        # written by the thread, read by /health
         self.load_progress: float | None = None      # 0..1 as llama.cpp loads; read by /health
+        self._weights_read = 0.0                     # llama.cpp's own fraction, for the log
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-engine")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._died: Died | None = None
@@ -171,15 +174,20 @@ class LlamaEngine:
                                     emit=self._post, stats=self.stats, faults=self.faults,
                                     max_generation_time=cfg.max_generation_time)
         name = model.metadata.get("general.name") or cfg.model_path.stem
+        self.load_progress = 1.0
         return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary,
                          model.n_vocab, json_grammar, model.add_bos, logprobs=True,
                          max_choices=cfg.parallel)
 
     def _load_progressed(self, fraction: float) -> None:
         """Inside llama.cpp's load, a few hundred times: one log line per tenth."""
-        if int(fraction * 10) > int((self.load_progress or 0.0) * 10):
+        if int(fraction * 10) > int(self._weights_read * 10):
             log.info("loading the model: %d %%", fraction * 100)
-        self.load_progress = fraction
+        self._weights_read = fraction
+        # llama.cpp's fraction is of the weights; the context (KV cells, compute buffers)
+        # comes after them and takes about a second more on CPU, so /health says 99 % until
+        # `_load` has finished, not 100 % while requests would still get 503.
+        self.load_progress = min(fraction, WEIGHTS_READ)
         if self.faults.during_load is not None:
             self.faults.during_load(fraction)
 
