@@ -2,6 +2,7 @@
 
     python -m benchmarks.cpu_share                          # ours (both APIs) and llama-server
     python -m benchmarks.cpu_share --systems chat_stream --requests 3
+    python -m benchmarks.cpu_share --systems chat_stream,chat_stream_baseline --baseline ../other
 
 Issue 14 §3 asks for one stream over HTTP at direct's speed. On a machine with as many cores as
 llama.cpp has threads, every other CPU-second (the server's event loop, its HTTP work, the
@@ -74,11 +75,16 @@ async def one_system(name: str, settings: Settings, args: argparse.Namespace,
         if binary is None:
             return {"status": "n/a", "reason": why}
         launch = llama_server(binary, settings, port)
+    elif name.endswith("_baseline"):
+        if args.baseline is None:
+            return {"status": "n/a", "reason": "needs --baseline DIR"}
+        launch = chatstream_lite(settings, port, root=args.baseline)
     else:
         launch = chatstream_lite(settings, port)
     async with ServerProcess(launch, logs / f"cpu-share-{name}.log", port) as server:
         def user() -> ChatStreamUser | OpenAIUser:
-            return (ChatStreamUser(server.base_url, 600, tokenizer) if name == "chat_stream"
+            return (ChatStreamUser(server.base_url, 600, tokenizer)
+                    if name.startswith("chat_stream")
                     else OpenAIUser(server.base_url, 600, tokenizer))
 
         pid = server.pid
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--llama-server", metavar="PATH")
+    parser.add_argument("--baseline", type=Path, metavar="DIR", help="a checkout of "
+                        "chatstream_lite for the systems chat_stream_baseline, openai_baseline")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     origin = provenance(argv, "benchmarks.cpu_share")
