@@ -111,7 +111,8 @@ class Settings:
     n_threads: int | None = field(default=None, metadata=option(
         "CPU threads for llama.cpp (default: one per physical core, as llama.cpp's own). On "
         "a machine shared with other work, cores - 1 degrades far less than all cores (one "
-        "busy core: 35-38 against 0.5 tokens/s, benchmarks/results/cpu-2core-shared-busy1-quiet.json)",
+        "busy core: 35-38 against 0.5 tokens/s, "
+        "benchmarks/results/cpu-2core-shared-busy1-quiet.json)",
         group=_MODEL, minimum=1, shown_default="physical cores"))
     n_batch: int = field(default=512, metadata=option(
         "tokens per llama_decode: a long prompt is read in chunks of this size, between which "
