@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from aiohttp import web
 
 from chatstream_lite import ChatStream, create_app
 from chatstream_lite.model_file import default_model_path
+
+from .provenance import provenance
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a dragon, as JSON with "
                                         "one field, 'story'."}]
@@ -195,7 +198,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the raw figures here")
     parser.add_argument("--sampler-only", action="store_true",
                         help="time the sampler chain against llama_decode, in-process")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
+    origin = provenance(argv, "benchmarks.grammar")
     if args.sampler_only:
         costs = sampler_cost(args.tokens)
         print("| request | tokens | grammar refusals | sampler ms/token | llama_decode ms/token |"
@@ -204,11 +209,13 @@ def main() -> None:
             print(f"| {name} | {c['tokens']} | {c['refusals']} | {c['sample_ms']:.2f} | "
                   f"{c['decode_ms']:.2f} |")
         if args.out is not None:
-            args.out.write_text(json.dumps(costs, indent=1) + "\n")
+            args.out.write_text(json.dumps({"provenance": origin, "costs": costs},
+                                           indent=1) + "\n")
         return
     results = asyncio.run(measure(args.tokens, args.runs, args.clients, args.story))
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        args.out.write_text(json.dumps({"provenance": origin, "results": results},
+                                       indent=1) + "\n")
     print(table(results, args.clients))
 
 
