@@ -256,3 +256,32 @@ def test_quick_memory_benchmark_reports_both_targets(tmp_path: Path) -> None:
     assert sequential["rss_baseline_mb"] > 0 and sequential["rss_final_mb"] > 0
     assert [count for count, _ in sequential["rss_series_mb"]] == [20, 60]
     assert "idle queued connections" in result.stdout
+
+
+def test_cpu_share_counts_the_servers_threads_and_the_client(tmp_path: Path) -> None:
+    output = tmp_path / "share.json"
+    result = _run("benchmarks.cpu_share", "--systems", "chat_stream,openai", "--requests", "1",
+                  "--max-tokens", "8", "--output", str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(output.read_text())
+    _check_provenance(document, "benchmarks.cpu_share")
+    for name in ("chat_stream", "openai"):
+        system = document["systems"][name]
+        assert system["status"] == "ok" and system["tokens"] > 0
+        share = system["cpu_ms_per_token"]
+        assert share["main thread"] > 0 and share["client process"] > 0
+        # llama.cpp's threads do most of the work: more than the event loop's.
+        assert sum(v for k, v in share.items() if k.startswith("threads")) > share["main thread"]
+    assert "| main thread |" in document["table"]
+
+
+def test_the_grammar_sampler_benchmark_counts_refusals(tmp_path: Path) -> None:
+    output = tmp_path / "grammar.json"
+    result = _run("benchmarks.grammar", "--sampler-only", "--tokens", "8", "--out", str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(output.read_text())
+    _check_provenance(document, "benchmarks.grammar")
+    costs = document["costs"]
+    assert costs["free text"]["refusals"] == 0
+    assert {name for name in costs if "tool call" in name} and all(
+        c["tokens"] > 0 and c["sample_ms"] > 0 for c in costs.values())
