@@ -285,3 +285,14 @@ def test_the_grammar_sampler_benchmark_counts_refusals(tmp_path: Path) -> None:
     assert costs["free text"]["refusals"] == 0
     assert {name for name in costs if "tool call" in name} and all(
         c["tokens"] > 0 and c["sample_ms"] > 0 for c in costs.values())
+
+
+def test_direct_prefix_times_the_first_token_both_ways(tmp_path: Path) -> None:
+    output = tmp_path / "prefix.json"
+    result = _run("benchmarks.direct_prefix", "--rounds", "1", "--prompts", "2", "--output",
+                  str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(output.read_text())
+    _check_provenance(document, "benchmarks.direct_prefix")
+    assert [len(document["times_ms"][way]) for way in ("reuse", "fresh")] == [2, 2]
+    assert all(t > 0 for way in document["times_ms"].values() for t in way)
