@@ -287,6 +287,18 @@ def test_the_grammar_sampler_benchmark_counts_refusals(tmp_path: Path) -> None:
         c["tokens"] > 0 and c["sample_ms"] > 0 for c in costs.values())
 
 
+def test_kv_copy_times_both_ways_of_copying_a_sequence(tmp_path: Path) -> None:
+    output = tmp_path / "kv_copy.json"
+    result = _run("benchmarks.kv_copy", "--cells", "40,200", "--n-ctx", "256", "--repeats", "1",
+                  "--output", str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(output.read_text())
+    _check_provenance(document, "benchmarks.kv_copy")
+    assert [row["cells"] for row in document["rows"]] == [40, 200]
+    assert all(row[f"{way}_ms"] > 0 for row in document["rows"]
+               for way in ("stream", "cells", "none"))
+
+
 def test_direct_prefix_times_the_first_token_both_ways(tmp_path: Path) -> None:
     output = tmp_path / "prefix.json"
     result = _run("benchmarks.direct_prefix", "--rounds", "1", "--prompts", "2", "--output",

@@ -29,13 +29,13 @@ pytestmark = pytest.mark.timeout(30)
 class FakeMemory:
     def __init__(self) -> None:
         self.forgotten: list[tuple[int, int]] = []
-        self.copied: list[tuple[int, int]] = []
+        self.copied: list[tuple[int, int, int]] = []
 
     def forget(self, seq_id: int, start: int = 0) -> None:
         self.forgotten.append((seq_id, start))
 
-    def copy(self, src_seq_id: int, dst_seq_id: int) -> None:
-        self.copied.append((src_seq_id, dst_seq_id))
+    def copy(self, src_seq_id: int, dst_seq_id: int, cells: int) -> None:
+        self.copied.append((src_seq_id, dst_seq_id, cells))
 
 
 class Clock:
@@ -222,7 +222,8 @@ def test_a_new_conversation_borrows_a_long_shared_prefix_from_another_slot() -> 
     slots.release(first)
     second, reused = slots.acquire("b", prefix + [200])
     assert second is not first and reused == 40
-    assert memory.copied == [(first.seq_id, second.seq_id)]
+    # The donor's length goes with the copy: Model.copy picks the cheaper way by it.
+    assert memory.copied == [(first.seq_id, second.seq_id, 42)]
 
 
 async def test_queue_wait_expires_only_jobs_still_waiting() -> None:
@@ -250,7 +251,7 @@ def test_choices_copy_the_read_prompt_and_finish_once_with_every_reason() -> Non
     _read_all_prompts(scheduler)
     forks = scheduler.fork(leader)
     assert [s.choice for s in forks] == [1, 2]
-    assert memory.copied == [(leader.slot.seq_id, s.slot.seq_id) for s in forks]
+    assert memory.copied == [(leader.slot.seq_id, s.slot.seq_id, 4) for s in forks]
     assert all(s.slot.tokens == [5, 6, 7, 8] and not s.reading for s in forks)
     scheduler.take(leader, 1, b"a", False)
     scheduler.take(forks[0], 1, b"b", True)          # choice 1 ends at once

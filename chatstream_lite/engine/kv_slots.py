@@ -25,12 +25,12 @@ from typing import Protocol
 class _Memory(Protocol):
     def forget(self, seq_id: int, start: int = 0) -> None: ...
 
-    def copy(self, src_seq_id: int, dst_seq_id: int) -> None: ...
+    def copy(self, src_seq_id: int, dst_seq_id: int, cells: int) -> None: ...
 
 
-# The least shared prefix worth copying from another slot. A copy moves the whole KV stream
-# (llama.cpp copies streams whole): on the 2-core CPU ~10-20 ms for n_ctx 4096 with
-# SmolLM2-135M, about what evaluating 4 prompt tokens costs there; far less on a GPU.
+# The least shared prefix worth copying from another slot. A copy costs at most a whole KV
+# stream's (~22 ms for n_ctx 4,096 with SmolLM2-135M on the 2-core CPU, about what
+# evaluating 4 prompt tokens costs there), and less from a short donor (Model.copy).
 MIN_BORROWED_PREFIX = 16
 
 
@@ -99,7 +99,7 @@ class KVSlots:
                     donor, shared = other, length
         if donor is None or shared - reused < MIN_BORROWED_PREFIX:
             return reused
-        self._memory.copy(donor.seq_id, slot.seq_id)
+        self._memory.copy(donor.seq_id, slot.seq_id, len(donor.tokens))
         slot.tokens[:] = donor.tokens
         self.trim(slot, shared)
         return shared
@@ -111,7 +111,7 @@ class KVSlots:
         if not idle:
             raise RuntimeError("every KV slot is busy")  # admission counted a place per choice
         slot = min(idle, key=lambda s: (bool(s.tokens), s.last_used))
-        self._memory.copy(source.seq_id, slot.seq_id)
+        self._memory.copy(source.seq_id, slot.seq_id, len(source.tokens))
         slot.tokens[:] = source.tokens
         slot.busy = True
         slot.owner = None

@@ -32,6 +32,17 @@ from llama_cpp._logger import set_verbose
 
 log = logging.getLogger(__name__)
 
+# A KV cell copied through llama.cpp's per-sequence state (serialised, then restored) costs
+# about as much as this many cells of a whole-stream copy (a memcpy of every one of the
+# stream's n_ctx cells). Measured on the 2-core CPU with SmolLM2-135M at n_ctx 4,096: a
+# stream copy 19-29 ms whatever the sequence holds; by cells 3 ms at 50 cells, 7 at 500, 14
+# at 1,000, 21 at 2,000, 37 at 4,000 (`python -m benchmarks.kv_copy`,
+# benchmarks/results/kv-copy-cpu-2core.json).
+STATE_COPY_CELL_COST = 2
+# The most bytes copied by cells (the buffer is kept for the next copy): 2,900 cells of
+# SmolLM2-135M, 128 of a 7B model with an F16 cache.
+MAX_STATE_COPY_BYTES = 64 << 20
+
 
 class Batch:
     """A reusable `llama_batch`; rows are added one token at a time, then decoded together."""
@@ -96,7 +107,7 @@ class Model:
     """One GGUF model with one llama.cpp context of `n_seq` sequences of `n_ctx` KV cells each."""
 
     def __init__(self, model: _internals.LlamaModel, context: _internals.LlamaContext,
-                 n_batch: int) -> None:
+                 n_batch: int, n_gpu_layers: int = 0) -> None:
         self._model = model
         self.context = context
         self.metadata = model.metadata()
@@ -109,6 +120,12 @@ class Model:
         self.vocabulary = Vocabulary(model)
         self._memory = context.memory
         self._pieces: dict[int, bytes] = {}
+        # Copying only the cells a sequence holds is a host round trip; with the KV cache on
+        # a GPU the whole-stream copy stays on the device and is the cheaper one.
+        self._copy_cells = not (n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload())
+        self._state_buffer = (ctypes.c_uint8 * 0)()
+        self._stream_copy_pending = False   # made by llama.cpp at the next decode
+        self.copies = {"cells": 0, "stream": 0}
 
     @classmethod
     def load(cls, path: Path, *, n_ctx: int, n_batch: int, n_seq: int, n_gpu_layers: int,
@@ -141,7 +158,7 @@ class Model:
         except Exception:
             model.close()
             raise
-        return cls(model, context, n_batch)
+        return cls(model, context, n_batch, n_gpu_layers)
 
     def close(self) -> None:
         self.batch.close()
@@ -180,17 +197,54 @@ class Model:
     # -- decoding -----------------------------------------------------------------------------
     def decode(self) -> int:
         """Evaluate the batch: 0 ok, 1 no free KV cells, 2 aborted, < 0 error (see llama.h)."""
-        return int(llama_cpp.llama_decode(self.context.ctx, self.batch.native))
+        status = int(llama_cpp.llama_decode(self.context.ctx, self.batch.native))
+        if status == 0:
+            self._stream_copy_pending = False   # a decode makes the pending copies first
+        return status
 
     # -- KV memory ------------------------------------------------------------------------------
     def forget(self, seq_id: int, start: int = 0) -> None:
         """Free the cells of `seq_id` from position `start` on."""
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, start, -1)
 
-    def copy(self, src_seq_id: int, dst_seq_id: int) -> None:
-        """Make `dst_seq_id` hold what `src_seq_id` holds. Each sequence has its own KV
-        stream, and llama.cpp copies a stream whole, at the next decode."""
+    def copy(self, src_seq_id: int, dst_seq_id: int, cells: int) -> None:
+        """Make `dst_seq_id` hold what `src_seq_id` holds (`cells` of them, by position).
+
+        Each sequence has its own KV stream, and llama.cpp copies between streams only whole
+        (every cell of the stream, at the next decode), which costs a new session ~20 ms of
+        its first token on a CPU even when the prefix it borrows is 20 tokens long. A sequence
+        holding few cells is copied through llama.cpp's per-sequence state instead: only its
+        cells, byte for byte, at the same positions (the same logits follow, as with a stream
+        copy: tests/test_kv_copy.py). That reads and writes the cells now, so it is used
+        only while no stream copy waits for the next decode (which would copy a stream's
+        data as it is then, while the cells' positions were taken when it was asked for).
+        """
+        if (self._copy_cells and cells * STATE_COPY_CELL_COST <= self.n_ctx
+                and not self._stream_copy_pending
+                and self._copy_through_state(src_seq_id, dst_seq_id)):
+            self.copies["cells"] += 1
+            return
         llama_cpp.llama_memory_seq_cp(self._memory, src_seq_id, dst_seq_id, -1, -1)
+        self._stream_copy_pending = True
+        self.copies["stream"] += 1
+
+    def _copy_through_state(self, src_seq_id: int, dst_seq_id: int) -> bool:
+        """Serialise `src_seq_id`'s cells and restore them as `dst_seq_id`'s (which loses
+        what it held). False when not made: too big, or llama.cpp refused (`dst_seq_id` is
+        empty then)."""
+        ctx = self.context.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, src_seq_id)
+        if size > MAX_STATE_COPY_BYTES:
+            return False
+        if size > len(self._state_buffer):
+            # Grows to the largest sequence copied this way and is reused: allocating (and
+            # zeroing) it for each copy cost as much as the copy.
+            self._state_buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, self._state_buffer, size, src_seq_id)
+        if written == 0:
+            return False
+        return bool(llama_cpp.llama_state_seq_set_data(ctx, self._state_buffer, written,
+                                                        dst_seq_id))
 
 
 def _progress_callback(progress: Callable[[float], None]) -> Any:
