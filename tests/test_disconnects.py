@@ -164,15 +164,48 @@ async def test_a_client_leaving_during_a_step_costs_at_most_that_steps_token(
     assert engine.stats.generation_steps == steps_at_hold, "no decode after the cancel"
 
 
+async def test_the_engine_stops_a_job_whose_client_left_without_the_watcher(
+        server: Server) -> None:
+    """The engine thread reads the socket's state itself between steps (`Job.abandoned`):
+    with the watcher made too slow to matter, a job held inside a step while its client
+    leaves still stops after that step, and the request ends as a disconnect."""
+    engine, watcher = server.chat_stream.engine, server.chat_stream.runtime.disconnects
+    admission = server.chat_stream.runtime.admission
+    hold = HoldAt(3)
+    engine.faults.before_token = hold
+    before = len(server.recorder.calls)
+    tokens_before = engine.stats.completion_tokens
+    interval, watcher.interval = watcher.interval, 60.0
+    try:
+        stream = await RawStream.post(server, STORY)
+        await stream.read_headers()
+        assert stream.status == 200
+        await asyncio.get_running_loop().run_in_executor(None, hold.reached.wait, 30)
+        try:
+            steps_at_hold = engine.stats.generation_steps  # stable: the thread is held
+            [job] = admission.in_flight
+            stream.close()
+            await wait_until(lambda: job.cancelled)   # the loop read the EOF: nothing else
+            assert watcher.watching == 1, "the watcher has not ticked"
+        finally:
+            hold.release()
+        await server.recorder.wait_for(before + 1)
+    finally:
+        watcher.interval = interval
+    assert server.recorder.statuses[-1] == "client_disconnected_while_streaming"
+    assert engine.stats.completion_tokens - tokens_before == hold.index + 1
+    assert engine.stats.generation_steps == steps_at_hold, "no decode after the client left"
+
+
 async def test_a_client_leaving_mid_stream_costs_at_most_two_more_tokens(server: Server) -> None:
     """Free-running: count the tokens the thread emits after the socket closed.
 
     The bound is 2, not 1: the step in flight when the client closes may still emit its token
-    (1); the watcher's tick (5 ms) and the failed write after that token cancel the job before
-    the next step ends, unless the event loop, shared here with the test's own client on a
-    2-core machine that other work also loads, is held up for more than a step (+1).
-    Measured on a quiet moment (20 runs): 19 emitted nothing after the close, 1 emitted one
-    token; with a 20 ms tick, 13 of 20 emitted one.
+    (1); the engine reads the closed socket before its next step (`Job.abandoned`), unless
+    the event loop, shared here with the test's own client on a 2-core machine that other
+    work also loads, is held up for more than a step before it reads the EOF (+1).
+    Measured on a quiet moment (20 runs) while a 5 ms watcher tick did this: 19 emitted
+    nothing after the close, 1 emitted one token; with a 20 ms tick, 13 of 20 emitted one.
     """
     engine = server.chat_stream.engine
     emitted: list[float] = []

@@ -4,6 +4,7 @@
     >>> async for event in job.events():   # Started, Piece..., then Finished or Failed
     ...     ...
     >>> job.cancel()                        # from the loop, at any time
+    >>> job.abandoned = lambda: transport.is_closing()   # the client gone: the engine sees it
 
 A job is created by `Admission` (the one bounded queue), prepared off the engine thread (its
 `prompt` is set: token ids, fitted to the context), and only then handed to an engine, which
@@ -61,10 +62,15 @@ class Job:
         # Set by the admission layer: take a cancelled job out of the queue; learn of its end.
         self.on_cancel: Callable[[Job], None] | None = None
         self.on_end: Callable[[Job], None] | None = None
+        # Set by whoever serves the job (the HTTP exchange): whether the one waiting for it
+        # has gone, e.g. its connection closed. The engine thread reads `cancelled` between
+        # steps, so a job whose client left stops at the next step without waiting for the
+        # loop to notice and call `cancel()`. Called on any thread: a cheap, read-only check.
+        self.abandoned: Callable[[], bool] = _never
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel.is_set() or self.abandoned()
 
     def cancel(self) -> None:
         """Stop this job: dropped from the queue if waiting, stopped within a step if running."""
@@ -91,3 +97,7 @@ class Job:
         self._events.put_nowait(event)
         if self.done and self.on_end is not None:
             self.on_end(self)
+
+
+def _never() -> bool:
+    return False

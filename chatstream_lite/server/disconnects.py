@@ -20,10 +20,11 @@ is no hook (the class has `__slots__`), and slipping a protocol of our own in fr
 `transport.set_protocol()` would put our code inside aiohttp's reading of every keep-alive
 connection. What is public and dependable is the transport itself: when the peer closes, the
 event loop reads EOF and the transport closes itself in that same iteration, so
-`is_closing()` is true from then on. The tick (`DISCONNECT_POLL_INTERVAL`) is shorter than
-one decode step on CPU, so a client that leaves while nothing is being written to it (queued,
-prompt, held-back text) is seen before the engine has finished the step after; while a reply
-streams, the next failed write sees it too (`Exchange._send`).
+`is_closing()` is true from then on. That is also what the engine thread reads between steps
+(`Job.abandoned`), so a running job stops at the next step whatever the tick; the tick
+(`DISCONNECT_POLL_INTERVAL`) only bounds how soon a queued request gives up its place and
+its callback runs. While a reply streams, the next failed write sees it too
+(`Exchange._send`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-# Shorter than one decode step (7-10 ms per token for SmolLM2 on 2 CPU cores), and cheap:
-# 200 passes a second over 1,000 transports are well under 1 % of a core.
-DISCONNECT_POLL_INTERVAL = 0.005
+# How soon a queued request whose client left frees its place (a running one is stopped by
+# the engine itself, at the next step). It was 5 ms while the watcher was what stopped
+# running jobs: 200 wake-ups a second of the event loop, each taking a core from llama.cpp's
+# threads, cost 8 streams 3 % of their tokens/s (benchmarks/NOTES.md §9).
+DISCONNECT_POLL_INTERVAL = 0.05
 
 WATCHER_TASK = "chatstream-disconnect-watcher"
 

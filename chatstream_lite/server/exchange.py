@@ -9,10 +9,12 @@
 before the client sees its end, so that its next request (on any replica) finds the turn
 stored and the session free.
 
-The rules every endpoint shares live here: a client that leaves (its socket closes, seen by the
-shared `DisconnectWatcher`, or a write fails) cancels the job, so a waiting job never reaches
-the model and a running one stops within one token; the status follows from what actually
-reached the client. A `Framing` (framing.py) knows one endpoint's wire format.
+The rules every endpoint shares live here: a client that leaves (its socket closes) cancels
+the job, so a waiting job never reaches the model and a running one stops within one token;
+the status follows from what actually reached the client. The engine thread itself reads the
+socket's state between steps (`Job.abandoned`: the event loop marks a transport closing in the
+iteration that reads the peer's EOF), and the shared `DisconnectWatcher` or a failed write tells
+this side. A `Framing` (framing.py) knows one endpoint's wire format.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Exchange:
         self.job = job
         self.framing = framing
         self._disconnects = disconnects
+        self._transport = request.transport
         self.received = received
         self._end_turn = end_turn
         self.status: StreamStatus | None = None
@@ -76,11 +79,20 @@ class Exchange:
         self._gone = True
         self.job.cancel()
 
+    def _left(self) -> bool:
+        """Whether the client's connection is closed (any thread: one attribute read)."""
+        transport = self._transport
+        return transport is None or transport.is_closing()
+
     async def run(self) -> None:
-        watch = self._disconnects.watch(self.request.transport, self._client_gone)
+        watch = self._disconnects.watch(self._transport, self._client_gone)
+        self.job.abandoned = self._left
         failure: BaseException | None = None
         try:
             async for event in self.job.events():
+                if isinstance(event, Finished) and event.reason == "cancelled" \
+                        and not self._gone and self._left():
+                    self._client_gone()   # the engine saw it first (Job.abandoned)
                 if isinstance(event, Piece):
                     if self._opened and not self._gone:
                         await self._send(event)
