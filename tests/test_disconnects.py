@@ -11,11 +11,14 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from chatstream_lite import ChatStream
+from chatstream_lite.engine import admission as admission_module
+from chatstream_lite.engine.prepare import prepare
 from chatstream_lite.server.disconnects import WATCHER_TASK, DisconnectWatcher
 
 from .conftest import GREEDY, Gate, RawStream, Server, serve, wait_until
@@ -195,6 +198,39 @@ async def test_the_engine_stops_a_job_whose_client_left_without_the_watcher(
     assert server.recorder.statuses[-1] == "client_disconnected_while_streaming"
     assert engine.stats.completion_tokens - tokens_before == hold.index + 1
     assert engine.stats.generation_steps == steps_at_hold, "no decode after the client left"
+
+
+async def test_a_client_leaving_while_its_prompt_is_prepared_is_a_disconnect(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preparation worker reads `Job.cancelled`, which sees the closed socket before the
+    watcher does (made 60 s here): the request must end as a disconnect with its callback,
+    not as a refusal without one (found by CI: 200 queued clients leaving at once)."""
+    watcher = server.chat_stream.runtime.disconnects
+    admission = server.chat_stream.runtime.admission
+    reached, release = threading.Event(), threading.Event()
+
+    def held_prepare(*args: Any, **kwargs: Any) -> Any:
+        reached.set()
+        release.wait(timeout=30)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(admission_module, "prepare", held_prepare)
+    before = len(server.recorder.calls)
+    interval, watcher.interval = watcher.interval, 60.0
+    try:
+        stream = await RawStream.post(server, STORY)
+        await asyncio.get_running_loop().run_in_executor(None, reached.wait, 30)
+        try:
+            [job] = admission.in_flight
+            stream.close()
+            await wait_until(lambda: job.cancelled)   # the loop read the EOF
+        finally:
+            release.set()
+        await server.recorder.wait_for(before + 1)
+    finally:
+        watcher.interval = interval
+    assert server.recorder.statuses[before:] == ["client_disconnected_before_streaming"]
+    assert admission.in_flight == []
 
 
 async def test_a_client_leaving_mid_stream_costs_at_most_two_more_tokens(server: Server) -> None:

@@ -26,7 +26,14 @@ from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..errors import BadRequest, ChatStreamError, QueueFull, QueueTimeout, ServiceUnavailable
+from ..errors import (
+    BadRequest,
+    Cancelled,
+    ChatStreamError,
+    QueueFull,
+    QueueTimeout,
+    ServiceUnavailable,
+)
 from ..settings import DEFAULTS
 from .events import Failed, Finished
 from .job import Job, PlainPrompt, Prompt, PromptInput
@@ -142,6 +149,12 @@ class Admission:
         if error is None:
             job.prompt = done.result()
             self._start_waiting()
+            return
+        if isinstance(error, Cancelled):
+            # The worker saw `job.cancelled` (the client left, perhaps seen through
+            # `Job.abandoned` before anything called `cancel()`): a withdrawal, not a refusal,
+            # so the request ends as a disconnect with its one callback.
+            self._withdraw(job)
             return
         if not isinstance(error, ChatStreamError):
             log.error("preparing a request failed", exc_info=error)
