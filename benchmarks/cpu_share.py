@@ -48,16 +48,31 @@ CLOCK = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """{thread id: (name, CPU seconds)} of every thread of `pid`."""
+    """{thread id: (name, CPU seconds)} of every thread of `pid`.
+
+    Read from `schedstat` (nanoseconds) where the kernel keeps it: `stat` counts in clock
+    ticks (10 ms), and a thread that worked a few milliseconds between two readings can
+    show none (the event loop over one short request did, in CI)."""
     out: dict[int, tuple[str, float]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            seconds = _schedstat_seconds(task)
+            if seconds is None:
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+                seconds = (int(fields[11]) + int(fields[12])) / CLOCK
         except OSError:
             continue                       # the thread ended between listing and reading
-        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / CLOCK)
+        out[int(task.name)] = (name, seconds)
     return out
+
+
+def _schedstat_seconds(task: Path) -> float | None:
+    """CPU time on record in a task's `schedstat`, or None where the kernel has none."""
+    try:
+        return int((task / "schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def role(tid: int, pid: int, name: str) -> str:
