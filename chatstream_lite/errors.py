@@ -46,6 +46,14 @@ class TemplateRefused(BadRequest):
     code = "template_refused"
 
 
+class SchemaUnsatisfiable(BadRequest):
+    """The reply's grammar (from `response_format` or a tool's parameters) reached a point
+    where it allows no token at all: no reply can meet the schema (an empty pattern class,
+    say). Found while sampling, so mid-stream it ends the stream as an error event."""
+
+    code = "schema_unsatisfiable"
+
+
 class Unauthorized(ChatStreamError):
     status = 401
     code = "invalid_api_key"

@@ -267,12 +267,66 @@ async def test_schemas_the_grammar_cannot_hold_are_400s(client: AsyncOpenAI) -> 
         ({"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "string", "maxLength": 10**12}}},
          "response_format.json_schema.schema"),
+        # Patterns the converter copies into GBNF that llama.cpp's parser then refuses: an
+        # escape it has no meaning for inside a class, a backreference, a doubled quantifier
+        # (left recursion). They were 500s, from the engine thread.
+        *((_pattern_format(pattern), "response_format.json_schema.schema")
+          for pattern in (r"^[\w]$", r"^[\d-z]$", r"^\1$", r"^a**$", "^\\$")),
+        # Bounds no value meets: found before the model is asked.
+        *(({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+           "response_format.json_schema.schema")
+          for schema in ({"type": "string", "minLength": 5, "maxLength": 2},
+                         {"type": "array", "items": {}, "minItems": 3, "maxItems": 1},
+                         {"type": "integer", "minimum": 5, "maximum": 2})),
     ]
     for response_format, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(model="x", messages=QUESTION,
                                                  response_format=response_format)
         assert caught.value.response.json()["error"]["param"] == param, response_format
+
+
+def _pattern_format(pattern: str) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": pattern}}}
+
+
+# Schemas no reply can meet, in a way llama.cpp's parser accepts: an empty range. Under such
+# a grammar the reply reaches a point where no token is allowed; llama.cpp then threw from
+# inside the sampler, through C, and the whole server died (SIGABRT).
+UNSATISFIABLE: list[Any] = [
+    {"type": "string", "pattern": "^[z-a]$"},
+    {"type": "object", "required": ["a"], "properties": {"a": {"type": "string",
+                                                               "pattern": "^x[z-a]$"}}},
+]
+
+
+async def test_a_schema_no_reply_can_meet_is_an_error_and_the_server_lives_on(
+        client: AsyncOpenAI) -> None:
+    for schema in UNSATISFIABLE:
+        response_format: Any = {"type": "json_schema",
+                                "json_schema": {"name": "x", "schema": schema}}
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model="x", messages=DESCRIBE, max_tokens=16,
+                                                 response_format=response_format, **GREEDY)
+        error = caught.value.response.json()["error"]
+        assert error["code"] == "schema_unsatisfiable", (schema, error)
+        assert "cannot be met" in error["message"]
+        # Streamed, the error either comes first (400) or ends the stream as an error event,
+        # never as a reply that looks complete.
+        with pytest.raises(openai.APIError):
+            await _stream_text(client, messages=DESCRIBE, max_tokens=16,
+                               response_format=response_format, **GREEDY)
+    # The same grammar in a forced tool call's arguments.
+    tool: Any = {"type": "function", "function": {"name": "f", "parameters": UNSATISFIABLE[1]}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model="x", messages=DESCRIBE, max_tokens=32,
+                                             tools=[tool], tool_choice="required", **GREEDY)
+    assert caught.value.response.json()["error"]["code"] == "schema_unsatisfiable"
+    # Nothing else was lost: the server answers, and a satisfiable schema still holds.
+    whole = await client.chat.completions.create(
+        model="x", messages=DESCRIBE, response_format=CITY_FORMAT, **GREEDY)
+    jsonschema.validate(json.loads(whole.choices[0].message.content or ""), CITY)
 
 
 # -- priority 4: POST /v1/completions --------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import llama_cpp
 
+from ...errors import ChatStreamError
 from ...settings import DEFAULTS
 from ..events import Event, Failed
 from ..faults import Faults
@@ -287,6 +288,9 @@ class LlamaEngine:
             end = model.is_end_of_generation(token)
             logprob = None if end else runner.logprob(seq, row, token)
             scheduler.take(seq, token, model.piece(token), end, logprob)
+        except ChatStreamError as error:  # the request's own doing: an unsatisfiable schema
+            log.info("generation ended: %s", error.message)
+            scheduler.fail(seq, error)
         except Exception as error:
             log.exception("generation failed")
             scheduler.fail(seq, error)

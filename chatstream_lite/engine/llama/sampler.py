@@ -28,6 +28,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
+from ...errors import SchemaUnsatisfiable
 from ..sampling import SamplingParams
 
 # llama-cpp-python's defaults for what our API does not expose; kept equal so sampled output
@@ -105,6 +106,12 @@ class SamplerChain:
             llama_cpp.llama_sampler_apply(grammar, everything)
             llama_cpp.llama_sampler_apply(chain, everything)
             token = int(candidates.candidates_data.id[candidates.candidates.selected])
+            if not self._allows(token):
+                # The grammar allows nothing here (no token, not even the end): llama.cpp
+                # would throw from inside `accept`, through C, and abort the process.
+                raise SchemaUnsatisfiable(
+                    "The reply's JSON Schema (response_format, or a tool's parameters) "
+                    "cannot be met: the reply reached a point where it allows nothing more.")
         llama_cpp.llama_sampler_accept(grammar, token)
         llama_cpp.llama_sampler_accept(chain, token)
         return token
