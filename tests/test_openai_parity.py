@@ -286,6 +286,29 @@ async def test_schemas_the_grammar_cannot_hold_are_400s(client: AsyncOpenAI) -> 
         assert caught.value.response.json()["error"]["param"] == param, response_format
 
 
+# Values JSON writes with a backslash: a quote, a backslash, a newline, a NUL. The converter
+# put their JSON text into GBNF literals unescaped, where llama.cpp reads `\n` as a raw newline
+# (invalid JSON), `\\` as one backslash (another value) and `\"` as the literal's end.
+ESCAPED = 'say "hi"\\path\nnext\u0000end'
+
+
+async def test_constants_and_names_with_escaped_characters_come_back_equal(
+        client: AsyncOpenAI) -> None:
+    schemas: list[tuple[Any, Any]] = [
+        ({"const": ESCAPED}, [ESCAPED]),
+        ({"enum": [ESCAPED, "plain"]}, [ESCAPED, "plain"]),
+        ({"type": "object", "required": [ESCAPED], "additionalProperties": False,
+          "properties": {ESCAPED: {"const": 1}}}, [{ESCAPED: 1}]),
+    ]
+    for schema, allowed in schemas:
+        whole = await client.chat.completions.create(
+            model="x", messages=DESCRIBE, max_tokens=40, **GREEDY,
+            response_format={"type": "json_schema", "json_schema": {"name": "x",
+                                                                    "schema": schema}})
+        assert whole.choices[0].finish_reason == "stop", whole
+        assert json.loads(whole.choices[0].message.content or "") in allowed, schema
+
+
 def _pattern_format(pattern: str) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string", "pattern": pattern}}}

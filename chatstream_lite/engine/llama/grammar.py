@@ -13,10 +13,11 @@ the engine thread. The grammar sampler itself is built per sequence (sampler.py)
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeGuard
 
 import llama_cpp
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter
 
 # llama.cpp parses a grammar recursively, one level per parenthesis, and the converter nests
 # one level per repetition (`maxLength: 100000` nests 100,000 deep): a deep enough grammar
@@ -46,7 +47,7 @@ def json_grammar(schema: str | None) -> str:
         return JSON_GBNF
     _check_counts(schema)
     try:
-        grammar: str = json_schema_to_gbnf(schema)
+        grammar = _convert(schema)
     except RecursionError:
         raise ValueError("the schema nests too deeply") from None
     except (ValueError, TypeError, KeyError, AttributeError, AssertionError,
@@ -60,6 +61,31 @@ def json_grammar(schema: str | None) -> str:
         raise ValueError("the schema's grammar is too large (lower maxLength, maxItems or "
                          "the nesting)")
     _check_parses(grammar)
+    return grammar
+
+
+# How llama.cpp's own converter writes a literal into GBNF (json-schema-to-grammar.cpp); the
+# Python port escapes only the first three, not the backslash (see `_Converter`).
+LITERAL_ESCAPE = re.compile(r'[\r\n"\\]')
+LITERAL_ESCAPES = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
+
+
+class _Converter(SchemaConverter):
+    r"""llama-cpp-python's converter with literals escaped as llama.cpp's own converter escapes
+    them. Its literals are JSON text (`json.dumps` of a `const`, an `enum` value or a property
+    name), whose escapes begin with a backslash; left as it was, GBNF read `\n` as a raw
+    newline (a reply no JSON parser takes), `\\` as one backslash (another value) and `\"` as
+    the literal's end (a grammar that does not parse)."""
+
+    def _format_literal(self, literal: str) -> str:
+        return '"' + LITERAL_ESCAPE.sub(lambda m: LITERAL_ESCAPES[m.group(0)], literal) + '"'
+
+
+def _convert(schema: str) -> str:
+    """`llama_cpp.llama_grammar.json_schema_to_gbnf`, with `_Converter`."""
+    converter = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(json.loads(schema), "stdin"), "")
+    grammar: str = converter.format_grammar()
     return grammar
 
 
