@@ -103,6 +103,31 @@ def test_schema_strings_refuse_raw_control_characters(model: Model) -> None:
         chain.close()
 
 
+@pytest.mark.parametrize("pattern", ["^.{3}$", "^[^,]{3}$", "^(x|.){3}$"])
+def test_a_pattern_keeps_raw_quotes_backslashes_and_controls_out_of_the_string(
+        model: Model, pattern: str) -> None:
+    # A pattern is held character by character inside the JSON string: `.` or `[^,]` let the
+    # model write a raw `"` there (the string ends early: the reply no longer parses), a lone
+    # backslash or a control character. After `"a` the string needs two more characters, so a
+    # quote there could only be one of them.
+    schema = {"type": "string", "pattern": pattern}
+    chain = SamplerChain(SamplingParams(temperature=0.0, grammar=json_grammar(json.dumps(schema))),
+                         model.n_vocab, model.vocab)
+    try:
+        grammar = chain._grammar
+        assert grammar is not None
+        for token in model.vocabulary.tokenize('"a', special=False):
+            assert chain._allows(token)
+            llama_cpp.llama_sampler_accept(grammar, token)
+        for char in ('"', "\\", "\n", "\x01"):
+            token, = model.vocabulary.tokenize(char, special=False)
+            assert not chain._allows(token), repr(char)
+        letter, = model.vocabulary.tokenize("y", special=False)
+        assert chain._allows(letter)
+    finally:
+        chain.close()
+
+
 SHAPES = {
     "string maxLength": lambda n: {"type": "string", "maxLength": n},
     "array maxItems": lambda n: {"type": "array", "items": {"type": "integer"}, "maxItems": n},

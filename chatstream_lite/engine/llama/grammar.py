@@ -37,6 +37,7 @@ COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperti
 BOUNDS = (("minLength", "maxLength"), ("minItems", "maxItems"),
           ("minProperties", "maxProperties"), ("minContains", "maxContains"),
           ("minimum", "maximum"))
+JSON_EXCLUDED = r'"\\\x7F\x00-\x1F'           # what a JSON string never holds raw
 JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
 
@@ -56,7 +57,7 @@ def json_grammar(schema: str | None) -> str:
     # The converter's string character is any but `"` and `\`, raw control characters
     # included, which strict JSON parsers refuse (a raw newline in a string, say); llama.cpp's
     # own converter and JSON_GBNF exclude them.
-    grammar = grammar.replace(ANY_CHAR, JSON_CHAR)
+    grammar = _json_safe_classes(grammar.replace(ANY_CHAR, JSON_CHAR))
     if len(grammar) > MAX_GRAMMAR_CHARS or _depth(grammar) > MAX_GRAMMAR_DEPTH:
         raise ValueError("the schema's grammar is too large (lower maxLength, maxItems or "
                          "the nesting)")
@@ -87,6 +88,47 @@ def _convert(schema: str) -> str:
     converter.visit(converter.resolve_refs(json.loads(schema), "stdin"), "")
     grammar: str = converter.format_grammar()
     return grammar
+
+
+def _json_safe_classes(grammar: str) -> str:
+    """Every "any character but ..." class (`[^...]`) also refuses `"`, `\\` and the control
+    characters.
+
+    The converter holds a `pattern` character by character inside the JSON string, with the
+    pattern's `.` as `[^\\x0A\\x0D]` and its `[^,]` as written: the model could write a raw
+    quote there (the string ends early and the reply no longer parses), a lone backslash or a
+    raw control character. Every negated class in its output stands inside a JSON string
+    (the patterns', the key exclusions' of `additionalProperties`, the string character), so
+    each gets the exclusions the JSON string character has. Classes inside quoted literals
+    (a `const` that reads `[^a]`) are left as they are.
+    """
+    out: list[str] = []
+    i, n = 0, len(grammar)
+    while i < n:
+        char = grammar[i]
+        if char == '"':                               # a literal: copied as it is
+            end = _closing(grammar, i + 1, '"')
+            out.append(grammar[i:end + 1])
+            i = end + 1
+        elif char == "[":
+            end = _closing(grammar, i + 1, "]")
+            body = grammar[i + 1:end]
+            if body.startswith("^") and JSON_EXCLUDED not in body:
+                body += JSON_EXCLUDED
+            out.append(f"[{body}]")
+            i = end + 1
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _closing(grammar: str, i: int, quote: str) -> int:
+    """The index of the `quote` that closes what starts at `i` (GBNF escapes skipped), or the
+    end of the text when none does (llama.cpp's parser then refuses the grammar)."""
+    while i < len(grammar) and grammar[i] != quote:
+        i += 2 if grammar[i] == "\\" else 1
+    return min(i, len(grammar))
 
 
 def _check_parses(grammar: str) -> None:
