@@ -37,6 +37,10 @@ COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperti
 BOUNDS = (("minLength", "maxLength"), ("minItems", "maxItems"),
           ("minProperties", "maxProperties"), ("minContains", "maxContains"),
           ("minimum", "maximum"))
+# A GBNF literal or character class, escapes included: scanned in one pass, so a class's
+# brackets inside a literal are not taken for a class.
+LITERAL_OR_CLASS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]')
+PARENS = re.compile(r"[()]")
 JSON_EXCLUDED = r'"\\\x7F\x00-\x1F'           # what a JSON string never holds raw
 JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
@@ -102,33 +106,14 @@ def _json_safe_classes(grammar: str) -> str:
     each gets the exclusions the JSON string character has. Classes inside quoted literals
     (a `const` that reads `[^a]`) are left as they are.
     """
-    out: list[str] = []
-    i, n = 0, len(grammar)
-    while i < n:
-        char = grammar[i]
-        if char == '"':                               # a literal: copied as it is
-            end = _closing(grammar, i + 1, '"')
-            out.append(grammar[i:end + 1])
-            i = end + 1
-        elif char == "[":
-            end = _closing(grammar, i + 1, "]")
-            body = grammar[i + 1:end]
-            if body.startswith("^") and JSON_EXCLUDED not in body:
-                body += JSON_EXCLUDED
-            out.append(f"[{body}]")
-            i = end + 1
-        else:
-            out.append(char)
-            i += 1
-    return "".join(out)
+    return LITERAL_OR_CLASS.sub(_json_safe_class, grammar)
 
 
-def _closing(grammar: str, i: int, quote: str) -> int:
-    """The index of the `quote` that closes what starts at `i` (GBNF escapes skipped), or the
-    end of the text when none does (llama.cpp's parser then refuses the grammar)."""
-    while i < len(grammar) and grammar[i] != quote:
-        i += 2 if grammar[i] == "\\" else 1
-    return min(i, len(grammar))
+def _json_safe_class(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if text.startswith("[^") and JSON_EXCLUDED not in text:
+        return text[:-1] + JSON_EXCLUDED + "]"
+    return text                                 # a literal, or a class that names its chars
 
 
 def _check_parses(grammar: str) -> None:
@@ -185,21 +170,7 @@ def _number(value: object) -> TypeGuard[float]:
 def _depth(grammar: str) -> int:
     """How deeply `grammar` nests parentheses, outside its string literals and classes."""
     depth = deepest = 0
-    quote: str | None = None
-    escaped = False
-    for char in grammar:
-        if quote is not None:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == quote:
-                quote = None
-        elif char in "\"[":
-            quote = "]" if char == "[" else char
-        elif char == "(":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char == ")":
-            depth -= 1
+    for paren in PARENS.findall(LITERAL_OR_CLASS.sub("", grammar)):
+        depth += 1 if paren == "(" else -1
+        deepest = max(deepest, depth)
     return deepest
