@@ -20,6 +20,7 @@ from chatstream_lite.engine import SamplingParams
 from chatstream_lite.engine.llama.grammar import json_grammar
 from chatstream_lite.engine.llama.model import Model
 from chatstream_lite.engine.llama.sampler import SamplerChain
+from chatstream_lite.errors import SchemaUnsatisfiable
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 12},
@@ -104,26 +105,60 @@ def test_schema_strings_refuse_raw_control_characters(model: Model) -> None:
 
 
 @pytest.mark.parametrize("pattern", ["^.{3}$", "^[^,]{3}$", "^(x|.){3}$"])
-def test_a_pattern_keeps_raw_quotes_backslashes_and_controls_out_of_the_string(
+def test_a_pattern_writes_quotes_and_backslashes_only_as_json_escapes(
         model: Model, pattern: str) -> None:
-    # A pattern is held character by character inside the JSON string: `.` or `[^,]` let the
-    # model write a raw `"` there (the string ends early: the reply no longer parses), a lone
-    # backslash or a control character. After `"a` the string needs two more characters, so a
-    # quote there could only be one of them.
+    # A pattern is held inside the JSON string: `.` or `[^,]` let the converter's grammar
+    # write a raw `"` there (the string ends early: the reply no longer parses) or a raw
+    # control character. After `"a` the string needs two more characters, so a quote there
+    # could only be one of them: it must come as `\"`.
     schema = {"type": "string", "pattern": pattern}
     chain = SamplerChain(SamplingParams(temperature=0.0, grammar=json_grammar(json.dumps(schema))),
                          model.n_vocab, model.vocab)
+
+    def token(text: str) -> int:
+        found, = model.vocabulary.tokenize(text, special=False)
+        return found
+
     try:
         grammar = chain._grammar
         assert grammar is not None
-        for token in model.vocabulary.tokenize('"a', special=False):
-            assert chain._allows(token)
-            llama_cpp.llama_sampler_accept(grammar, token)
-        for char in ('"', "\\", "\n", "\x01"):
-            token, = model.vocabulary.tokenize(char, special=False)
-            assert not chain._allows(token), repr(char)
-        letter, = model.vocabulary.tokenize("y", special=False)
-        assert chain._allows(letter)
+        for piece in model.vocabulary.tokenize('"a', special=False):
+            assert chain._allows(piece)
+            llama_cpp.llama_sampler_accept(grammar, piece)
+        for char in ('"', "\n", "\x01"):
+            assert not chain._allows(token(char)), repr(char)
+        assert chain._allows(token("y"))
+        backslash = token("\\")
+        assert chain._allows(backslash)            # the start of an escape, and only that
+        llama_cpp.llama_sampler_accept(grammar, backslash)
+        assert chain._allows(token('"')) and not chain._allows(token("q"))
+    finally:
+        chain.close()
+
+
+def test_a_grammar_that_allows_nothing_more_ends_the_request_not_the_process(
+        model: Model) -> None:
+    # No schema the converter takes should lead here (patterns are made deterministic with
+    # their dead states dropped), but a grammar that reaches a point where no token is
+    # allowed made llama.cpp throw inside `accept`, through C: the process aborted (seen with
+    # a pattern `^[z-a]$`, before). The sampler must refuse to accept a token the grammar
+    # refused, and say so.
+    chain = SamplerChain(SamplingParams(temperature=0.0, grammar='root ::= "{" [z-a]'),
+                         model.n_vocab, model.vocab)
+    prompt = model.vocabulary.tokenize(PROMPT, special=True)
+    model.forget(0)
+    model.batch.clear()
+    for pos, token in enumerate(prompt):
+        model.batch.add(token, pos, 0, pos == len(prompt) - 1)
+    assert model.decode() == 0
+    try:
+        brace = chain.sample(model.context, model.batch.size - 1)
+        assert model.piece(brace) == b"{"
+        model.batch.clear()
+        row = model.batch.add(brace, len(prompt), 0, True)
+        assert model.decode() == 0
+        with pytest.raises(SchemaUnsatisfiable):
+            chain.sample(model.context, row)
     finally:
         chain.close()
 

@@ -19,6 +19,8 @@ from typing import Any, TypeGuard
 import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter
 
+from .pattern import pattern_rules
+
 # llama.cpp parses a grammar recursively, one level per parenthesis, and the converter nests
 # one level per repetition (`maxLength: 100000` nests 100,000 deep): a deep enough grammar
 # would overflow the C stack of the engine thread. llama.cpp's parser now refuses more than
@@ -71,6 +73,7 @@ def json_grammar(schema: str | None) -> str:
 
 # How llama.cpp's own converter writes a literal into GBNF (json-schema-to-grammar.cpp); the
 # Python port escapes only the first three, not the backslash (see `_Converter`).
+RULE_NAME = re.compile(r"[^a-zA-Z0-9-]+")      # what GBNF rule names may not hold
 LITERAL_ESCAPE = re.compile(r'[\r\n"\\]')
 LITERAL_ESCAPES = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
 
@@ -85,6 +88,19 @@ class _Converter(SchemaConverter):
     def _format_literal(self, literal: str) -> str:
         return '"' + LITERAL_ESCAPE.sub(lambda m: LITERAL_ESCAPES[m.group(0)], literal) + '"'
 
+    def _visit_pattern(self, pattern: str, name: str) -> str:
+        """A `pattern` as a deterministic grammar (pattern.py), instead of the port's near
+        literal copy, which llama.cpp could read in exponentially many ways."""
+        base = RULE_NAME.sub("-", name or "root") + "-pattern"
+        prefix, n = base, 1
+        while any(rule.startswith(prefix + "-") for rule in self._rules):
+            n += 1
+            prefix = f"{base}{n}"
+        compiled = pattern_rules(pattern, prefix)
+        self._rules.update(compiled.rules)
+        rule: str = self._add_rule(name, f'"\\"" {compiled.root} "\\"" space')
+        return rule
+
 
 def _convert(schema: str) -> str:
     """`llama_cpp.llama_grammar.json_schema_to_gbnf`, with `_Converter`."""
@@ -98,13 +114,11 @@ def _json_safe_classes(grammar: str) -> str:
     """Every "any character but ..." class (`[^...]`) also refuses `"`, `\\` and the control
     characters.
 
-    The converter holds a `pattern` character by character inside the JSON string, with the
-    pattern's `.` as `[^\\x0A\\x0D]` and its `[^,]` as written: the model could write a raw
-    quote there (the string ends early and the reply no longer parses), a lone backslash or a
-    raw control character. Every negated class in its output stands inside a JSON string
-    (the patterns', the key exclusions' of `additionalProperties`, the string character), so
-    each gets the exclusions the JSON string character has. Classes inside quoted literals
-    (a `const` that reads `[^a]`) are left as they are.
+    Every negated class in the converter's output stands inside a JSON string (the key
+    exclusions of `additionalProperties`, the string character; patterns are compiled by
+    pattern.py into positive classes), where a raw `"` would end the string early and a raw
+    control character is not JSON; so each gets the exclusions the JSON string character
+    has. Classes inside quoted literals (a `const` that reads `[^a]`) are left as they are.
     """
     return LITERAL_OR_CLASS.sub(_json_safe_class, grammar)
 
