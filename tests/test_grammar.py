@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from chatstream_lite.engine.llama import grammar as grammar_module
 from chatstream_lite.engine.llama.grammar import MAX_REPETITION, json_grammar
 
 pytestmark = pytest.mark.timeout(20)
@@ -37,3 +38,36 @@ def test_ordinary_counts_still_convert() -> None:
     # A count the converter takes but whose grammar is too deep is refused after it.
     with pytest.raises(ValueError, match="too large"):
         json_grammar(json.dumps({"type": "string", "maxLength": MAX_REPETITION}))
+
+
+@pytest.mark.parametrize("schema", [{"enum": []}, {"anyOf": []}, {"type": []},
+                                    {"type": "object", "properties": {"a": {"enum": []}},
+                                     "required": ["a"]}])
+def test_a_schema_that_allows_no_value_is_refused_before_llama_cpp_reads_it(
+        schema: dict[str, object], capfd: pytest.CaptureFixture[str]) -> None:
+    # The converter writes an empty rule; llama.cpp's parser refuses it, but first prints the
+    # whole grammar to stderr: a client could fill the log with each request.
+    with pytest.raises(ValueError, match="allows no value"):
+        json_grammar(json.dumps(schema))
+    assert capfd.readouterr().err == ""
+
+
+def test_a_schema_asked_again_is_converted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Agents send the same tools (and a client the same hostile schema) with every request;
+    # a pattern at the work bound costs ~0.5 s of a worker each time it is converted.
+    calls: list[str] = []
+    convert = grammar_module._convert
+
+    def counted(schema: str) -> str:
+        calls.append(schema)
+        return convert(schema)
+
+    monkeypatch.setattr(grammar_module, "_convert", counted)
+    good = json.dumps({"type": "object", "properties": {"n": {"type": "integer"}},
+                       "description": "asked twice"})
+    bad = json.dumps({"type": "string", "pattern": "^(.?){999}$", "description": "twice"})
+    assert json_grammar(good) is json_grammar(good)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="too ambiguous"):
+            json_grammar(bad)
+    assert calls == [good, bad]

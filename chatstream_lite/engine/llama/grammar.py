@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from typing import Any, TypeGuard
 
 import llama_cpp
@@ -43,15 +45,41 @@ BOUNDS = (("minLength", "maxLength"), ("minItems", "maxItems"),
 # brackets inside a literal are not taken for a class.
 LITERAL_OR_CLASS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]')
 PARENS = re.compile(r"[()]")
+EMPTY_RULE = re.compile(r"^\S+ ::=[ (|)]*$", re.MULTILINE)   # a rule that allows nothing
+RECENT_SCHEMAS = 64          # schemas (and their grammars, up to 256 KiB each) remembered
+_recent: OrderedDict[str, str | ValueError] = OrderedDict()
+_recent_lock = threading.Lock()     # json_grammar runs in the request workers' threads
 JSON_EXCLUDED = r'"\\\x7F\x00-\x1F'           # what a JSON string never holds raw
 JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
 
 def json_grammar(schema: str | None) -> str:
     """GBNF that accepts exactly the JSON text `schema` (a JSON Schema, as text) allows, or
-    any JSON object when it is None. A schema it cannot convert raises `ValueError`."""
+    any JSON object when it is None. A schema it cannot convert raises `ValueError`.
+
+    The last schemas asked for are remembered, refusals included: agents send the same
+    tools with every request, and a hostile client the same costly schema."""
     if schema is None:
         return JSON_GBNF
+    with _recent_lock:
+        known = _recent.get(schema)
+        if known is not None:
+            _recent.move_to_end(schema)
+    if known is None:
+        try:
+            known = _json_grammar(schema)
+        except ValueError as error:
+            known = error
+        with _recent_lock:
+            _recent[schema] = known
+            while len(_recent) > RECENT_SCHEMAS:
+                _recent.popitem(last=False)
+    if isinstance(known, ValueError):
+        raise ValueError(str(known))
+    return known
+
+
+def _json_grammar(schema: str) -> str:
     _check_counts(schema)
     try:
         grammar = _convert(schema)
@@ -67,6 +95,10 @@ def json_grammar(schema: str | None) -> str:
     if len(grammar) > MAX_GRAMMAR_CHARS or _depth(grammar) > MAX_GRAMMAR_DEPTH:
         raise ValueError("the schema's grammar is too large (lower maxLength, maxItems or "
                          "the nesting)")
+    if EMPTY_RULE.search(grammar):
+        # llama.cpp would refuse it too, but only after printing the whole grammar to stderr.
+        raise ValueError("the schema allows no value (an empty 'enum', 'anyOf' or 'type' "
+                         "list)")
     _check_parses(grammar)
     return grammar
 
@@ -133,11 +165,10 @@ def _json_safe_class(match: re.Match[str]) -> str:
 def _check_parses(grammar: str) -> None:
     """Have llama.cpp's own parser read `grammar` here, off the engine thread.
 
-    The converter copies a `pattern`'s classes and escapes into GBNF as they are, and
-    llama.cpp's parser refuses some of them (`[\\w]`, `\\1`) or the left recursion `a**`
-    becomes; found when the sequence's sampler is built, that was a failed reply (500). No
-    vocabulary is needed to parse (only to read token references, which JSON grammars do not
-    have), so this touches no model. The parse is milliseconds (6 ms for 22 KB).
+    Found only when the sequence's sampler is built, a grammar llama.cpp refuses was a failed
+    reply (500) from the engine thread; the converter's patterns did that (`[\\w]`, `\\1`,
+    `a**`) before pattern.py. No vocabulary is needed to parse (only to read token
+    references, which JSON grammars do not have), so this touches no model: 6 ms for 22 KB.
     """
     try:
         text = grammar.encode("utf-8")
@@ -145,10 +176,7 @@ def _check_parses(grammar: str) -> None:
         raise ValueError("the schema holds text that is not valid Unicode") from None
     sampler = llama_cpp.llama_sampler_init_grammar(None, text, b"root")
     if not sampler:
-        raise ValueError("llama.cpp cannot parse the grammar it converts to (an empty "
-                         "'enum', 'anyOf' or 'type' list; or a pattern with an escape "
-                         "llama.cpp does not read, such as \\w, \\d or \\s inside [...], a "
-                         "backreference, or a quantifier on a quantifier)")
+        raise ValueError("llama.cpp cannot parse the grammar the schema converts to")
     llama_cpp.llama_sampler_free(sampler)
 
 
