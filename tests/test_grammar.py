@@ -71,3 +71,16 @@ def test_a_schema_asked_again_is_converted_once(monkeypatch: pytest.MonkeyPatch)
         with pytest.raises(ValueError, match="too ambiguous"):
             json_grammar(bad)
     assert calls == [good, bad]
+
+
+def test_many_patterns_in_one_schema_share_one_bound() -> None:
+    # Each pattern alone is under the bound; 2,000 of them (a 100 KB body) would have
+    # kept a worker busy for minutes, and 50 long ones make a grammar over the size bound.
+    many = {"type": "object", "properties": {
+        f"p{i}": {"type": "string", "pattern": "^(.?){60}$"} for i in range(2000)}}
+    with pytest.raises(ValueError, match="too many"):
+        json_grammar(json.dumps(many))
+    long = {"type": "object", "properties": {
+        f"p{i}": {"type": "string", "pattern": "^.{0,900}$"} for i in range(50)}}
+    with pytest.raises(ValueError, match="too large"):
+        json_grammar(json.dumps(long))

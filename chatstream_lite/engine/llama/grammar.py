@@ -21,7 +21,7 @@ from typing import Any, TypeGuard
 import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter
 
-from .pattern import pattern_rules
+from .pattern import Budget, pattern_rules
 
 # llama.cpp parses a grammar recursively, one level per parenthesis, and the converter nests
 # one level per repetition (`maxLength: 100000` nests 100,000 deep): a deep enough grammar
@@ -117,6 +117,11 @@ class _Converter(SchemaConverter):
     newline (a reply no JSON parser takes), `\\` as one backslash (another value) and `\"` as
     the literal's end (a grammar that does not parse)."""
 
+    def __init__(self) -> None:
+        super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        self.budget = Budget()          # every pattern of the schema spends from this one
+        self.pattern_chars = 0
+
     def _format_literal(self, literal: str) -> str:
         return '"' + LITERAL_ESCAPE.sub(lambda m: LITERAL_ESCAPES[m.group(0)], literal) + '"'
 
@@ -128,15 +133,18 @@ class _Converter(SchemaConverter):
         while any(rule.startswith(prefix + "-") for rule in self._rules):
             n += 1
             prefix = f"{base}{n}"
-        compiled = pattern_rules(pattern, prefix)
+        compiled = pattern_rules(pattern, prefix, self.budget)
         self._rules.update(compiled.rules)
+        self.pattern_chars += sum(len(rule) + len(body) for rule, body in compiled.rules.items())
+        if self.pattern_chars > MAX_GRAMMAR_CHARS:
+            raise ValueError("the schema's patterns make too large a grammar")
         rule: str = self._add_rule(name, f'"\\"" {compiled.root} "\\"" space')
         return rule
 
 
 def _convert(schema: str) -> str:
     """`llama_cpp.llama_grammar.json_schema_to_gbnf`, with `_Converter`."""
-    converter = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter = _Converter()
     converter.visit(converter.resolve_refs(json.loads(schema), "stdin"), "")
     grammar: str = converter.format_grammar()
     return grammar

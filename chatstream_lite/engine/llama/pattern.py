@@ -32,6 +32,7 @@ MAX_DFA_STATES = 1_000       # each becomes one GBNF rule
 # Steps of the subset construction (NFA states visited, pieces of characters split): what
 # bounds this module's time in the worker thread (~0.5 s at the bound on a 2-core CPU).
 MAX_WORK = 250_000
+MINIMIZE_STEPS = 20_000      # merging equivalent states only saves rules: never worth more
 MAX_CODEPOINT = 0x10FFFF
 
 # Inclusive codepoint intervals, sorted and disjoint.
@@ -53,6 +54,21 @@ ESCAPES = {0x22: '\\"', 0x5C: "\\\\", 0x08: "\\b", 0x0C: "\\f", 0x0A: "\\n", 0x0
 BOUNDS = re.compile(r"\{(\d+)(,(\d*))?\}")
 CLASS_ESCAPES = {"d": DIGIT, "w": WORD, "s": SPACE}
 CHAR_ESCAPES = {"t": 0x09, "n": 0x0A, "r": 0x0D, "f": 0x0C, "v": 0x0B, "0": 0x00}
+
+
+class Budget:
+    """The steps a conversion may still take, shared by every pattern of one schema: a
+    request's body could otherwise hold thousands of patterns each just under the bound."""
+
+    def __init__(self, steps: int = MAX_WORK) -> None:
+        self.left = steps
+
+    def spend(self, steps: int) -> None:
+        self.left -= steps
+        if self.left < 0:
+            raise ValueError("the schema's patterns are too ambiguous (optional or "
+                             "variable-length parts under a repetition count) or too many to "
+                             "make deterministic here")
 
 
 # -- character sets ---------------------------------------------------------------------
@@ -326,16 +342,20 @@ class PatternRules:
     rules: dict[str, str]
 
 
-def pattern_rules(pattern: str, name: str) -> PatternRules:
+def pattern_rules(pattern: str, name: str, budget: Budget | None = None) -> PatternRules:
     """The rules of a deterministic grammar for the JSON text of every string `pattern`
     matches (without the surrounding quotes). A pattern that is not supported, too large, or
-    that no JSON string can match raises `ValueError`."""
-    return _emit(*automaton(pattern), name)
+    that no JSON string can match raises `ValueError`, as does one that would take more
+    steps than `budget` has left."""
+    return _emit(*automaton(pattern, budget), name)
 
 
-def automaton(pattern: str) -> tuple[list[list[tuple[Chars, int]]], list[bool]]:
-    """The minimal DFA of `pattern` over the characters a reply can write: each state's
-    moves (characters, next state) and whether it accepts; state 0 starts."""
+def automaton(pattern: str, budget: Budget | None = None
+              ) -> tuple[list[list[tuple[Chars, int]]], list[bool]]:
+    """The DFA of `pattern` over the characters a reply can write (minimal where that is
+    cheap): each state's moves (characters, next state) and whether it accepts; state 0
+    starts."""
+    budget = budget or Budget()
     text = pattern
     anchored_start = text.startswith("^")
     # A final "$" is an anchor unless a backslash escapes it (an odd run of them before it).
@@ -358,11 +378,11 @@ def automaton(pattern: str) -> tuple[list[list[tuple[Chars, int]]], list[bool]]:
         accept = nfa.build(node, start)
     except RecursionError:
         raise ValueError("the pattern nests too deeply") from None
-    return _minimal(*_dfa(nfa, start, accept))
+    return _minimal(*_dfa(nfa, start, accept, budget), budget)
 
 
-def _dfa(nfa: _NFA, start: int, accept: int) -> tuple[list[list[tuple[Chars, int]]],
-                                                       list[bool]]:
+def _dfa(nfa: _NFA, start: int, accept: int, budget: Budget
+         ) -> tuple[list[list[tuple[Chars, int]]], list[bool]]:
     """Subset construction over JSON-writable characters; states that cannot reach the
     accepting one are dropped, so no reply can be led into a dead end."""
     writable = _union(RAW, tuple((c, c) for c in ESCAPES))
@@ -370,7 +390,6 @@ def _dfa(nfa: _NFA, start: int, accept: int) -> tuple[list[list[tuple[Chars, int
     index = {first: 0}
     order = [first]
     moves: list[list[tuple[Chars, int]]] = []
-    work = 0
     for subset in order:                              # grows while it is walked
         edges: dict[Chars, set[int]] = {}
         for state in subset:
@@ -378,11 +397,11 @@ def _dfa(nfa: _NFA, start: int, accept: int) -> tuple[list[list[tuple[Chars, int
                 edges.setdefault(_intersect(chars, writable), set()).add(target)
         edges.pop((), None)
         pieces, cost = _partition(edges)
-        work += len(subset) + cost
+        budget.spend(len(subset) + cost)
         out: list[tuple[Chars, int]] = []
         for chars, targets in pieces:
             following = nfa.closure(targets)
-            work += len(following)
+            budget.spend(len(following))
             if following not in index:
                 if len(order) >= MAX_DFA_STATES:
                     raise ValueError(f"the pattern needs more than {MAX_DFA_STATES} "
@@ -390,9 +409,6 @@ def _dfa(nfa: _NFA, start: int, accept: int) -> tuple[list[list[tuple[Chars, int
                 index[following] = len(order)
                 order.append(following)
             out.append((chars, index[following]))
-        if work > MAX_WORK:
-            raise ValueError("the pattern is too ambiguous to make deterministic here "
-                             "(optional or variable-length parts under a repetition count)")
         moves.append(out)
     accepting = [accept in subset for subset in order]
     return moves, accepting
@@ -417,12 +433,20 @@ def _covers(chars: Chars, code: int) -> bool:
     return at >= 0 and chars[at][0] <= code <= chars[at][1]
 
 
-def _minimal(moves: list[list[tuple[Chars, int]]], accepting: list[bool]
+def _minimal(moves: list[list[tuple[Chars, int]]], accepting: list[bool], budget: Budget
              ) -> tuple[list[list[tuple[Chars, int]]], list[bool]]:
     """The same automaton with equivalent states merged (Moore's refinement): fewer rules,
-    and the start stays state 0."""
+    and the start stays state 0. Refinement takes a round per character of the longest
+    distinguishing suffix (900 rounds for `.{0,900}`); past its share of the budget it is
+    left undone and the automaton kept as it is (larger, as correct)."""
+    allowed = min(MINIMIZE_STEPS, budget.left)
+    steps = 0
     group = [int(ok) for ok in accepting]
     while True:
+        steps += len(moves) + sum(len(out) for out in moves)
+        if steps > allowed:
+            budget.left -= allowed
+            return moves, accepting
         signatures: dict[tuple[int, frozenset[tuple[int, Chars]]], int] = {}
         regroup = []
         for state, out in enumerate(moves):
@@ -434,6 +458,7 @@ def _minimal(moves: list[list[tuple[Chars, int]]], accepting: list[bool]
         if len(signatures) == len(set(group)):
             break
         group = regroup
+    budget.left -= steps
     numbers: dict[int, int] = {}                     # the start's group becomes 0
     for g in group:
         numbers.setdefault(g, len(numbers))
