@@ -41,6 +41,10 @@ CASES = [
     (r"^(a|)+$", "ab"),
     (r"^$", "a"),
     (r"^[^]$", "ab"),
+    # Anchors belong to their alternative, as in ECMAScript: "starts with ab, or ends with c".
+    (r"^ab|c$", "abc"),
+    (r"^a|b|c$", "abc1"),
+    (r"^(a|b)$|^1", "ab1"),
 ]
 
 
@@ -101,7 +105,7 @@ def test_ambiguous_patterns_become_small_deterministic_grammars(pattern: str) ->
     (r"^(a)\1$", "not supported"),
     (r"^\bx$", "not supported"),
     (r"^a{3,1}$", "least above its most"),
-    (r"^(a$", "unbalanced"),
+    (r"^(a", "unbalanced"),
     (r"^a)$", "unbalanced"),
     (r"^[z-a]$", "below its start"),
     (r"^[]$", "no JSON string"),

@@ -15,9 +15,10 @@ escapes JSON has short forms for: \\b \\f \\n \\r \\t), so the reply stays valid
 
 Supported: literals, `.`, classes (`[a-z]`, `[^,]`, with `\\d \\w \\s` and their negations
 inside and out), groups (`(...)`, `(?:...)`, `(?<name>...)`), `|`, and `* + ? {m} {m,} {m,n}`
-(lazy `?` suffixes read the same). Unanchored patterns match anywhere in the string, as JSON
-Schema says. Not supported (a `ValueError`, the request's 400): lookarounds, backreferences,
-word boundaries, anchors other than at the ends.
+(lazy `?` suffixes read the same). An alternative not anchored by `^` / `$` matches anywhere
+in the string, as JSON Schema says (`^a|b$`: starts with a, or ends with b). Not supported (a
+`ValueError`, the request's 400): lookarounds, backreferences, word boundaries, anchors
+other than at an alternative's start or end.
 """
 
 from __future__ import annotations
@@ -161,6 +162,26 @@ class _Parser:
         self.i += 1
         return char
 
+    def pattern(self) -> _Node:
+        """The whole pattern: alternatives that match anywhere in the text unless `^` starts
+        or `$` ends them (`^a|b$` is "starts with a, or ends with b", as in ECMAScript)."""
+        everything = _Repeat(_Set(ANY), 0, None)
+        options: list[_Node] = []
+        while True:
+            start = self.peek() == "^"
+            self.i += start
+            body = self.sequence(top=True)
+            end = self.peek() == "$"
+            self.i += end
+            options.append(_Seq(((), (everything,))[not start] + (body,) +
+                                ((), (everything,))[not end]))
+            if self.peek() != "|":
+                break
+            self.i += 1
+        if self.peek() is not None:
+            raise self.fail("unbalanced parentheses")
+        return options[0] if len(options) == 1 else _Alt(tuple(options))
+
     def alternation(self) -> _Node:
         options = [self.sequence()]
         while self.peek() == "|":
@@ -168,9 +189,11 @@ class _Parser:
             options.append(self.sequence())
         return options[0] if len(options) == 1 else _Alt(tuple(options))
 
-    def sequence(self) -> _Node:
+    def sequence(self, *, top: bool = False) -> _Node:
         items: list[_Node] = []
         while self.peek() not in (None, "|", ")"):
+            if top and self.peek() == "$" and self.text[self.i + 1:self.i + 2] in ("", "|"):
+                break                             # the alternative's end anchor
             atom = self.atom()
             items.append(self.quantified(atom))
         return items[0] if len(items) == 1 else _Seq(tuple(items))
@@ -230,7 +253,8 @@ class _Parser:
         if char in "*+?":
             raise self.fail(f"nothing to repeat with {char!r}")
         if char in "^$":
-            raise self.fail("anchors are supported only at the pattern's ends")
+            raise self.fail("anchors are supported only at the start and end of the "
+                            "pattern's alternatives")
         return _Set(_single(ord(char)))
 
     def escape(self, *, in_class: bool) -> Chars:
@@ -356,22 +380,11 @@ def automaton(pattern: str, budget: Budget | None = None
     cheap): each state's moves (characters, next state) and whether it accepts; state 0
     starts."""
     budget = budget or Budget()
-    text = pattern
-    anchored_start = text.startswith("^")
-    # A final "$" is an anchor unless a backslash escapes it (an odd run of them before it).
-    backslashes = len(text[:-1]) - len(text[:-1].rstrip("\\"))
-    anchored_end = text.endswith("$") and backslashes % 2 == 0 and len(text) > anchored_start
-    text = text[1 if anchored_start else 0:len(text) - 1 if anchored_end else len(text)]
-    parser = _Parser(text)
+    parser = _Parser(pattern)
     try:
-        node = parser.alternation()
+        node = parser.pattern()
     except RecursionError:
         raise ValueError("the pattern nests too deeply") from None
-    if parser.peek() is not None:
-        raise parser.fail("unbalanced parentheses")
-    everything = _Repeat(_Set(ANY), 0, None)
-    node = _Seq(tuple(([] if anchored_start else [everything]) + [node] +
-                      ([] if anchored_end else [everything])))
     nfa = _NFA()
     start = nfa.state()
     try:
