@@ -106,6 +106,39 @@ async def test_a_streamed_call_comes_together_in_the_clients_stream_helper(
     jsonschema.validate(json.loads(call.function.arguments), CITY)
 
 
+async def test_a_call_cut_by_max_tokens_comes_back_as_a_call_with_length(
+        client: AsyncOpenAI) -> None:
+    # As OpenAI answers it: the call, its arguments as far as they were written (not JSON
+    # yet), and finish_reason "length"; before, the reply's raw JSON came back as content,
+    # the tool format's own text shown to the user.
+    whole = await client.chat.completions.create(
+        model="x", messages=ASK, tools=[WEATHER], tool_choice="required", **GREEDY)
+    assert whole.usage is not None
+    cut = whole.usage.completion_tokens - 2
+    short = await client.chat.completions.create(
+        model="x", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=cut,
+        **GREEDY)
+    choice = short.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None, choice
+    [call] = choice.message.tool_calls or []
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert call.function.arguments.startswith("{"), call.function.arguments
+    # Streamed (the client's stream helper raises on "length", so the chunks are read).
+    stream = await client.chat.completions.create(
+        model="x", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=cut,
+        stream=True, **GREEDY)
+    names, arguments, reasons = "", "", []
+    async for chunk in stream:
+        for part in chunk.choices:
+            for delta in part.delta.tool_calls or []:
+                if delta.function is not None:
+                    names += delta.function.name or ""
+                    arguments += delta.function.arguments or ""
+            reasons.append(part.finish_reason)
+    assert names == "get_weather" and arguments.startswith("{"), (names, arguments)
+    assert [r for r in reasons if r] == ["length"]
+
+
 async def test_a_named_function_is_the_one_called(client: AsyncOpenAI) -> None:
     whole = await client.chat.completions.create(
         model="x", messages=ASK, tools=[WEATHER, CLOCK], **GREEDY,
@@ -358,6 +391,27 @@ def test_a_call_that_does_not_parse_stays_text(text: str) -> None:
     fmt = HermesFormat() if text.startswith("<") else Llama3Format()
     reply = read_reply(fmt.decoder(AUTO), text)
     assert not reply.calls and reply.content == text
+
+
+@pytest.mark.parametrize(("fmt", "text"), [
+    (HermesFormat(), 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'),
+    (Llama3Format(), '{"name": "get_weather", "parameters": {"city": "Par'),
+    (MistralFormat(), '[{"name": "get_weather", "arguments": {"city": "Par'),
+    (GENERIC, '{"tool_call": {"name": "get_weather", "arguments": {"city": "Par'),
+    (GENERIC, '{"tool_calls": [{"name": "get_time", "arguments": {"zone": "UTC"}}, '
+              '{"name": "get_weather", "arguments": {"city": "Par'),
+])
+def test_a_call_cut_by_max_tokens_is_read_as_far_as_it_goes(fmt: Any, text: str) -> None:
+    # Cut (finish_reason "length"), the calls come back as OpenAI returns a cut call: the
+    # arguments as written so far; a finished call before it whole. Not cut, the same text
+    # is not a call (test_a_call_that_does_not_parse_stays_text).
+    reply = read_reply(fmt.decoder(AUTO), text, cut=True)
+    *done, last = reply.calls
+    assert (last.name, last.arguments) == ("get_weather", '{"city": "Par')
+    assert [(c.name, json.loads(c.arguments)) for c in done] == (
+        [("get_time", {"zone": "UTC"})] if "tool_calls" in text else [])
+    assert "tool_call" not in reply.content and "{" not in reply.content
+    assert not read_reply(fmt.decoder(AUTO), text).calls
 
 
 def test_the_generic_response_streams_with_its_escapes_decoded() -> None:

@@ -101,14 +101,15 @@ class ReplyDecoder(Protocol):
     def feed(self, text: str) -> str:
         """Take the next piece of the reply; return the text that can be shown now."""
 
-    def finish(self) -> Reply:
-        """The reply has ended: the rest of its text, and its calls."""
+    def finish(self, cut: bool = False) -> Reply:
+        """The reply has ended: the rest of its text, and its calls (`cut`: by max_tokens,
+        so a call may be written only in part)."""
 
 
-def read_reply(decoder: ReplyDecoder, text: str) -> Reply:
+def read_reply(decoder: ReplyDecoder, text: str, *, cut: bool = False) -> Reply:
     """A whole reply at once: its text (shown or not) and its calls."""
     shown = decoder.feed(text)
-    end = decoder.finish()
+    end = decoder.finish(cut)
     return Reply(shown + end.content, end.calls)
 
 
@@ -182,6 +183,24 @@ class ToolFormat:
         if isinstance(value.get("tool_calls"), list):
             return self._checked(value["tool_calls"], asked, "arguments")
         return None
+
+    def partial_calls(self, text: str, asked: ToolRequest) -> list[ToolCall]:
+        """The calls of a reply cut by max_tokens, as OpenAI returns a cut call: each call
+        whose name was written whole, its arguments as far as they go (JSON only when they
+        were finished). Empty when no offered tool's name was written whole."""
+        names = {t.name for t in asked.callable}
+        heads = [h for h in _PARTIAL_HEAD.finditer(text) if h.group(1) in names]
+        calls: list[ToolCall] = []
+        for k, head in enumerate(heads):
+            raw = text[head.end():heads[k + 1].start() if k + 1 < len(heads) else len(text)]
+            try:
+                value, _ = _DECODER.raw_decode(raw)
+            except ValueError:
+                value = None
+            arguments = json.dumps(_clean(value), ensure_ascii=False) \
+                if isinstance(value, dict) else raw.rstrip()
+            calls.append(ToolCall(self.new_id(), head.group(1), arguments))
+        return calls
 
     def _checked(self, raw: list[Any], asked: ToolRequest, key: str) -> list[ToolCall] | None:
         """Calls of tools the request offered, with arguments that are a JSON object."""
@@ -308,6 +327,9 @@ _HEAD = re.compile(r'\s*\{\s*"(tool_calls?|response)"\s*:\s*("?)')
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
             "t": "\t"}
 MAX_HEAD = 64        # characters read before a generic reply must have shown its branch
+# Where a call's arguments begin, in every format: its name, then its arguments' key.
+_PARTIAL_HEAD = re.compile(r'"name"\s*:\s*"([^"\\]+)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+_DECODER = json.JSONDecoder(strict=False)
 
 
 class _GenericDecoder:
@@ -343,10 +365,12 @@ class _GenericDecoder:
             self.state = "after"
         return shown
 
-    def finish(self) -> Reply:
+    def finish(self, cut: bool = False) -> Reply:
         if self.state in ("response", "after"):
             return Reply()
         calls = self.fmt.calls(self.text, self.asked)
+        if not calls and cut and self.state == "calls":
+            calls = self.fmt.partial_calls(self.text, self.asked)
         return Reply(calls=calls) if calls else Reply(self.text)
 
 
@@ -421,8 +445,12 @@ class _MarkerDecoder:
         self.held = self.held[len(shown):]
         return shown
 
-    def finish(self) -> Reply:
+    def finish(self, cut: bool = False) -> Reply:
         calls = self.fmt.calls(self.held, self.asked) if self.calling else None
+        if not calls and cut and self.calling:
+            partial = self.fmt.partial_calls(self.held, self.asked)
+            if partial:
+                return Reply("", partial)          # the held text is the calls' own
         if not calls:
             return Reply(self.held)
         return Reply(self.fmt.rest(self.held), calls)
@@ -460,8 +488,10 @@ class _LeadingDecoder:
         shown, self.held = self.held, ""
         return shown
 
-    def finish(self) -> Reply:
+    def finish(self, cut: bool = False) -> Reply:
         calls = self.fmt.calls(self.held, self.asked) if self.state == "calls" else None
+        if not calls and cut and self.state == "calls":
+            calls = self.fmt.partial_calls(self.held, self.asked)
         return Reply(calls=calls) if calls else Reply(self.held)
 
 

@@ -223,12 +223,14 @@ class ToolCallsBody(JSONBody):
         plan = self.completion.tools
         if not whole or plan is None:
             return choice
-        reply = read_reply(plan.decoder(), text or "")
+        cut = finish_reason == "length"
+        reply = read_reply(plan.decoder(), text or "", cut=cut)
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}
         if reply.calls:
             message["content"] = reply.content.strip() or None
             message["tool_calls"] = [_openai_call(c) for c in reply.calls]
-            choice["finish_reason"] = "tool_calls"
+            if not cut:                       # a cut call keeps "length", as OpenAI's does
+                choice["finish_reason"] = "tool_calls"
         choice["message"] = message
         return choice
 
@@ -250,7 +252,7 @@ class ToolCallsStream(EventStream):
             await super().send(Piece(shown))
 
     async def close(self, finished: Finished) -> None:
-        end = self.decoder.finish()
+        end = self.decoder.finish(cut=finished.reason == "length")
         if end.content:
             await super().send(Piece(end.content))
         for index, call in enumerate(end.calls):
@@ -267,7 +269,7 @@ class ToolCallsStream(EventStream):
                logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
         choice = super().choice(index, text, finish_reason, whole=whole, first=first,
                                 logprobs=logprobs)
-        if finish_reason is not None and self.called:
+        if finish_reason not in (None, "length") and self.called:
             choice["finish_reason"] = "tool_calls"
         return choice
 
