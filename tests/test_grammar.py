@@ -84,3 +84,11 @@ def test_many_patterns_in_one_schema_share_one_bound() -> None:
         f"p{i}": {"type": "string", "pattern": "^.{0,900}$"} for i in range(50)}}
     with pytest.raises(ValueError, match="too large"):
         json_grammar(json.dumps(long))
+
+
+def test_a_property_named_empty_keeps_the_object_as_the_root() -> None:
+    # Found by the schema fuzz test: the reply was the property's integer, not the object.
+    grammar = json_grammar(json.dumps({"type": "object", "required": [""],
+                                       "properties": {"": {"type": "integer"}}}))
+    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines())
+    assert rules["root"].startswith('"{"'), grammar

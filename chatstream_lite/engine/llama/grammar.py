@@ -121,6 +121,17 @@ class _Converter(SchemaConverter):
         super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
         self.budget = Budget()          # every pattern of the schema spends from this one
         self.pattern_chars = 0
+        self.root_visited = False
+
+    def visit(self, schema: Any, name: str) -> str:
+        # The port names a property's rule after its path, and the root's is "": a property
+        # named "" of the root object was visited as the root itself, its rule written over
+        # the root's (the reply was that property's value, not the object).
+        if name == "" and self.root_visited:
+            name = "empty-name"
+        self.root_visited = True
+        rule: str = super().visit(schema, name)
+        return rule
 
     def _format_literal(self, literal: str) -> str:
         return '"' + LITERAL_ESCAPE.sub(lambda m: LITERAL_ESCAPES[m.group(0)], literal) + '"'
