@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -120,10 +121,19 @@ openai_bodies = _weighted(plausible_openai, st.fixed_dictionaries({}, optional={
 @pytest.fixture(scope="module")
 def threaded_server(model_path: str) -> Iterator[Server]:
     """A real server on its own loop in a thread: hypothesis drives it synchronously."""
+    yield from _threaded(ChatStream(model_path, n_ctx=512, max_new_tokens=2))
+
+
+@pytest.fixture(scope="module")
+def schema_server(model_path: str) -> Iterator[Server]:
+    """Replies long enough to reach a grammar's dead ends and costly states."""
+    yield from _threaded(ChatStream(model_path, n_ctx=512, max_new_tokens=24))
+
+
+def _threaded(chat_stream: ChatStream) -> Iterator[Server]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    chat_stream = ChatStream(model_path, n_ctx=512, max_new_tokens=2)
     server = asyncio.run_coroutine_threadsafe(start_server(chat_stream, build_full_app),
                                               loop).result(60)
     try:
@@ -250,6 +260,77 @@ def test_arbitrary_json_at_the_openai_route_never_gets_a_5xx(threaded_server: Se
     ok = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     status, _, payload = _post(server, json.dumps(ok).encode(), None, "/v1/chat/completions")
     assert status == 200 and json.loads(payload)["choices"][0]["message"]["role"] == "assistant"
+
+
+# JSON Schemas of what the converter enforces, with hostile corners: patterns built from
+# ECMAScript pieces (ambiguous repetitions, classes, escapes, anchors), constants holding
+# quotes, backslashes and control characters, bounds in any order.
+PATTERN_ATOMS = ["a", "b", "1", ".", "[a-c]", "[^,]", "[z-a]", "\\d", "\\w", "\\s", "\\.",
+                 '"', "\\\\", "\\n", "[\\d-]", "\\x01", "(?:a|bb)", "\\1", "(?=a)", "()"]
+PATTERN_QUANTIFIERS = ["", "", "?", "*", "+", "{2}", "{0,3}", "{1,40}", "{3,1}", "{0,60}"]
+pattern_units = st.recursive(
+    st.tuples(st.sampled_from(PATTERN_ATOMS), st.sampled_from(PATTERN_QUANTIFIERS)).map(
+        "".join),
+    lambda inner: st.tuples(st.lists(inner, min_size=1, max_size=3).map("".join),
+                            st.sampled_from(["|", ""]), st.lists(inner, max_size=2).map("".join),
+                            st.sampled_from(PATTERN_QUANTIFIERS)).map(
+        lambda t: f"({t[0]}{t[1]}{t[2]}){t[3]}"),
+    max_leaves=6)
+patterns = st.tuples(st.sampled_from(["^", ""]), st.lists(pattern_units, max_size=4).map(
+    "".join), st.sampled_from(["$", ""])).map("".join)
+tricky_text = st.text(alphabet=st.sampled_from(['a', '"', "\\", "\n", "\x00", "\x1f", "\u2028",
+                                                "é", "[", "]", "^"]), max_size=6)
+counts = st.integers(-2, 70)
+leaf_schemas = st.one_of(
+    st.builds(lambda p: {"type": "string", "pattern": p}, patterns),
+    st.builds(lambda lo, hi: {"type": "string", "minLength": lo, "maxLength": hi}, counts, counts),
+    st.sampled_from([{"type": "integer"}, {"type": "number"}, {"type": "boolean"},
+                     {"type": "null"}]),
+    st.builds(lambda v: {"const": v}, tricky_text),
+    st.builds(lambda vs: {"enum": vs}, st.lists(tricky_text, max_size=3)),
+)
+schemas = st.recursive(leaf_schemas, lambda inner: st.one_of(
+    st.builds(lambda props: {"type": "object", "additionalProperties": False,
+                             "required": list(props), "properties": props},
+              st.dictionaries(tricky_text, inner, max_size=3)),
+    st.builds(lambda item, lo, hi: {"type": "array", "items": item, "minItems": lo,
+                                    "maxItems": hi}, inner, st.integers(0, 3), st.integers(0, 3)),
+    st.builds(lambda options: {"anyOf": options}, st.lists(inner, min_size=1, max_size=2)),
+), max_leaves=5)
+
+
+def test_arbitrary_schemas_never_get_a_5xx_stall_or_an_invalid_reply(
+        schema_server: Server) -> None:
+    # Before session 7 one 60-byte schema aborted the process, another held the engine
+    # thread for minutes, and constants with escapes came back as other text.
+    server = schema_server
+    seen: Counter[str] = Counter()
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck),
+              database=None)
+    @given(schema=schemas)
+    def property_holds(schema: Any) -> None:
+        body = {"messages": [{"role": "user", "content": "Answer in JSON."}], "temperature": 0,
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "x", "schema": schema}}}
+        status, headers, payload = _post(server, json.dumps(body).encode(), None,
+                                         "/v1/chat/completions")
+        assert status < 500, (schema, payload)
+        if status != 200:
+            seen["rejected"] += 1
+            assert _assert_json_error(headers, payload)["message"]
+            return
+        choice = json.loads(payload)["choices"][0]
+        seen[choice["finish_reason"]] += 1
+        if choice["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+
+    property_holds()
+    assert seen["rejected"] > 5 and seen["stop"] > 5, seen
+    assert _server_errors(server) == 0
+    ok = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    status, _, payload = _post(server, json.dumps(ok).encode(), None, "/v1/chat/completions")
+    assert status == 200
 
 
 def _deep(depth: int, kind: str = "list") -> str:
