@@ -204,8 +204,10 @@ def test_arbitrary_json_never_gets_a_5xx_nor_changes_history(threaded_server: Se
     _wait_for_calls(server, 1)
     seen: Counter[str] = Counter()
 
+    # derandomize: the kinds-were-generated check below counts random draws, and a run
+    # that drew only three dict stand-ins in 150 failed `.ci/run` here (session 7).
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck),
-              database=None)
+              database=None, derandomize=True)
     @given(body=bodies)
     def property_holds(body: Any) -> None:
         before = _stored(server, session_id)
@@ -239,8 +241,10 @@ def test_arbitrary_json_at_the_openai_route_never_gets_a_5xx(threaded_server: Se
     server = threaded_server
     seen: Counter[str] = Counter()
 
+    # derandomize: the kinds-were-generated check below counts random draws, and a run
+    # that drew only three dict stand-ins in 150 failed `.ci/run` here (session 7).
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck),
-              database=None)
+              database=None, derandomize=True)
     @given(body=openai_bodies)
     def property_holds(body: Any) -> None:
         status, headers, payload = _post(server, splice(body), None, "/v1/chat/completions")
