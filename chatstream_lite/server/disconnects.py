@@ -66,10 +66,27 @@ class DisconnectWatcher:
     """Calls each registered request's `on_gone` once, when its connection closes."""
 
     def __init__(self, interval: float = DISCONNECT_POLL_INTERVAL) -> None:
-        self.interval = interval
+        self._interval = interval
         self.passes = 0         # ticks run so far: what a benchmark or test can count
         self._watched: dict[Watch, None] = {}   # an insertion-ordered set
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def interval(self) -> float:
+        return self._interval
+
+    @interval.setter
+    def interval(self, seconds: float) -> None:
+        """A new interval takes effect at once: a pass now, then sleeps of the new length. A
+        task asleep on the old one would tick once more up to that long after (with 60 s
+        set, a close that came within the old 50 ms was still seen by the old tick)."""
+        self._interval = seconds
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            self._task = None
+            if self._watched:
+                self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                    name=WATCHER_TASK)
 
     @property
     def watching(self) -> int:
@@ -90,7 +107,7 @@ class DisconnectWatcher:
         # Ends once nothing is registered, so an idle server has no timer at all.
         while self._watched:
             self._pass()
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self._interval)
 
     def _pass(self) -> None:
         self.passes += 1
