@@ -233,8 +233,11 @@ def test_arbitrary_json_never_gets_a_5xx_nor_changes_history(threaded_server: Se
     assert _server_errors(server) == 0
     calls = len(server.recorder.calls)
     status, _, payload = _post(server, json.dumps({"user_input": "still there?"}).encode(), cookie)
-    assert status == 200 and payload
+    # Answered: a 2-token reply may be empty (the model may end at once), so the callback
+    # says it, not the text.
+    assert status == 200
     _wait_for_calls(server, calls + 1)
+    assert server.recorder.calls[-1][0] == "success"
 
 
 def test_arbitrary_json_at_the_openai_route_never_gets_a_5xx(threaded_server: Server) -> None:
