@@ -22,9 +22,11 @@ from typing import Any
 
 from aiohttp import web
 
+from . import crash_report
 from .app import create_app
 from .connections import ConnectionGuard
 from .cors import setup_cors
+from .cpu import Cpu
 from .model_file import ModelNotFound
 from .server.chat_stream import ChatStream
 from .settings import ENV_HELP, ENV_PREFIX, Settings, add_arguments
@@ -82,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    crash_report.install(crash_advice())
     try:
         chat_stream = ChatStream(**settings.chat_stream_kwargs())
     except (ModelNotFound, ValueError) as error:
@@ -97,6 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("event loop: %s", settings.loop)
     run(serve(app, chat_stream, settings.host, settings.port, guard))
     return 1 if chat_stream.load_error is not None else 0
+
+
+def crash_advice() -> str:
+    """What the line after a fatal signal's stack says (crash_report.py)."""
+    cpu = Cpu.detect().describe()
+    return ("If the stack above is in llama.cpp (llama_decode, Model.load), its CPU kernels "
+            f"faulted on this CPU ({cpu}): start with --extra-buffers off, or with "
+            "--kernel-check on to try the configuration in a child process first; README "
+            "'CPUs with AMX'.")
 
 
 def _is_loopback(host: str) -> bool:

@@ -156,3 +156,9 @@ class GenerationFailed(ChatStreamError):
 
     status = 500
     code = "generation_failed"
+
+
+class StartupError(Exception):
+    """A reason the server cannot start that its message says in full: logged as one line,
+    without a stack (the model's kernels fault on this CPU, say). Not an HTTP error: while
+    it stands, requests get `ServiceUnavailable`."""

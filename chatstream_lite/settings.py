@@ -39,6 +39,8 @@ OPEN_CHAT_API_KEY_PATHS = ("/v1/", "/metrics")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVENT_LOOPS = ("asyncio", "uvloop")
+EXTRA_BUFFERS = ("auto", "on", "off")   # engine/llama/kernels.py
+KERNEL_CHECKS = ("auto", "on", "off")   # engine/llama/kernel_check.py
 SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
 
 _METADATA_KEY = "chatstream_lite.option"
@@ -124,6 +126,16 @@ class Settings:
         "benchmarks/results/cpu-2core-parallel8.json) but cost each stream's speed and "
         "memory: each keeps n-ctx KV cells of its own (8 slots: 906 MiB RSS, 4: 544). "
         "The trade-off, measured: benchmarks/RESULTS.md", group=_MODEL, minimum=1))
+    extra_buffers: str = field(default="auto", metadata=option(
+        "llama.cpp's extra buffer types (weights repacked for AMX or for the AVX kernels, "
+        "CPU_REPACK). auto: off where this llama.cpp build's AMX kernels would run on a CPU "
+        "with AMX (they kill the process there: README 'CPUs with AMX'), on elsewhere",
+        group=_MODEL, choices=EXTRA_BUFFERS))
+    kernel_check: str = field(default="auto", metadata=option(
+        "before loading, decode a batch of the model in a child process and, if it dies of a "
+        "signal, load with --extra-buffers off (or refuse to start with the reason). auto: "
+        "only where AMX kernels would run with extra buffers on; on: always; off: never",
+        group=_MODEL, choices=KERNEL_CHECKS))
 
     # -- server ----------------------------------------------------------------------------
     host: str = field(default="127.0.0.1", metadata=option(
@@ -304,6 +316,8 @@ class Settings:
             "n_threads": self.n_threads,
             "n_batch": self.n_batch,
             "num_of_concurrent_executions": self.num_of_concurrent_executions,
+            "extra_buffers": self.extra_buffers,
+            "kernel_check": self.kernel_check,
             "max_queue_size": self.max_queue_size,
             "max_queue_wait": self.max_queue_wait or None,            # 0: no limit
             "max_generation_time": self.max_generation_time or None,  # 0: no limit

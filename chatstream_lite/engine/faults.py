@@ -24,6 +24,10 @@ class Faults:
     # Called by the llama.cpp engine on its thread with each fraction llama.cpp reports while
     # it loads the model (inside its progress callback: a test can hold the load there).
     during_load: Callable[[float], None] | None = None
+    # Asked by the llama.cpp engine's kernel self-check with the configuration it is about to
+    # check (extra buffer types on or off); a signal number makes the check's child kill
+    # itself with it where it would decode, as a faulting kernel would.
+    kernel_check_signal: Callable[[bool], int | None] | None = None
     wake: Callable[[], None] = field(default=lambda: None, repr=False)  # set by the engine
 
     def kill_thread(self, error: BaseException) -> None:

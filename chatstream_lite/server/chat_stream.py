@@ -89,6 +89,8 @@ class ChatStream:
         n_threads: int | None = DEFAULTS.n_threads,
         n_batch: int = DEFAULTS.n_batch,
         num_of_concurrent_executions: int = 1,
+        extra_buffers: str = DEFAULTS.extra_buffers,
+        kernel_check: str = DEFAULTS.kernel_check,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         max_queue_wait: float | None = None,
         max_generation_time: float | None = None,
@@ -127,7 +129,8 @@ class ChatStream:
             engine = _make_engine(
                 mock, model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
                 n_batch=n_batch, parallel=num_of_concurrent_executions,
-                max_generation_time=max_generation_time, verbose=verbose,
+                max_generation_time=max_generation_time, extra_buffers=extra_buffers,
+                kernel_check=kernel_check, verbose=verbose,
                 mock_delay=mock_delay, mock_text=mock_text)
         self.engine = engine
         self.runtime = Runtime(
@@ -321,8 +324,8 @@ class ChatStream:
 
 def _make_engine(mock: bool, model_path: str | Path | None, *, n_ctx: int, n_gpu_layers: int,
                  n_threads: int | None, n_batch: int, parallel: int,
-                 max_generation_time: float | None, verbose: bool, mock_delay: float,
-                 mock_text: str | None) -> Engine:
+                 max_generation_time: float | None, extra_buffers: str, kernel_check: str,
+                 verbose: bool, mock_delay: float, mock_text: str | None) -> Engine:
     if mock:
         return MockEngine(n_ctx=n_ctx, parallel=parallel, max_generation_time=max_generation_time,
                           delay=mock_delay, text=mock_text)
@@ -330,7 +333,8 @@ def _make_engine(mock: bool, model_path: str | Path | None, *, n_ctx: int, n_gpu
     return LlamaEngine(LlamaConfig(
         model_path=resolve_model_path(model_path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
         n_threads=n_threads, n_batch=n_batch, parallel=parallel,
-        max_generation_time=max_generation_time, verbose=verbose))
+        max_generation_time=max_generation_time, extra_buffers=extra_buffers,
+        kernel_check=kernel_check, verbose=verbose))
 
 
 def _open_session_store(

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Hashable
 from aiohttp import web
 
 from ..engine import Admission, Engine, Job, ModelInfo, PromptInput, SamplingParams
-from ..errors import ChatStreamError, ServiceUnavailable
+from ..errors import ChatStreamError, ServiceUnavailable, StartupError
 from ..settings import DEFAULTS
 from .disconnects import DisconnectWatcher
 from .exchange import Exchange
@@ -87,7 +87,10 @@ class Runtime:
         except Exception as error:
             self.load_error = error
             if self.load_in_background:
-                log.exception("the model failed to load; every request gets 503")
+                if isinstance(error, StartupError):   # its message says it all
+                    log.error("the model failed to load: %s", error)
+                else:
+                    log.exception("the model failed to load; every request gets 503")
             raise
         log.info("model ready: %s (n_ctx=%d, GPU offload %s)", info.name, info.n_ctx,
                  "on" if info.gpu_offload else "off")

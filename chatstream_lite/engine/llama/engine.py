@@ -30,7 +30,7 @@ from pathlib import Path
 import llama_cpp
 
 from ...errors import ChatStreamError
-from ...settings import DEFAULTS
+from ...settings import DEFAULTS, EXTRA_BUFFERS, KERNEL_CHECKS
 from ..events import Event, Failed
 from ..faults import Faults
 from ..job import Job
@@ -39,6 +39,8 @@ from ..protocol import Died, EngineStats, ModelInfo
 from ..scheduler import Scheduler, Sequence
 from ..template import ChatTemplate
 from .grammar import json_grammar
+from .kernel_check import CheckResult, run_check, settle
+from .kernels import KernelPolicy, Machine, choose
 from .model import Model
 from .runner import DecodeFailed, Runner
 from .threads import default_threads
@@ -60,6 +62,8 @@ class LlamaConfig:
     n_batch: int = DEFAULT_N_BATCH    # tokens per decode; the prompt chunk between cancel checks
     parallel: int = 1                 # sequences decoded together (num_of_concurrent_executions)
     max_generation_time: float | None = None  # seconds of generation per reply; None: no limit
+    extra_buffers: str = DEFAULTS.extra_buffers   # kernels.py: auto, on, off
+    kernel_check: str = DEFAULTS.kernel_check     # kernel_check.py: auto, on, off
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -70,6 +74,10 @@ class LlamaConfig:
             # One generation step puts a token of every running sequence in one batch.
             raise ValueError(f"n_batch ({self.n_batch}) must be at least "
                              f"num_of_concurrent_executions ({self.parallel})")
+        if self.extra_buffers not in EXTRA_BUFFERS:
+            raise ValueError(f"extra_buffers must be one of {', '.join(EXTRA_BUFFERS)}")
+        if self.kernel_check not in KERNEL_CHECKS:
+            raise ValueError(f"kernel_check must be one of {', '.join(KERNEL_CHECKS)}")
         if self.max_generation_time is not None and not self.max_generation_time > 0:
             raise ValueError("max_generation_time must be > 0 seconds "
                              "(no limit: None, or 0 on the command line)")
@@ -87,6 +95,7 @@ class LlamaEngine:
         self.failure: BaseException | None = None
         self.last_progress = time.monotonic()        # written by the thread, read by /health
         self.load_progress: float | None = None      # 0..1 as llama.cpp loads; read by /health
+        self.kernels: KernelPolicy | None = None     # the CPU kernels chosen at load
         self._weights_read = 0.0                     # llama.cpp's own fraction, for the log
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-engine")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,12 +166,13 @@ class LlamaEngine:
                  "offload %s", cfg.model_path, cfg.n_ctx, cfg.n_gpu_layers, self.threads,
                  cfg.parallel, "supported" if gpu else
                  "not supported by this llama-cpp-python build (CPU only)")
+        kernels = self._choose_kernels()
         # One sequence per running job; each keeps its cells when its job ends, so an idle
         # session's next turn finds them unless a newer session needed the slot.
         model = Model.load(cfg.model_path, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch,
                            n_seq=cfg.parallel, n_gpu_layers=cfg.n_gpu_layers,
                            n_threads=self.threads, verbose=cfg.verbose,
-                           progress=self._load_progressed)
+                           extra_buffers=kernels.extra_buffers, progress=self._load_progressed)
         template_text = model.metadata.get("tokenizer.chat_template")
         if not template_text:
             model.close()
@@ -179,6 +189,26 @@ class LlamaEngine:
         return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary,
                          model.n_vocab, json_grammar, model.add_bos, logprobs=True,
                          max_choices=cfg.parallel)
+
+    def _choose_kernels(self) -> KernelPolicy:
+        """Extra buffer types on or off (kernels.py), checked in a child first where asked."""
+        cfg = self.config
+        machine = Machine.detect()
+        policy = choose(machine, cfg.extra_buffers, cfg.kernel_check)
+        if policy.check:
+            log.info("kernel check: decoding a batch in a child process before loading")
+            hook = self.faults.kernel_check_signal
+
+            def check(extra_buffers: bool) -> CheckResult:
+                return run_check(cfg.model_path, extra_buffers=extra_buffers,
+                                 n_threads=self.threads, n_gpu_layers=cfg.n_gpu_layers,
+                                 die_with=hook(extra_buffers) if hook else None)
+
+            policy = settle(policy, machine, check)
+        log.log(logging.INFO if policy.extra_buffers else logging.WARNING, "%s",
+                policy.describe())
+        self.kernels = policy
+        return policy
 
     def _load_progressed(self, fraction: float) -> None:
         """Inside llama.cpp's load, a few hundred times: one log line per tenth."""

@@ -129,12 +129,14 @@ class Model:
 
     @classmethod
     def load(cls, path: Path, *, n_ctx: int, n_batch: int, n_seq: int, n_gpu_layers: int,
-             n_threads: int, verbose: bool,
+             n_threads: int, verbose: bool, extra_buffers: bool = True,
              progress: Callable[[float], None] | None = None) -> Model:
-        """`progress(fraction)`: called on this thread as llama.cpp loads the weights."""
+        """`progress(fraction)`: called on this thread as llama.cpp loads the weights.
+        `extra_buffers`: let llama.cpp repack weights for AMX or CPU_REPACK (`kernels.py`)."""
         _init_backend(verbose)
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+        model_params.use_extra_bufts = extra_buffers
         callback = _progress_callback(progress) if progress is not None else None
         if callback is not None:   # called during the load only; `callback` keeps it alive
             model_params.progress_callback = callback
