@@ -31,7 +31,7 @@ from typing import Any
 
 from chatstream_lite import default_model_path
 
-from .provenance import command_line, provenance
+from .provenance import command_line, extra_buffers, provenance
 
 PROMPT_TOKENS = 35          # about what one of benchmarks.workload's prompts is, templated
 REPLY_TOKENS = 200          # benchmarks.stream's reply length
@@ -66,12 +66,14 @@ def find_batched_bench(explicit: str | None = None) -> tuple[str | None, str]:
 
 def command(binary: str, model: Path, *, threads: int, n_gpu_layers: int = 0,
             parallel: tuple[int, ...] = PARALLEL, prompt: int = PROMPT_TOKENS,
-            reply: int = REPLY_TOKENS) -> list[str]:
+            reply: int = REPLY_TOKENS, repack: bool = True) -> list[str]:
+    """`repack`: False adds `--no-repack` (provenance.extra_buffers: as the server loads)."""
     n_ctx = max(parallel) * (prompt + reply)
     return [binary, "-m", str(model), "-c", str(n_ctx), "-b", str(N_BATCH), "-ub", str(N_BATCH),
             "-npp", str(prompt), "-ntg", str(reply), "-npl", ",".join(map(str, parallel)),
             "-t", str(threads), "-tb", str(threads), "-fa", "off",
-            "-ngl", str(999 if n_gpu_layers < 0 else n_gpu_layers)]
+            "-ngl", str(999 if n_gpu_layers < 0 else n_gpu_layers),
+            *([] if repack else ["--no-repack"])]
 
 
 def parse(output: str) -> list[dict[str, float]]:
@@ -102,7 +104,7 @@ def run(binary: str, model: Path, *, threads: int, n_gpu_layers: int = 0,
         log: Path | None = None, timeout: float = 1800) -> dict[str, Any]:
     """One run: {"status", "figures", "rows", "command"} (status "n/a" with a reason)."""
     argv = command(binary, model, threads=threads, n_gpu_layers=n_gpu_layers, parallel=parallel,
-                   reply=reply)
+                   reply=reply, repack=extra_buffers())
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:

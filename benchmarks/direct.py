@@ -20,6 +20,8 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from chatstream_lite.engine.llama.kernels import load_llama
+
 from .clients import TokenSource
 from .measure import Record, Tokenizer, peak_rss_mb, rss_mb
 from .scenarios import STAGES, run_scenarios
@@ -104,7 +106,7 @@ class DirectUser:
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     plan = Plan.from_json(json.loads(args.plan))
-    llm = llama_cpp.Llama(
+    llm = load_llama(
         model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads,
         n_threads_batch=args.threads, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
         verbose=False,

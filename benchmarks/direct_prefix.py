@@ -23,6 +23,7 @@ from pathlib import Path
 import llama_cpp
 
 from chatstream_lite import default_model_path
+from chatstream_lite.engine.llama.kernels import load_llama
 
 from .provenance import provenance
 from .workload import PROMPTS, REPEAT_PENALTY, TEMPERATURE
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     origin = provenance(argv, "benchmarks.direct_prefix")
-    llm = llama_cpp.Llama(str(default_model_path()), n_ctx=4096, n_threads=args.threads,
-                          n_batch=512, verbose=False)
+    llm = load_llama(model_path=str(default_model_path()), n_ctx=4096,
+                     n_threads=args.threads, n_batch=512, verbose=False)
     times: dict[str, list[float]] = {"reuse": [], "fresh": []}
     try:
         # Warm-up on a prompt not timed below (a prompt just seen would be reused whole).

@@ -72,8 +72,11 @@ def main() -> int:
         model = str(found)
     # Say what was loaded before the step that crashed, in case it crashes again.
     print(json.dumps({"order": args.order, "after_imports": after_imports}), flush=True)
-    llm = llama_cpp.Llama(model_path=model, n_gpu_layers=args.n_gpu_layers, n_ctx=256,
-                          verbose=False)
+    # The CPU-kernel policy of the server (an AMX CPU faults otherwise); imported after the
+    # two imports under test.
+    from chatstream_lite.engine.llama.kernels import load_llama
+    llm = load_llama(model_path=model, n_gpu_layers=args.n_gpu_layers, n_ctx=256,
+                     verbose=False)
     reply: Any = llm.create_completion("The capital of France is", max_tokens=args.tokens,
                                        temperature=0.0)
     text = reply["choices"][0]["text"]

@@ -22,10 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-import llama_cpp
-
 from chatstream_lite.engine import Admission, Piece, SamplingParams
 from chatstream_lite.engine.llama import LlamaConfig, LlamaEngine
+from chatstream_lite.engine.llama.kernels import load_llama
 from chatstream_lite.model_file import default_model_path
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
@@ -33,8 +32,8 @@ TOKENS = 200
 
 
 def direct(model: str, threads: int, runs: int) -> list[float]:
-    llm = llama_cpp.Llama(model, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
-                          verbose=False)
+    llm = load_llama(model_path=model, n_ctx=4096, n_threads=threads,
+                     n_threads_batch=threads, verbose=False)
     rates = []
     for _ in range(runs):
         first, pieces = 0.0, 0

@@ -28,6 +28,8 @@ import numpy as np
 from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
 
+from chatstream_lite.engine.llama.kernels import Machine, choose
+
 CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
         "<|im_end|>\n")
 
@@ -42,7 +44,9 @@ class Setting:
 
     name: str = "llama.cpp defaults"
     flash_attn: bool = False    # llama-cpp-python's default (and chatstream_lite's)
-    repack: bool = True         # llama_model_params.use_extra_bufts; llama-server --no-repack
+    # llama_model_params.use_extra_bufts (llama-server --no-repack); None: what the server
+    # picks on this machine (engine/llama/kernels.py: off where the AMX kernels fault).
+    repack: bool | None = None
     threads: int = 0            # 0: every core this process may use
 
     def to_json(self) -> dict[str, Any]:
@@ -66,7 +70,8 @@ class Session:
         set_verbose(False)
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
-        model_params.use_extra_bufts = setting.repack
+        model_params.use_extra_bufts = (setting.repack if setting.repack is not None
+                                         else choose(Machine.detect()).extra_buffers)
         self.model = _internals.LlamaModel(path_model=str(path), params=model_params,
                                            verbose=False)
         threads = setting.threads or len(os.sched_getaffinity(0))

@@ -66,8 +66,19 @@ def cpu() -> dict[str, Any]:
             "nproc": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))}
 
 
+def extra_buffers() -> bool:
+    """Whether chatstream_lite loads with llama.cpp's extra buffer types on this machine
+    (engine/llama/kernels.py: off where the build's AMX kernels would fault). The peers get
+    the same (llama.cpp's `--no-repack` where off), so the systems compare on one set of
+    kernels, and no baseline dies where the server would not."""
+    from chatstream_lite.engine.llama.kernels import Machine, choose
+
+    return choose(Machine.detect()).extra_buffers
+
+
 def provenance(argv: list[str], module: str) -> dict[str, Any]:
     """The block every results JSON carries; call it before the run starts."""
     return {"command": command_line(module, argv), **git_commit(), "cpu": cpu(),
+            "llama_extra_buffers": extra_buffers(),
             "loadavg_before": os.getloadavg(), "python": sys.version.split()[0],
             "platform": platform.platform()}

@@ -23,6 +23,8 @@ from typing import ClassVar
 
 import aiohttp
 
+from .provenance import extra_buffers
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 N_BATCH = 512                   # chatstream_lite's n_batch, given to every system
@@ -96,9 +98,27 @@ def llama_cpp_server_missing() -> str | None:
     return None
 
 
+# `python -m llama_cpp.server` without llama.cpp's extra buffer types, where chatstream_lite
+# loads without them (provenance.extra_buffers): its `Llama` takes no argument for it, so the
+# model parameters' defaults are changed for the whole process.
+LLAMA_CPP_SERVER_WITHOUT_EXTRA_BUFFERS = """
+import runpy
+import llama_cpp.llama_cpp as raw
+default = raw.llama_model_default_params
+def params():
+    made = default()
+    made.use_extra_bufts = False
+    return made
+raw.llama_model_default_params = params
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 def llama_cpp_server(settings: Settings, port: int) -> Launch:
+    run = (["-m", "llama_cpp.server"] if extra_buffers()
+           else ["-c", LLAMA_CPP_SERVER_WITHOUT_EXTRA_BUFFERS])
     return Launch(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(settings.model),
+        [sys.executable, *run, "--model", str(settings.model),
          "--host", HOST, "--port", str(port), "--n_ctx", str(settings.n_ctx),
          "--n_threads", str(settings.threads), "--n_threads_batch", str(settings.threads),
          "--n_batch", str(N_BATCH), "--n_gpu_layers", str(settings.n_gpu_layers),
@@ -137,7 +157,8 @@ def llama_server(binary: str, settings: Settings, port: int, *, n_ctx: int | Non
              "-c", str(n_ctx or settings.n_ctx * settings.llama_server_parallel),
              "-t", str(settings.threads), "-tb", str(settings.threads),
              "-ngl", str(_all_layers(settings.n_gpu_layers)),
-             "-np", str(settings.llama_server_parallel), "--metrics", "--no-webui"],
+             "-np", str(settings.llama_server_parallel), "--metrics", "--no-webui",
+             *_repack_flags()],
             ready_path="/health")
     return Launch(
         [binary, "-m", str(settings.model), "--host", HOST, "--port", str(port),
@@ -151,9 +172,14 @@ def llama_server(binary: str, settings: Settings, port: int, *, n_ctx: int | Non
          # llama-cpp-python's Llama defaults to flash attention off; so must this, or the
          # kernels (and speed) differ.
          "-fa", "off",
-         "--metrics", "--no-webui"],
+         "--metrics", "--no-webui", *_repack_flags()],
         ready_path="/health",  # 503 while loading
     )
+
+
+def _repack_flags() -> list[str]:
+    """llama.cpp's extra buffer types as chatstream_lite loads them here (provenance.py)."""
+    return [] if extra_buffers() else ["--no-repack"]
 
 
 def _all_layers(n_gpu_layers: int) -> int:

@@ -28,6 +28,7 @@ import redis
 from aiohttp import web
 
 from chatstream_lite import ChatStream, create_app, default_model_path
+from chatstream_lite.engine.llama.kernels import load_llama
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,7 +235,7 @@ def sample(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
 def llama_cpp_reference(model_path: str, question: str, *, n_ctx: int, n_threads: int,
                         max_tokens: int) -> str:
     """llama-cpp-python's own greedy streamed chat completion: what we must reproduce."""
-    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+    llm = load_llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
     try:
         pieces = llm.create_chat_completion(
             [{"role": "user", "content": question}], max_tokens=max_tokens, stream=True,
@@ -397,3 +398,62 @@ async def start_cli(*args: str, **env: str) -> tuple[subprocess.Popen[str], str]
             await asyncio.sleep(0.1)
     process.kill()
     raise AssertionError("the server did not become ready")
+
+
+_PARTIAL_LITERALS = {"t": "rue", "tr": "ue", "tru": "e", "f": "alse", "fa": "lse", "fal": "se",
+                     "fals": "e", "n": "ull", "nu": "ll", "nul": "l"}
+
+
+def json_object_prefix(text: str) -> bool:
+    """Whether `text` is the start of some JSON object: what a reply held to `json_object`
+    and cut by max_tokens must be. Closes what is open (a string, an escape, a literal, a
+    number, a key without its value, the brackets) and asks `json.loads`."""
+    stripped = text.lstrip()
+    if not stripped.startswith("{"):
+        return False
+    stack, in_string, escape = [], False, ""
+    for char in stripped:
+        if in_string:
+            if escape == "\\":                       # after a backslash
+                escape = "\\u" if char == "u" else ""
+            elif escape:                             # inside \uXXXX
+                escape = "" if len(escape) == 5 else escape + char
+            elif char == "\\":
+                escape = "\\"
+            elif char == '"':
+                in_string = False
+            continue
+        if char == '"':
+            in_string = True
+        elif char in "{[":
+            stack.append("}" if char == "{" else "]")
+        elif char in "}]":
+            if not stack or stack.pop() != char:
+                return False
+    if not stack and not in_string:
+        return _loads_object(stripped)
+    head = stripped
+    if in_string:
+        if escape == "\\":
+            head = head[:-1]
+        elif escape:
+            head += "0" * (6 - len(escape))
+        head += '"'
+    closers = "".join(reversed(stack))
+    tail = head.rstrip()
+    word = tail[len(tail.rstrip("abcdefghijklmnopqrstuvwxyz")):]
+    if word in _PARTIAL_LITERALS:
+        tail += _PARTIAL_LITERALS[word]
+    elif tail and tail[-1] in "-+.eE":
+        tail += "0"
+    endings = ["", "null", ":null", "0"]
+    if tail.endswith(","):
+        endings.append('"":null' if stack[-1:] == ["}"] else "null")
+    return any(_loads_object(tail + ending + closers) for ending in endings)
+
+
+def _loads_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False

@@ -14,11 +14,10 @@ tile configuration it loads is not the one it meant (seen: SIGSEGV at `ldtilecfg
 parameters (llama-server's `--no-repack`), which turns off CPU_REPACK with AMX.
 
 So `auto` turns extra buffers off exactly where the AMX path would run (the build reports
-`AMX_INT8 = 1` and the CPU has AMX) and leaves them on everywhere else. What that costs:
-CPU_REPACK speeds up reading prompts of Q4_0, Q4_K and IQ4_NL weights (1.5-2.5x in
-llama.cpp's own figures), generation barely; it has no kernel for other types (the embedded
-SmolLM2 is Q4_1: it loses nothing). A build without AMX keeps CPU_REPACK on such a CPU:
-README, "CPUs with AMX".
+`AMX_INT8 = 1` and the CPU has AMX) and leaves them on everywhere else. What that costs is
+CPU_REPACK, which has kernels for a few weight types only: measured (`COST`), Q4_0 loses
+most, the embedded SmolLM2 (Q4_1) nothing. A build without AMX keeps CPU_REPACK on such a
+CPU: README, "CPUs with AMX".
 
 `--extra-buffers on` uses them anyway (a llama.cpp with the fix); then, where AMX would run,
 the self-check (`kernel_check.py`) decodes a batch in a child process first and falls back
@@ -28,17 +27,19 @@ to `off` if the child dies.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ...cpu import Cpu
 from ...settings import EXTRA_BUFFERS, KERNEL_CHECKS
 
-__all__ = ["EXTRA_BUFFERS", "KERNEL_CHECKS", "KernelPolicy", "Machine", "choose"]
+__all__ = ["EXTRA_BUFFERS", "KERNEL_CHECKS", "KernelPolicy", "Machine", "choose", "load_llama"]
 
-# What turning extra buffers off costs, said wherever the decision is logged.
-COST = ("no weight repacking (CPU_REPACK): prompts of Q4_0, Q4_K and IQ4_NL weights are read "
-        "1.5-2.5x slower, generation about the same; other weight types (the embedded "
-        "SmolLM2's Q4_1) lose nothing")
+# What turning extra buffers off costs, said wherever the decision is logged. Measured on a
+# 2-core AVX-512 Xeon with SmolLM2-135M requantized (README "CPUs with AMX").
+COST = ("no weight repacking (CPU_REPACK): Q4_0 weights read prompts 1.3x and generate 1.15x "
+        "slower; Q4_K, Q8_0 and Q4_1 (the embedded SmolLM2) within 3 %")
 REBUILD_HINT = ("README 'CPUs with AMX' gives the llama-cpp-python build that keeps "
                 "CPU_REPACK without AMX")
 
@@ -117,3 +118,32 @@ def choose(machine: Machine, extra_buffers: str = "auto",
                   "this build has AMX kernels but this CPU has no AMX, so they never run")
     check = kernel_check == "on" or (kernel_check == "auto" and use and amx_path)
     return KernelPolicy(use, check, reason)
+
+
+_patching = threading.Lock()
+
+
+def load_llama(**kwargs: Any) -> Any:
+    """`llama_cpp.Llama(**kwargs)`, loaded with this machine's `auto` extra buffers: the
+    reference the tests and benchmarks compare with, as a user would run it where it runs.
+
+    `Llama` has no argument for it (`use_extra_bufts=` disappears into its **kwargs), so its
+    model parameters' defaults are swapped for the length of the load."""
+    from llama_cpp import llama_cpp as raw
+    from llama_cpp.llama import Llama
+
+    if choose(Machine.detect()).extra_buffers:
+        return Llama(**kwargs)
+    with _patching:
+        default = raw.llama_model_default_params
+
+        def without_extra_buffers() -> Any:
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        raw.llama_model_default_params = without_extra_buffers
+        try:
+            return Llama(**kwargs)
+        finally:
+            raw.llama_model_default_params = default

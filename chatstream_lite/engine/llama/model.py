@@ -30,6 +30,8 @@ import llama_cpp
 from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
 
+from .kernels import Machine, choose
+
 log = logging.getLogger(__name__)
 
 # A KV cell copied through llama.cpp's per-sequence state (serialised, then restored) costs
@@ -129,10 +131,13 @@ class Model:
 
     @classmethod
     def load(cls, path: Path, *, n_ctx: int, n_batch: int, n_seq: int, n_gpu_layers: int,
-             n_threads: int, verbose: bool, extra_buffers: bool = True,
+             n_threads: int, verbose: bool, extra_buffers: bool | None = None,
              progress: Callable[[float], None] | None = None) -> Model:
         """`progress(fraction)`: called on this thread as llama.cpp loads the weights.
-        `extra_buffers`: let llama.cpp repack weights for AMX or CPU_REPACK (`kernels.py`)."""
+        `extra_buffers`: let llama.cpp repack weights for AMX or CPU_REPACK; None: what
+        `kernels.choose` picks for this machine (off where the AMX kernels would fault)."""
+        if extra_buffers is None:
+            extra_buffers = choose(Machine.detect()).extra_buffers
         _init_backend(verbose)
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
