@@ -52,7 +52,6 @@ class EngineStats:
     prompt_tokens_evaluated: int = 0  # prompt tokens decoded (a cancelled prompt stops early)
     completion_tokens: int = 0
     generation_steps: int = 0       # llama_decode calls that carried generated tokens
-    generation_passes: int = 0      # forward passes those took (one per run of adjacent slots)
 
 
 Died = Callable[[BaseException], None]

@@ -185,7 +185,6 @@ class Scheduler:
     def generated(self, members: list[Sequence]) -> None:
         """`members`' pending tokens were decoded: they are in the KV cells now."""
         self.stats.generation_steps += 1
-        self.stats.generation_passes += forward_passes([s.slot.seq_id for s in members])
         for seq in members:
             seq.slot.tokens.append(seq.pending)
             seq.pending = -1
@@ -276,8 +275,3 @@ class Scheduler:
         for seq in list(self.sequences):
             self.fail(seq, error)
 
-
-def forward_passes(seq_ids: list[int]) -> int:
-    """How many forward passes llama.cpp runs for one token of each of `seq_ids` (in batch
-    order) when every sequence has its own KV stream: one per run of consecutive ids."""
-    return sum(1 for i, seq_id in enumerate(seq_ids) if i == 0 or seq_id != seq_ids[i - 1] + 1)
