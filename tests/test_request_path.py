@@ -5,6 +5,7 @@ requests are answered or refused without holding up a running stream."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +17,7 @@ import pytest_asyncio
 from chatstream_lite import ChatStream
 from chatstream_lite.engine import Job
 
-from .conftest import GREEDY, RawStream, Server, build_full_app, post_chat, serve, wait_until
+from .conftest import GREEDY, RawStream, Server, build_full_app, post_chat, serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,7 +139,7 @@ async def test_a_flood_of_messages_is_refused_before_tokenizing_and_a_stream_bes
     # takes 10-30 ms here; the flood's 600 KB body is parsed on the loop and its 1,001
     # messages are tokenized in a worker. 0.5 s is 20-50 tokens' time: a stall, not drift
     # on a loaded machine.
-    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert max(gaps) < 0.5, f"largest gap {max(gaps):.3f} s between pieces"
     assert arrivals[-1] > flood_started, "the stream had ended before the flood came"
 
