@@ -285,12 +285,15 @@ def smollm2_template(model_path: str) -> Any:
 
 
 async def generate_alone(model_path: str, messages: list[dict[str, str]], *, n_ctx: int,
-                         n_batch: int, max_new_tokens: int) -> tuple[str, Any]:
+                         n_batch: int, max_new_tokens: int, deterministic: bool = False,
+                         flash_attn: str | None = None) -> tuple[str, Any]:
     """One greedy reply from a fresh engine of one slot (nothing cached): the cold start."""
     from chatstream_lite.engine import Admission, Piece, SamplingParams
     from chatstream_lite.engine.llama import LlamaConfig, LlamaEngine
 
-    engine = LlamaEngine(LlamaConfig(model_path=Path(model_path), n_ctx=n_ctx, n_batch=n_batch))
+    engine = LlamaEngine(LlamaConfig(
+        model_path=Path(model_path), n_ctx=n_ctx, n_batch=n_batch, deterministic=deterministic,
+        **({} if flash_attn is None else {"flash_attn": flash_attn})))
     admission = Admission(engine)
     await engine.start(died=admission.engine_died)
     try:
