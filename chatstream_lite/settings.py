@@ -41,6 +41,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVENT_LOOPS = ("asyncio", "uvloop")
 EXTRA_BUFFERS = ("auto", "on", "off")   # engine/llama/kernels.py
 KERNEL_CHECKS = ("auto", "on", "off")   # engine/llama/kernel_check.py
+FLASH_ATTN = ("auto", "on", "off")      # llama.cpp's flash_attn_type (llama-server's -fa)
 SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
 
 _METADATA_KEY = "chatstream_lite.option"
@@ -126,6 +127,14 @@ class Settings:
         "benchmarks/results/cpu-2core-parallel8.json) but cost each stream's speed and "
         "memory: each keeps n-ctx KV cells of its own (8 slots: 906 MiB RSS, 4: 544). "
         "The trade-off, measured: benchmarks/RESULTS.md", group=_MODEL, minimum=1))
+    flash_attn: str = field(default="off", metadata=option(
+        "llama.cpp's flash attention: auto (on where the backend has it for this model, as "
+        "llama-server's default), on, off. --deterministic needs it off",
+        group=_MODEL, choices=FLASH_ATTN))
+    deterministic: bool = field(default=False, metadata=option(
+        "greedy replies bit-identical to a cold start of the same conversation: flash "
+        "attention off, and a session's next turn reads its previous reply again instead of "
+        "reusing its cells (README 'Deterministic mode')", group=_MODEL))
     extra_buffers: str = field(default="auto", metadata=option(
         "llama.cpp's extra buffer types (weights repacked for AMX or for the AVX kernels, "
         "CPU_REPACK). auto: off where this llama.cpp build's AMX kernels would run on a CPU "
@@ -269,6 +278,9 @@ class Settings:
                     opt.check(value)
             except ValueError as error:
                 raise ValueError(f"{flag_name(f.name)}: {error}") from None
+        if self.deterministic and self.flash_attn == "on":
+            raise ValueError("--deterministic needs flash attention off: --flash-attn on "
+                             "changes a token's sums with how its prompt was split")
         if self.max_new_tokens >= self.n_ctx:
             raise ValueError(f"--max-new-tokens ({self.max_new_tokens}) must be less than "
                              f"--n-ctx ({self.n_ctx}): the prompt needs room too")
@@ -316,6 +328,8 @@ class Settings:
             "n_threads": self.n_threads,
             "n_batch": self.n_batch,
             "num_of_concurrent_executions": self.num_of_concurrent_executions,
+            "flash_attn": self.flash_attn,
+            "deterministic": self.deterministic,
             "extra_buffers": self.extra_buffers,
             "kernel_check": self.kernel_check,
             "max_queue_size": self.max_queue_size,

@@ -6,9 +6,10 @@ each prompt chunk is decoded on its own, which keeps a job's logits bit-identica
 it alone on every CPU measured (benchmarks/RESULTS.md, "Determinism across CPUs").
 
 Reusing KV cells (a session's next turn, a prefix copied from another slot) equals a cold
-start only where llama.cpp computes a token the same way alone and inside a chunk: not with
-the stock (llamafile) build, where those tests say so and skip their final equality after
-checking the reuse itself.
+start in the deterministic mode (`deterministic=True`: only cells decoded inside prompt
+chunks are reused, flash attention off), on any build: a third server runs in it. Outside
+it, reuse is checked for what it saves, not for equality (with llamafile's kernels, the stock
+build, a reused reply parts from a cold start after some tens of tokens).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from .conftest import (
     Server,
     generate_alone,
     post_chat,
-    reuse_is_exact,
     serve,
     wait_until,
 )
@@ -46,19 +46,21 @@ QUESTIONS = [
 ]
 # Asked nowhere else in this module: the servers hold no earlier turn that shares more than
 # the template's system prompt with them, so no reply is built on a reused prefix (whose
-# equality with a cold start is a separate guarantee, checked by reuse_is_exact below).
+# equality with a cold start is a separate guarantee, checked in the deterministic mode below).
 FRESH_QUESTIONS = [
     "Describe a thunderstorm in three sentences.",
     "Why do cats purr?",
     "Give me two tips for learning to swim.",
     "What is the capital of France, and why is it famous?",
 ]
+PREAMBLE = "Read this notice first. " + " ".join(f"Rule {i}: be kind to guest {i}." for i in range(12))
 STAYERS = ["Name three planets.", "How do bees make honey?", "Write a haiku about snow."]
 
 
-def _chat_stream(model_path: str, parallel: int) -> ChatStream:
+def _chat_stream(model_path: str, parallel: int, deterministic: bool = False) -> ChatStream:
     return ChatStream(model_path, n_ctx=N_CTX, n_batch=N_BATCH, max_new_tokens=TOKENS,
-                      num_of_concurrent_executions=parallel, max_queue_size=4)
+                      num_of_concurrent_executions=parallel, max_queue_size=4,
+                      deterministic=deterministic)
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -70,6 +72,13 @@ async def single(model_path: str) -> AsyncIterator[Server]:
 @pytest_asyncio.fixture(scope="module")
 async def parallel(model_path: str) -> AsyncIterator[Server]:
     async for running in serve(_chat_stream(model_path, PARALLEL)):
+        yield running
+
+
+@pytest_asyncio.fixture(scope="module")
+async def exact(model_path: str) -> AsyncIterator[Server]:
+    """Four slots in the deterministic mode."""
+    async for running in serve(_chat_stream(model_path, PARALLEL, deterministic=True)):
         yield running
 
 
@@ -116,8 +125,7 @@ async def test_a_client_leaving_mid_batch_leaves_the_other_replies_unchanged(sin
     assert sorted(recorder.statuses[before:]) == ["client_disconnected_while_streaming"] + ["success"] * 3
 
 
-async def test_next_turn_reuses_the_previous_turn_and_equals_a_cold_start(parallel: Server, model_path: str) -> None:
-    exact, why = reuse_is_exact()
+async def test_next_turn_reuses_the_previous_turn(parallel: Server) -> None:
     stats = parallel.chat_stream.engine.stats
     async with parallel.client() as client:
         await post_chat(client, user_input="My name is Aiko and I like green tea.", max_new_tokens=TOKENS, **GREEDY)
@@ -126,43 +134,64 @@ async def test_next_turn_reuses_the_previous_turn_and_equals_a_cold_start(parall
         status, warm = await post_chat(client, user_input="What is my name?", max_new_tokens=TOKENS, **GREEDY)
         assert status == 200
         await parallel.recorder.wait_for(before + 1)
-    history = parallel.recorder.calls[-1][1]
+    assert parallel.recorder.calls[-1][1][-1]["content"] == warm
+    # The first turn's prompt and reply are both reused: more than half of the new prompt.
     assert stats.prompt_tokens_reused - reused > 0.5 * (stats.prompt_tokens - prompt)
 
-    # The same conversation on a fresh engine: nothing cached, the whole prompt evaluated.
-    cold, cold_stats = await generate_alone(model_path, history[:-1], n_ctx=N_CTX,
-                                            n_batch=N_BATCH, max_new_tokens=TOKENS)
-    assert cold_stats.prompt_tokens_reused == 0
-    assert warm == history[-1]["content"]
-    if not exact:
-        pytest.skip(f"reuse was measured (above), but its text equals a cold start only where "
-                    f"the guarantee holds: {why}")
-    assert warm == cold
 
-
-async def test_a_new_session_borrows_a_shared_prefix_and_equals_a_cold_start(
-        parallel: Server, model_path: str) -> None:
-    """A prefix another slot holds (here a long shared preamble) is copied, not evaluated."""
-    exact, why = reuse_is_exact()
-    stats = parallel.chat_stream.engine.stats
-    preamble = "Read this notice first. " + " ".join(f"Rule {i}: be kind to guest {i}." for i in range(12))
-    async with parallel.client() as client:
-        await post_chat(client, user_input=preamble + " Who wrote the rules?", max_new_tokens=8, **GREEDY)
-    reused, prompt = stats.prompt_tokens_reused, stats.prompt_tokens
-    before = len(parallel.recorder.calls)
-    async with parallel.client() as client:  # a new session: no slot of its own
-        status, warm = await post_chat(client, user_input=preamble + " Name one rule.",
-                                       max_new_tokens=TOKENS, **GREEDY)
+async def test_next_turn_in_the_deterministic_mode_equals_a_cold_start(
+        exact: Server, model_path: str) -> None:
+    stats = exact.chat_stream.engine.stats
+    async with exact.client() as client:
+        before_prompt = stats.prompt_tokens
+        await post_chat(client, user_input="My name is Aiko and I like green tea.", max_new_tokens=TOKENS, **GREEDY)
+        first_prompt = stats.prompt_tokens - before_prompt
+        reused = stats.prompt_tokens_reused
+        before = len(exact.recorder.calls)
+        status, warm = await post_chat(client, user_input="What is my name?", max_new_tokens=TOKENS, **GREEDY)
         assert status == 200
-    await parallel.recorder.wait_for(before + 1)
+        await exact.recorder.wait_for(before + 1)
+    history = exact.recorder.calls[-1][1]
+    # The first turn's prompt cells are reused; its reply (decoded a token at a time) is read
+    # again as part of this prompt, as a cold start reads it.
+    assert stats.prompt_tokens_reused - reused == first_prompt
+    cold, cold_stats = await generate_alone(model_path, history[:-1], n_ctx=N_CTX,
+                                            n_batch=N_BATCH, max_new_tokens=TOKENS,
+                                            deterministic=True)
+    assert cold_stats.prompt_tokens_reused == 0
+    assert warm == history[-1]["content"] == cold
+
+
+async def test_a_new_session_borrows_a_shared_prefix(parallel: Server) -> None:
+    """A prefix another slot holds (here a long shared preamble) is copied, not evaluated."""
+    stats = parallel.chat_stream.engine.stats
+    async with parallel.client() as client:
+        await post_chat(client, user_input=PREAMBLE + " Who wrote the rules?", max_new_tokens=8, **GREEDY)
+    reused, prompt = stats.prompt_tokens_reused, stats.prompt_tokens
+    async with parallel.client() as client:  # a new session: no slot of its own
+        status, _ = await post_chat(client, user_input=PREAMBLE + " Name one rule.",
+                                    max_new_tokens=TOKENS, **GREEDY)
+        assert status == 200
     assert stats.prompt_tokens_reused - reused > 0.7 * (stats.prompt_tokens - prompt)
 
-    cold, cold_stats = await generate_alone(model_path, parallel.recorder.calls[-1][1][:-1],
-                                            n_ctx=N_CTX, n_batch=N_BATCH, max_new_tokens=TOKENS)
+
+async def test_a_borrowed_prefix_in_the_deterministic_mode_equals_a_cold_start(
+        exact: Server, model_path: str) -> None:
+    stats = exact.chat_stream.engine.stats
+    async with exact.client() as client:
+        await post_chat(client, user_input=PREAMBLE + " Who wrote the rules?", max_new_tokens=8, **GREEDY)
+    reused, prompt = stats.prompt_tokens_reused, stats.prompt_tokens
+    before = len(exact.recorder.calls)
+    async with exact.client() as client:  # a new session: no slot of its own
+        status, warm = await post_chat(client, user_input=PREAMBLE + " Name one rule.",
+                                       max_new_tokens=TOKENS, **GREEDY)
+        assert status == 200
+    await exact.recorder.wait_for(before + 1)
+    assert stats.prompt_tokens_reused - reused > 0.7 * (stats.prompt_tokens - prompt)
+    cold, cold_stats = await generate_alone(model_path, exact.recorder.calls[-1][1][:-1],
+                                            n_ctx=N_CTX, n_batch=N_BATCH, max_new_tokens=TOKENS,
+                                            deterministic=True)
     assert cold_stats.prompt_tokens_reused == 0
-    if not exact:
-        pytest.skip(f"the copy was measured (above), but its text equals a cold start only "
-                    f"where the guarantee holds: {why}")
     assert warm == cold
 
 

@@ -53,12 +53,12 @@ def _job(prompt: list[int], *, key: str | None = None, max_new_tokens: int = 8,
     return job
 
 
-def _scheduler(slots: int = 4, n_batch: int = 8, **kwargs: object
+def _scheduler(slots: int = 4, n_batch: int = 8, exact: bool = False, **kwargs: object
                ) -> tuple[Scheduler, list[tuple[Job, Event]], FakeMemory]:
     events: list[tuple[Job, Event]] = []
     memory = FakeMemory()
     kwargs.setdefault("clock", Clock())
-    scheduler = Scheduler(KVSlots(memory, slots), n_batch=n_batch,
+    scheduler = Scheduler(KVSlots(memory, slots, exact=exact), n_batch=n_batch,
                           emit=lambda job, event: events.append((job, event)),
                           stats=EngineStats(), **kwargs)  # type: ignore[arg-type]
     return scheduler, events, memory
@@ -290,3 +290,65 @@ def test_cancelling_a_job_with_choices_ends_it_once() -> None:
     scheduler.leave_cancelled()
     assert [e for e in _of(events, job) if isinstance(e, Finished)] == [
         Finished("cancelled", True, 3, 0, 0.0, 0.0, ("cancelled", "cancelled"))]
+
+
+# -- the deterministic mode: only cells a cold start computes the same way are reused ----------
+def _one_turn(scheduler: Scheduler, key: str, prompt: list[int], reply: list[int]) -> int:
+    """A whole turn: prompt read, `reply` generated (the last token sampled, not decoded).
+    Returns how many prompt tokens were reused."""
+    before = scheduler.stats.prompt_tokens_reused
+    seq = scheduler.admit(_job(prompt, key=key, max_new_tokens=len(reply)))
+    assert seq is not None
+    _read_all_prompts(scheduler)
+    for token in reply:
+        scheduler.take(seq, token, b"x", False)
+        if seq in scheduler.sequences:
+            scheduler.generated(scheduler.plan_generation())
+    assert not scheduler.active
+    return scheduler.stats.prompt_tokens_reused - before
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_next_turn_reuses_the_previous_reply_only_outside_the_exact_mode(exact: bool) -> None:
+    scheduler, _, _ = _scheduler(exact=exact, n_batch=64)
+    first, reply = list(range(10)), [100, 101, 102, 103]
+    assert _one_turn(scheduler, "a", first, reply) == 0
+    # The next turn: the first prompt, the reply (its last token was sampled, never decoded),
+    # then the new message.
+    reused = _one_turn(scheduler, "a", first + reply + [50, 51, 52], [104])
+    assert reused == (len(first) if exact else len(first) + len(reply) - 1)
+
+
+def test_the_exact_mode_leaves_two_prompt_tokens_to_decode() -> None:
+    scheduler, _, _ = _scheduler(exact=True, n_batch=64)
+    prompt = list(range(12))
+    _one_turn(scheduler, "a", prompt, [100])
+    assert _one_turn(scheduler, "a", prompt, [100]) == len(prompt) - 2
+    plain, _, _ = _scheduler(n_batch=64)
+    _one_turn(plain, "a", prompt, [100])
+    assert _one_turn(plain, "a", prompt, [100]) == len(prompt) - 1
+
+
+@pytest.mark.parametrize("length", range(2, 40))
+def test_the_exact_mode_never_decodes_a_prompt_token_alone(length: int) -> None:
+    scheduler, _, _ = _scheduler(exact=True, n_batch=8)
+    scheduler.admit(_job(list(range(length))))
+    sizes = []
+    while chunks := scheduler.plan_prompts():
+        for chunk in chunks:
+            sizes.append(chunk.end - chunk.start)
+            scheduler.chunk_read(chunk)
+    assert sum(sizes) == length and min(sizes) >= 2 and max(sizes) <= 8, sizes
+
+
+def test_a_borrowed_prefix_in_the_exact_mode_stops_where_the_donor_generated() -> None:
+    memory = FakeMemory()
+    slots = KVSlots(memory, 2, exact=True)
+    donor, _ = slots.acquire("a", list(range(40)))
+    donor.tokens.extend(range(40))
+    slots.prompt_read(donor, 0, 40)
+    donor.tokens.extend([900, 901])               # generated: decoded one at a time
+    slots.release(donor)
+    other, reused = slots.acquire("b", [*range(40), 900, 901, 7, 8])
+    assert other is not donor and reused == 40 and other.exact == 40
+    assert memory.copied == [(donor.seq_id, other.seq_id, 42)]

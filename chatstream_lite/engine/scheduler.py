@@ -159,6 +159,8 @@ class Scheduler:
         for seq in [s for s in self.sequences if s.reading]:
             start = len(seq.slot.tokens)
             end = min(len(seq.prompt), start + self.n_batch)
+            if self.slots.exact and len(seq.prompt) - end == 1 and end - start > 2:
+                end -= 1    # the exact mode decodes no prompt token alone (kv_slots.py)
             if end - start > budget:
                 break
             budget -= end - start
@@ -167,6 +169,7 @@ class Scheduler:
 
     def chunk_read(self, chunk: Chunk) -> None:
         chunk.seq.slot.tokens.extend(chunk.tokens)
+        self.slots.prompt_read(chunk.seq.slot, chunk.start, chunk.end)
         self.stats.prompt_tokens_evaluated += chunk.end - chunk.start
         if chunk.last:
             chunk.seq.prompt_done = self.clock()

@@ -23,14 +23,15 @@ settle each session's history), the framings (framing.py) and one handler skelet
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import aiohttp_session
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp_session import AbstractStorage, get_session
-from redis.asyncio import Redis
 
 from ..auth import DEFAULT_PROTECTED, ApiKey
 from ..chat_request import (
@@ -56,7 +57,6 @@ from ..sessions import (
     DEFAULT_MAX_SESSIONS,
     MemorySessionStore,
     MemoryStorage,
-    RedisSessionStore,
     SessionStore,
 )
 from ..settings import DEFAULTS
@@ -68,6 +68,9 @@ from .health import CheckResult, Health
 from .metrics import Metrics
 from .responses import error_response
 from .runtime import DEFAULT_SHUTDOWN_GRACE, Runtime
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,8 @@ class ChatStream:
         n_threads: int | None = DEFAULTS.n_threads,
         n_batch: int = DEFAULTS.n_batch,
         num_of_concurrent_executions: int = 1,
+        flash_attn: str = DEFAULTS.flash_attn,
+        deterministic: bool = DEFAULTS.deterministic,
         extra_buffers: str = DEFAULTS.extra_buffers,
         kernel_check: str = DEFAULTS.kernel_check,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
@@ -129,7 +134,8 @@ class ChatStream:
             engine = _make_engine(
                 mock, model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
                 n_batch=n_batch, parallel=num_of_concurrent_executions,
-                max_generation_time=max_generation_time, extra_buffers=extra_buffers,
+                max_generation_time=max_generation_time, flash_attn=flash_attn,
+                deterministic=deterministic, extra_buffers=extra_buffers,
                 kernel_check=kernel_check, verbose=verbose,
                 mock_delay=mock_delay, mock_text=mock_text)
         self.engine = engine
@@ -324,8 +330,9 @@ class ChatStream:
 
 def _make_engine(mock: bool, model_path: str | Path | None, *, n_ctx: int, n_gpu_layers: int,
                  n_threads: int | None, n_batch: int, parallel: int,
-                 max_generation_time: float | None, extra_buffers: str, kernel_check: str,
-                 verbose: bool, mock_delay: float, mock_text: str | None) -> Engine:
+                 max_generation_time: float | None, flash_attn: str, deterministic: bool,
+                 extra_buffers: str, kernel_check: str, verbose: bool, mock_delay: float,
+                 mock_text: str | None) -> Engine:
     if mock:
         return MockEngine(n_ctx=n_ctx, parallel=parallel, max_generation_time=max_generation_time,
                           delay=mock_delay, text=mock_text)
@@ -333,8 +340,9 @@ def _make_engine(mock: bool, model_path: str | Path | None, *, n_ctx: int, n_gpu
     return LlamaEngine(LlamaConfig(
         model_path=resolve_model_path(model_path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
         n_threads=n_threads, n_batch=n_batch, parallel=parallel,
-        max_generation_time=max_generation_time, extra_buffers=extra_buffers,
-        kernel_check=kernel_check, verbose=verbose))
+        max_generation_time=max_generation_time, flash_attn=flash_attn,
+        deterministic=deterministic, extra_buffers=extra_buffers, kernel_check=kernel_check,
+        verbose=verbose))
 
 
 def _open_session_store(
@@ -353,14 +361,22 @@ def _open_session_store(
     if session_store is None or session_store == "memory":
         return MemorySessionStore(session_storage if session_storage is not None else MemoryStorage(
             max_sessions=max_sessions, idle_ttl=idle_ttl, secure=secure))
-    if isinstance(session_store, Redis):
+    if isinstance(session_store, str) and not session_store.startswith(
+            ("redis://", "rediss://", "unix://")):
+        raise ValueError(f"session_store must be 'memory' or a redis://, rediss:// or "
+                         f"unix:// URL, not {session_store!r}")
+    if isinstance(session_store, str) or _is_redis_client(session_store):
+        # Imported here, not above: a server on the memory store runs without redis.
+        from ..sessions.redis import RedisSessionStore
         return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
-    if isinstance(session_store, str):
-        if not session_store.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"session_store must be 'memory' or a redis://, rediss:// or "
-                             f"unix:// URL, not {session_store!r}")
-        return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
-    return session_store
+    return cast("SessionStore", session_store)     # neither a URL nor a Redis client
+
+
+def _is_redis_client(value: object) -> TypeGuard[Redis]:
+    """Whether `value` is a `redis.asyncio.Redis`, without importing redis: whoever made
+    a client has imported it already."""
+    client = sys.modules.get("redis.asyncio")
+    return client is not None and isinstance(value, client.Redis)
 
 
 @web.middleware

@@ -30,7 +30,7 @@ from pathlib import Path
 import llama_cpp
 
 from ...errors import ChatStreamError
-from ...settings import DEFAULTS, EXTRA_BUFFERS, KERNEL_CHECKS
+from ...settings import DEFAULTS, EXTRA_BUFFERS, FLASH_ATTN, KERNEL_CHECKS
 from ..events import Event, Failed
 from ..faults import Faults
 from ..job import Job
@@ -62,6 +62,8 @@ class LlamaConfig:
     n_batch: int = DEFAULT_N_BATCH    # tokens per decode; the prompt chunk between cancel checks
     parallel: int = 1                 # sequences decoded together (num_of_concurrent_executions)
     max_generation_time: float | None = None  # seconds of generation per reply; None: no limit
+    flash_attn: str = DEFAULTS.flash_attn         # auto, on, off (llama.cpp's flash_attn_type)
+    deterministic: bool = DEFAULTS.deterministic  # exact reuse, flash attention off (kv_slots.py)
     extra_buffers: str = DEFAULTS.extra_buffers   # kernels.py: auto, on, off
     kernel_check: str = DEFAULTS.kernel_check     # kernel_check.py: auto, on, off
     verbose: bool = False
@@ -74,6 +76,13 @@ class LlamaConfig:
             # One generation step puts a token of every running sequence in one batch.
             raise ValueError(f"n_batch ({self.n_batch}) must be at least "
                              f"num_of_concurrent_executions ({self.parallel})")
+        if self.flash_attn not in FLASH_ATTN:
+            raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}")
+        if self.deterministic and self.flash_attn == "on":
+            raise ValueError("deterministic mode needs flash attention off")
+        if self.deterministic and self.n_batch < 3:
+            # Chunks of n_batch with no prompt token left alone need room for a 2-token tail.
+            raise ValueError("deterministic mode needs n_batch >= 3")
         if self.extra_buffers not in EXTRA_BUFFERS:
             raise ValueError(f"extra_buffers must be one of {', '.join(EXTRA_BUFFERS)}")
         if self.kernel_check not in KERNEL_CHECKS:
@@ -162,9 +171,11 @@ class LlamaEngine:
     def _load(self) -> ModelInfo:
         cfg = self.config
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
-        log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, n_threads=%d, parallel=%d); GPU "
-                 "offload %s", cfg.model_path, cfg.n_ctx, cfg.n_gpu_layers, self.threads,
-                 cfg.parallel, "supported" if gpu else
+        log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, n_threads=%d, parallel=%d, "
+                 "flash_attn=%s%s); GPU offload %s", cfg.model_path, cfg.n_ctx,
+                 cfg.n_gpu_layers, self.threads, cfg.parallel,
+                 "off" if cfg.deterministic else cfg.flash_attn,
+                 ", deterministic" if cfg.deterministic else "", "supported" if gpu else
                  "not supported by this llama-cpp-python build (CPU only)")
         kernels = self._choose_kernels()
         # One sequence per running job; each keeps its cells when its job ends, so an idle
@@ -172,7 +183,9 @@ class LlamaEngine:
         model = Model.load(cfg.model_path, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch,
                            n_seq=cfg.parallel, n_gpu_layers=cfg.n_gpu_layers,
                            n_threads=self.threads, verbose=cfg.verbose,
-                           extra_buffers=kernels.extra_buffers, progress=self._load_progressed)
+                           extra_buffers=kernels.extra_buffers,
+                           flash_attn="off" if cfg.deterministic else cfg.flash_attn,
+                           progress=self._load_progressed)
         template_text = model.metadata.get("tokenizer.chat_template")
         if not template_text:
             model.close()
@@ -181,7 +194,8 @@ class LlamaEngine:
                                 eos_token=model.token_text(model.eos_token))
         self._model = model
         self._runner = Runner(model)
-        self._scheduler = Scheduler(KVSlots(model, model.n_seq), n_batch=model.batch.capacity,
+        slots = KVSlots(model, model.n_seq, exact=cfg.deterministic)
+        self._scheduler = Scheduler(slots, n_batch=model.batch.capacity,
                                     emit=self._post, stats=self.stats, faults=self.faults,
                                     max_generation_time=cfg.max_generation_time)
         name = model.metadata.get("general.name") or cfg.model_path.stem

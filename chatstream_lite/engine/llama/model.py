@@ -14,8 +14,8 @@ each with a KV stream of its own of `n_ctx` cells (`kv_unified` off, as llama-se
 slots). Measured on CPU: over a unified cache the logits of a sequence change with what else
 is in the batch (greedy replies drift after a few tokens); with a stream per sequence one
 token of each sequence per batch gives bit-identical logits to decoding it alone, and each
-token attends to its own conversation only. Everything else is `Llama`'s default, flash
-attention off included, so a single sequence computes what llama-cpp-python computes.
+token attends to its own conversation only. Everything else is `Llama`'s default; flash
+attention is the caller's choice (`Llama` turns it off, llama.cpp's context defaults to auto).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # at 1,000, 21 at 2,000, 37 at 4,000 (`python -m benchmarks.kv_copy`,
 # benchmarks/results/kv-copy-cpu-2core.json).
 STATE_COPY_CELL_COST = 2
+FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+              "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+              "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 # The most bytes copied by cells (the buffer is kept for the next copy): 2,900 cells of
 # SmolLM2-135M, 128 of a 7B model with an F16 cache.
 MAX_STATE_COPY_BYTES = 64 << 20
@@ -132,10 +135,13 @@ class Model:
     @classmethod
     def load(cls, path: Path, *, n_ctx: int, n_batch: int, n_seq: int, n_gpu_layers: int,
              n_threads: int, verbose: bool, extra_buffers: bool | None = None,
+             flash_attn: str = "off",
              progress: Callable[[float], None] | None = None) -> Model:
         """`progress(fraction)`: called on this thread as llama.cpp loads the weights.
         `extra_buffers`: let llama.cpp repack weights for AMX or CPU_REPACK; None: what
-        `kernels.choose` picks for this machine (off where the AMX kernels would fault)."""
+        `kernels.choose` picks for this machine (off where the AMX kernels would fault).
+        `flash_attn`: "on", "off" (Llama's default), or "auto" (llama.cpp's: on where the
+        backend supports it for this model)."""
         if extra_buffers is None:
             extra_buffers = choose(Machine.detect()).extra_buffers
         _init_backend(verbose)
@@ -159,7 +165,7 @@ class Model:
         params.kv_unified = False
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED   # Llama's default
+        params.flash_attn_type = FLASH_ATTN[flash_attn]
         try:
             context = _internals.LlamaContext(model=model, params=params, verbose=verbose)
         except Exception:
