@@ -35,6 +35,8 @@ CHAT_STREAM_OPTIONS: list[tuple[str, str | None, str, str, Any]] = [
     ("--n-threads", "3", "3", "n_threads", 3),
     ("--n-batch", "64", "64", "n_batch", 64),
     ("--num-of-concurrent-executions", "2", "2", "num_of_concurrent_executions", 2),
+    ("--flash-attn", "on", "ON", "flash_attn", "on"),
+    ("--deterministic", None, "yes", "deterministic", True),
     ("--extra-buffers", "off", "OFF", "extra_buffers", "off"),
     ("--kernel-check", "on", "on", "kernel_check", "on"),
     ("--max-new-tokens", "100", "100", "max_new_tokens", 100),
