@@ -10,9 +10,9 @@ S_TG (generation tokens/s) at B = 8 and 16 is the bar for a server's aggregate t
 and 16 clients (target: >= 0.9x). benchmarks.stream runs it as the system `ceiling` in the
 same rounds as the servers, so that both see the same machine; this module runs it alone.
 
-Kernels as the servers get them: flash attention off (llama-cpp-python's default, which
-chatstream_lite keeps), a KV stream per sequence (no --kv-unified, as chatstream_lite),
-n_batch = n_ubatch = 512.
+Kernels as the servers get them: flash attention as chatstream_lite runs in the same run
+(`--flash-attn`), a KV stream per sequence (no --kv-unified, as chatstream_lite), n_batch =
+n_ubatch = 512, extra buffer types as the server loads them here.
 """
 
 from __future__ import annotations
@@ -66,12 +66,13 @@ def find_batched_bench(explicit: str | None = None) -> tuple[str | None, str]:
 
 def command(binary: str, model: Path, *, threads: int, n_gpu_layers: int = 0,
             parallel: tuple[int, ...] = PARALLEL, prompt: int = PROMPT_TOKENS,
-            reply: int = REPLY_TOKENS, repack: bool = True) -> list[str]:
+            reply: int = REPLY_TOKENS, repack: bool = True, flash_attn: str = "off"
+            ) -> list[str]:
     """`repack`: False adds `--no-repack` (provenance.extra_buffers: as the server loads)."""
     n_ctx = max(parallel) * (prompt + reply)
     return [binary, "-m", str(model), "-c", str(n_ctx), "-b", str(N_BATCH), "-ub", str(N_BATCH),
             "-npp", str(prompt), "-ntg", str(reply), "-npl", ",".join(map(str, parallel)),
-            "-t", str(threads), "-tb", str(threads), "-fa", "off",
+            "-t", str(threads), "-tb", str(threads), "-fa", flash_attn,
             "-ngl", str(999 if n_gpu_layers < 0 else n_gpu_layers),
             *([] if repack else ["--no-repack"])]
 
@@ -101,10 +102,11 @@ def figures(rows: list[dict[str, float]]) -> dict[str, Any]:
 
 def run(binary: str, model: Path, *, threads: int, n_gpu_layers: int = 0,
         parallel: tuple[int, ...] = PARALLEL, reply: int = REPLY_TOKENS,
-        log: Path | None = None, timeout: float = 1800) -> dict[str, Any]:
+        log: Path | None = None, timeout: float = 1800, flash_attn: str = "off"
+        ) -> dict[str, Any]:
     """One run: {"status", "figures", "rows", "command"} (status "n/a" with a reason)."""
     argv = command(binary, model, threads=threads, n_gpu_layers=n_gpu_layers, parallel=parallel,
-                   reply=reply, repack=extra_buffers())
+                   reply=reply, repack=extra_buffers(), flash_attn=flash_attn)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"-ntg: tokens generated per sequence (default {REPLY_TOKENS}, "
                         "benchmarks.stream's reply length; fewer only for a smoke run)")
     parser.add_argument("--batched-bench", metavar="PATH")
+    parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="off",
+                        help="llama.cpp's -fa (default off)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     origin = provenance(argv, "benchmarks.ceiling")
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     for number in range(1, args.rounds + 1):
         print(f"== round {number}/{args.rounds} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
         result = run(binary, model, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                     reply=args.reply_tokens, log=args.output.parent / "logs" / f"ceiling-r{number}.log")
+                     reply=args.reply_tokens, flash_attn=args.flash_attn,
+                     log=args.output.parent / "logs" / f"ceiling-r{number}.log")
         results.append({**result, "round": number, "loadavg_before": os.getloadavg()})
     ok = [r for r in results if r["status"] == "ok"]
     medians = {key: statistics.median(r["figures"][key] for r in ok)
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line("benchmarks.ceiling", argv), "provenance": origin,
-        "binary": source, "figures": medians, "table": table, "rounds": results,
+        "binary": source, "flash_attn": args.flash_attn, "figures": medians, "table": table,
+        "rounds": results,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(document, indent=1))

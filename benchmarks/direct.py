@@ -109,6 +109,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     llm = load_llama(
         model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads,
         n_threads_batch=args.threads, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
+        flash_attn=args.flash_attn != "off",     # a bool here: llama.cpp's auto is on on a CPU
         verbose=False,
     )
     tokenizer = Tokenizer(args.model)
@@ -134,6 +135,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--n-batch", type=int, required=True)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="off")
     parser.add_argument("--plan", required=True, help="the Plan as JSON")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--out", required=True, type=Path)

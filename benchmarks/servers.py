@@ -48,9 +48,11 @@ class Settings:
     max_new_tokens: int         # the server-side cap (the largest reply of the plan)
     max_queue_size: int = 1024
     n_gpu_layers: int = 0       # layers offloaded to a GPU (0: CPU only; -1: all), every system
-    # llama-server as its own defaults set it up (KV layout, flash attention), with the same
-    # cells per slot as ours (-c np * n_ctx); else --kv-unified -fa off, -c n_ctx.
-    llama_server_defaults: bool = False
+    # Flash attention of chatstream_lite, direct llama-cpp-python, llama_cpp.server and the
+    # ceiling ("auto", "on", "off"; the last three take a bool: auto is on on a CPU);
+    # llama-server's own default unless `llama_server_fa` names one.
+    flash_attn: str = "off"
+    llama_server_fa: str | None = None
 
 
 @dataclass
@@ -78,7 +80,10 @@ def chatstream_lite(settings: Settings, port: int, root: Path = ROOT,
          "--n-threads", str(settings.threads), "--n-gpu-layers", str(settings.n_gpu_layers),
          "--num-of-concurrent-executions", str(settings.parallel),
          "--max-queue-size", str(settings.max_queue_size),
-         "--max-new-tokens", str(settings.max_new_tokens), "--log-level", "INFO", *extra],
+         "--max-new-tokens", str(settings.max_new_tokens), "--log-level", "INFO",
+         # Only when it is not "off": a baseline checkout from before the option has it off.
+         *(["--flash-attn", settings.flash_attn] if settings.flash_attn != "off" else []),
+         *extra],
         ready_path="/health", env=env,   # 503 until the model is loaded (loads in the background)
     )
 
@@ -122,6 +127,8 @@ def llama_cpp_server(settings: Settings, port: int) -> Launch:
          "--host", HOST, "--port", str(port), "--n_ctx", str(settings.n_ctx),
          "--n_threads", str(settings.threads), "--n_threads_batch", str(settings.threads),
          "--n_batch", str(N_BATCH), "--n_gpu_layers", str(settings.n_gpu_layers),
+         # A bool there: llama.cpp's "auto" turns it on on a CPU.
+         "--flash_attn", str(settings.flash_attn != "off"),
          # Its default, True, makes every new request end the running stream.
          "--interrupt_requests", "False", "--verbose", "False"],
         ready_path="/v1/models",
@@ -147,34 +154,31 @@ def find_llama_server(explicit: str | None) -> tuple[str | None, str]:
 
 
 def llama_server(binary: str, settings: Settings, port: int, *, n_ctx: int | None = None,
-                 unified: bool = True) -> Launch:
-    """llama-server with `-c n_ctx` (default: settings.n_ctx) cells in all: with `unified`,
-    one pool that its slots share; without, each of its -np slots gets n_ctx / np cells of
-    its own (chatstream_lite's layout: `-c 32768 -np 8` is our 8 slots x 4096)."""
-    if settings.llama_server_defaults:
-        return Launch(
-            [binary, "-m", str(settings.model), "--host", HOST, "--port", str(port),
-             "-c", str(n_ctx or settings.n_ctx * settings.llama_server_parallel),
-             "-t", str(settings.threads), "-tb", str(settings.threads),
-             "-ngl", str(_all_layers(settings.n_gpu_layers)),
-             "-np", str(settings.llama_server_parallel), "--metrics", "--no-webui",
-             *_repack_flags()],
-            ready_path="/health")
+                 unified: bool = False) -> Launch:
+    """llama-server at equal capacity with chatstream_lite: `-np` slots of `settings.n_ctx`
+    cells each (`-c np*n_ctx`), everything else its own defaults (KV layout, batch sizes, flash
+    attention unless `settings.llama_server_fa` names one). `unified`: one pool of the same
+    cells that its slots share (`--kv-unified`), the named second row. `n_ctx`: the cells in
+    all, when a caller sets its own layout (benchmarks.memory)."""
+    cells = n_ctx or settings.n_ctx * settings.llama_server_parallel
     return Launch(
         [binary, "-m", str(settings.model), "--host", HOST, "--port", str(port),
-         "-c", str(n_ctx or settings.n_ctx), "-t", str(settings.threads),
-         "-tb", str(settings.threads), "-b", str(N_BATCH), "-ub", str(N_BATCH),
+         "-c", str(cells), "-np", str(settings.llama_server_parallel),
+         "-t", str(settings.threads), "-tb", str(settings.threads),
          "-ngl", str(_all_layers(settings.n_gpu_layers)),
-         "-np", str(settings.llama_server_parallel),
-         # One KV pool of n_ctx cells shared by all slots, like one sequence of n_ctx; without
-         # it each slot would get only n_ctx / np.
-         *(["--kv-unified"] if unified else ["--no-kv-unified"]),
-         # llama-cpp-python's Llama defaults to flash attention off; so must this, or the
-         # kernels (and speed) differ.
-         "-fa", "off",
+         *(["--kv-unified"] if unified else []),
+         *(["-fa", settings.llama_server_fa] if settings.llama_server_fa else []),
          "--metrics", "--no-webui", *_repack_flags()],
         ready_path="/health",  # 503 while loading
     )
+
+
+def llama_server_layout(settings: Settings, unified: bool = False) -> str:
+    """The launch's layout as the JSON records it."""
+    fa = settings.llama_server_fa or "its default (auto)"
+    return (f"-c {settings.n_ctx * settings.llama_server_parallel} "
+            f"-np {settings.llama_server_parallel}{' --kv-unified' if unified else ''}; "
+            f"flash attention {fa}; batch sizes its defaults")
 
 
 def _repack_flags() -> list[str]:

