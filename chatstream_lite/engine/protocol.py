@@ -52,6 +52,13 @@ class EngineStats:
     prompt_tokens_evaluated: int = 0  # prompt tokens decoded (a cancelled prompt stops early)
     completion_tokens: int = 0
     generation_steps: int = 0       # llama_decode calls that carried generated tokens
+    # Where the engine thread's time goes (seconds, summed over its steps): llama_decode,
+    # sampling (sampler chains, detokenizing, the events of each token), handing the events to
+    # the loop, and the whole steps (the rest: planning and building batches).
+    step_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    sample_seconds: float = 0.0
+    handoff_seconds: float = 0.0
 
 
 Died = Callable[[BaseException], None]

@@ -11,6 +11,8 @@ are read from the admission layer at scrape time; everything else is counted whe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,6 +22,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from ..engine import Admission
 from ..errors import ChatStreamError
@@ -31,6 +35,28 @@ REJECTED = "rejected"   # the `status` of a refused request, beside the four cal
 # From a fast GPU's few milliseconds to a long queue wait on a CPU.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.07, 0.1, 0.25, 0.5, 1.0)
+
+
+class _EngineTime(Collector):
+    """`chatstream_engine_seconds_total{phase}`: the engine thread's time by phase, read from
+    its stats at scrape time (decode: llama_decode; sample: sampler chains, detokenizing and
+    the events of each token; handoff: to the event loop; other: planning and batches)."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._admission.engine.stats
+        family = CounterMetricFamily(
+            "chatstream_engine_seconds", "The engine thread's time in its steps, by phase.",
+            labels=["phase"])
+        accounted = stats.decode_seconds + stats.sample_seconds + stats.handoff_seconds
+        for phase, seconds in (("decode", stats.decode_seconds),
+                               ("sample", stats.sample_seconds),
+                               ("handoff", stats.handoff_seconds),
+                               ("other", max(0.0, stats.step_seconds - accounted))):
+            family.add_metric([phase], seconds)
+        yield family
 
 
 class Metrics:
@@ -63,6 +89,7 @@ class Metrics:
             "chatstream_token_latency_seconds", "Time between consecutive pieces of a reply "
             "(about one token each), measured where they are written to the client.",
             ["endpoint"], buckets=TOKEN_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineTime(admission))
         # Every series exists from the start, so a dashboard shows 0 rather than nothing.
         for endpoint in ("chat_stream", "chat_completions", "completions"):
             for status in (*StreamStatus, REJECTED):

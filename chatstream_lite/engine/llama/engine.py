@@ -248,8 +248,10 @@ class LlamaEngine:
         """The one place where the executor thread hands something to the event loop."""
         if self._outbox:
             assert self._loop is not None
+            began = time.perf_counter()
             events, self._outbox = self._outbox, []
             self._loop.call_soon_threadsafe(self._deliver, events)
+            self.stats.handoff_seconds += time.perf_counter() - began
 
     def _serve(self) -> None:
         """The thread's loop: take new jobs, run a step, hand the events over; sleep when idle."""
@@ -268,7 +270,9 @@ class LlamaEngine:
                         scheduler.finish(seq, "cancelled")
                 self._flush()
                 if scheduler.active:
+                    began = time.perf_counter()
                     self._step(scheduler, runner)
+                    self.stats.step_seconds += time.perf_counter() - began
                     self.last_progress = time.monotonic()
                     continue
                 if self._stopping and not self._inbox:
@@ -295,9 +299,12 @@ class LlamaEngine:
 
     def _step(self, scheduler: Scheduler, runner: Runner) -> None:
         scheduler.leave_cancelled()
+        stats = self.stats
         for chunk in scheduler.plan_prompts():
             try:
+                began = time.perf_counter()
                 row = runner.decode_chunk(chunk)
+                stats.decode_seconds += time.perf_counter() - began
             except DecodeFailed as error:
                 self._failed_decode(scheduler, [chunk.seq], error)
                 continue
@@ -307,21 +314,27 @@ class LlamaEngine:
                 forks = scheduler.fork(chunk.seq)
                 for seq in forks:
                     self._attach(scheduler, runner, seq)
+                began = time.perf_counter()
                 for seq in [chunk.seq, *forks]:
                     if seq in scheduler.sequences:
                         self._sample(scheduler, runner, seq, row)
+                stats.sample_seconds += time.perf_counter() - began
         self._flush()           # a first token goes out before the others' step
         members = scheduler.plan_generation()
         if not members:
             return
         try:
+            began = time.perf_counter()
             runner.decode_tokens(members)
+            stats.decode_seconds += time.perf_counter() - began
         except DecodeFailed as error:
             self._failed_decode(scheduler, members, error)
             return
         scheduler.generated(members)
+        began = time.perf_counter()
         for seq in members:
             self._sample(scheduler, runner, seq, seq.row)
+        stats.sample_seconds += time.perf_counter() - began
         self._flush()
 
     def _sample(self, scheduler: Scheduler, runner: Runner, seq: Sequence, row: int) -> None:
