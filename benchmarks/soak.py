@@ -1,12 +1,14 @@
 """Soak: many short requests, sequentially and at concurrency; RSS and callback counts.
 
-    python -m benchmarks.soak --requests 10000 --concurrency 8      # figures for RESULTS.md
+    python -m benchmarks.soak --requests 10000 --concurrency 8   # writes results/soak-latest.json
 
+Two runs, one request at a time and then `--concurrency` at a time, each on a fresh server.
 Reports RSS at the start, after the warm-up (the first 1,000 requests, or a tenth of a
 shorter run) and at the end, the growth after warm-up, and the count of each callback
 status. Target: growth < 5 % after warm-up, zero lost callbacks. The server runs in this
 process (its callbacks are counted); requests go over real HTTP on 127.0.0.1, each client a
-fresh session so the session store is exercised too.
+fresh session so the session store is exercised too. Each run's report is printed as it
+ends; both go, with the provenance (benchmarks/provenance.py), into one JSON at `--output`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,7 +29,10 @@ from aiohttp import web
 
 from chatstream_lite import ChatStream
 
+from .provenance import provenance
 from .storm import _rss_mb
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "soak-latest.json"
 
 
 @dataclass
@@ -120,25 +126,38 @@ async def run_soak(chat_stream: ChatStream, requests: int, concurrency: int,
         await runner.cleanup()
 
 
-async def _main(args: argparse.Namespace) -> int:
-    reports = []
+async def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    document: dict[str, Any] = {
+        "provenance": provenance(argv, "benchmarks.soak"),
+        "settings": {"requests": args.requests, "concurrency": [1, args.concurrency],
+                     "n_ctx": 512, "max_new_tokens": args.max_new_tokens, "model": args.model},
+        "runs": [], "complete": False}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     for concurrency in (1, args.concurrency):
         chat_stream = ChatStream(args.model, n_ctx=512, max_new_tokens=args.max_new_tokens,
                                  max_queue_size=max(16, concurrency))
         report = await run_soak(chat_stream, args.requests, concurrency, args.max_new_tokens)
-        reports.append(report.as_dict())
+        document["runs"].append(report.as_dict())
         print(json.dumps(report.as_dict(), indent=2), flush=True)
-    bad = [r for r in reports if r["lost_callbacks"] or r["growth_after_warmup_pct"] >= 5]
+        # Written after each run, so that a long soak cut short keeps what it measured.
+        document["complete"] = len(document["runs"]) == 2
+        args.output.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+    bad = [r for r in document["runs"]
+           if r["lost_callbacks"] or r["growth_after_warmup_pct"] >= 5]
     return 1 if bad else 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=2)
     parser.add_argument("--model", default=None)
-    sys.exit(asyncio.run(_main(parser.parse_args())))
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"where the JSON goes (default {DEFAULT_OUTPUT})")
+    sys.exit(asyncio.run(_main(parser.parse_args(argv), argv)))
 
 
 if __name__ == "__main__":

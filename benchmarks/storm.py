@@ -1,13 +1,14 @@
 """Disconnect storm: hundreds of clients connect and drop at random points.
 
-    python -m benchmarks.storm --clients 500            # figures for benchmarks/RESULTS.md
+    python -m benchmarks.storm --clients 500            # writes benchmarks/results/storm-latest.json
 
 Clients drop before sending the whole body, while queued, during prompt processing,
 mid-stream, or right after the last byte. Afterwards we check what must hold: exactly one
 callback for every request whose body arrived, a status that fits where the client left,
 histories consistent with the status, nothing left running or queued, `/health` ok and a
-normal request still answered; RSS at the start and the end is reported. The server runs in this process (so its
-callbacks can be counted); the clients are plain sockets.
+normal request still answered; RSS at the start and the end is reported. The server runs in
+this process (so its callbacks can be counted); the clients are plain sockets. The report is
+printed and written, with its provenance (benchmarks/provenance.py), to `--output`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,6 +31,9 @@ from aiohttp import web
 
 from chatstream_lite import ChatStream
 
+from .provenance import provenance
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "storm-latest.json"
 DROP_POINTS = ("before_body", "while_queued", "during_prompt", "mid_stream", "after_last_byte")
 
 # What the server may report for each drop point. A client that leaves "while queued" closes
@@ -214,7 +219,8 @@ async def _settle_and_check(server: StormServer, plan: list[tuple[str, str]]) ->
     return problems
 
 
-async def _main(args: argparse.Namespace) -> int:
+async def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    origin = provenance(argv, "benchmarks.storm")
     chat_stream = ChatStream(args.model, n_ctx=2048, max_new_tokens=args.max_new_tokens,
                              max_queue_size=args.clients)
     server = await StormServer.start(chat_stream)
@@ -222,17 +228,27 @@ async def _main(args: argparse.Namespace) -> int:
         report = await run_storm(server, args.clients, args.seed, args.max_new_tokens)
     finally:
         await server.stop()
+    document = {"provenance": origin,
+                "settings": {"clients": args.clients, "seed": args.seed, "n_ctx": 2048,
+                             "max_new_tokens": args.max_new_tokens, "model": args.model},
+                **report.as_dict()}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(report.as_dict(), indent=2))
+    print(f"wrote {args.output}", file=sys.stderr)
     return 1 if report.problems else 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=500)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None)
-    sys.exit(asyncio.run(_main(parser.parse_args())))
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"where the JSON goes (default {DEFAULT_OUTPUT})")
+    sys.exit(asyncio.run(_main(parser.parse_args(argv), argv)))
 
 
 if __name__ == "__main__":
