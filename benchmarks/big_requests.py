@@ -1,6 +1,6 @@
 """Big requests beside a running stream: how long each takes, and the longest gap it causes.
 
-    python -m benchmarks.big_requests            # figures for benchmarks/RESULTS.md
+    python -m benchmarks.big_requests            # writes results/big-requests-latest.json
 
 A stream of `/chat_stream` runs (greedy, 300 tokens); meanwhile one big request arrives:
 `/v1/chat/completions` with 1,000 or 20,000 short messages, or `/chat_stream` with a 1 MiB
@@ -8,7 +8,8 @@ A stream of `/chat_stream` runs (greedy, 300 tokens); meanwhile one big request 
 took to be answered or refused, its status, and the longest gap between two pieces of the
 running stream while it was handled (median gap for comparison). The server runs in this
 process on the embedded SmolLM2 model with 2 parallel slots. Issue 10 wants each big
-request answered or refused within 1 s of work and no gap over 200 ms.
+request answered or refused within 1 s of work and no gap over 200 ms. The rows are printed
+as they come and written, with their provenance (benchmarks/provenance.py), to `--output`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,9 @@ from aiohttp import web
 
 from chatstream_lite import ChatStream, create_app
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .provenance import provenance
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "big-requests-latest.json"
 
 
 def _messages(count: int) -> list[dict[str, str]]:
@@ -112,19 +114,19 @@ async def run(cases: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="v1-1000,v1-20000,chat-1MiB")
-    parser.add_argument("--out", default=str(RESULTS / "big-requests.json"))
-    args = parser.parse_args()
-    load = os.getloadavg()[0]
+    parser.add_argument("--output", "--out", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"where the JSON goes (default {DEFAULT_OUTPUT})")
+    args = parser.parse_args(argv)
+    origin = provenance(argv, "benchmarks.big_requests")
     rows = asyncio.run(run(args.cases.split(",")))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    Path(args.out).write_text(json.dumps({
-        "commit": commit, "load_average_before": load,
-        "command": "python -m benchmarks.big_requests --cases " + args.cases,
-        "rows": rows}, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"provenance": origin, "cases": args.cases.split(","),
+                                       "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":

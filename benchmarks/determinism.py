@@ -70,6 +70,7 @@ from .lowlevel import (
     machine,
     user_turn,
 )
+from .provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
 STEPS = 64
@@ -456,7 +457,8 @@ def main() -> int:
     if args.only:
         found = {name: found[name] for name in args.only}
     out = args.out or RESULTS / f"determinism-{cpu_slug()}.json"
-    report: dict[str, Any] = {"machine": machine(), "model": args.model.name,
+    origin = provenance(sys.argv[1:], "benchmarks.determinism")
+    report: dict[str, Any] = {"provenance": origin, "machine": machine(), "model": args.model.name,
                               "gguf_tensor_types": gguf_tensor_types(args.model),
                               "steps": STEPS, "n_seq_max": N_SEQ, "n_ctx_per_sequence": N_CTX_SEQ,
                               "comparisons": {}, "speed": {}}
@@ -464,8 +466,11 @@ def main() -> int:
         kept = json.loads(out.read_text())
         report["comparisons"] = kept["comparisons"]
         report["comparisons_machine"] = kept.get("comparisons_machine", kept["machine"])
+        report["comparisons_provenance"] = kept.get("comparisons_provenance",
+                                                    kept.get("provenance"))
     else:
         report["comparisons_machine"] = report["machine"]
+        report["comparisons_provenance"] = origin
     print(json.dumps(report["machine"], indent=1), "\n", report["gguf_tensor_types"], flush=True)
 
     if not args.no_compare:

@@ -34,6 +34,7 @@ from chatstream_lite.model_file import resolve_model_path
 from .determinism import OTHERS, REPLY_1, TARGET
 from .lowlevel import CHAT, LogCapture, Row, Session, Setting, cpu_slug, machine, user_turn
 from .measure import rss_mb
+from .provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
 N_SEQ = 8
@@ -138,7 +139,8 @@ def main() -> int:
         print(json.dumps(run_capacity(model, LAYOUTS[args.layout], args.long, args.threads)))
         return 0
 
-    report: dict[str, Any] = {"machine": machine(), "model": model.name, "n_seq_max": N_SEQ,
+    report: dict[str, Any] = {"provenance": provenance(sys.argv[1:], "benchmarks.kv_pool"),
+                              "machine": machine(), "model": model.name, "n_seq_max": N_SEQ,
                               "cells": N_SEQ * N_CTX_SEQ, "generated_per_sequence": TOKENS,
                               "threads": args.threads or len(os.sched_getaffinity(0)),
                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "passive"),

@@ -1,12 +1,13 @@
 """Does aiohttp-sse cost speed next to hand-written SSE framing? One run, same chunks, real HTTP.
 
-    python benchmarks/sse_framing.py [--events 20000]
+    python -m benchmarks.sse_framing [--events 20000]   # writes results/sse-framing-latest.json
 
 Serves the same `chat.completion.chunk` JSON events two ways on a loopback port: through
 `aiohttp_sse.EventSourceResponse.send()` (what /v1/chat/completions uses) and through a
 bare `StreamResponse.write(b"data: ...\\n\\n")`. An aiohttp client reads every byte; the
 figure is server+client microseconds per event (median of 5 rounds), to set against the
-~10,000 us a token takes on this machine's CPU.
+time a token takes. The table is printed; every round's figure goes with the provenance
+(benchmarks/provenance.py) into the JSON at `--output`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
+from .provenance import provenance
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "sse-framing-latest.json"
 CHUNK = json.dumps({
     "id": "chatcmpl-0123456789abcdef0123456789abcdef", "object": "chat.completion.chunk",
     "created": 1700000000, "model": "SmolLM2-135M-Instruct.Q4_1",
@@ -57,7 +64,8 @@ def make_app(events: int) -> web.Application:
     return app
 
 
-async def main(events: int, rounds: int) -> None:
+async def measure(events: int, rounds: int) -> dict[str, list[float]]:
+    """Microseconds per event, one figure per round, for each way of framing."""
     runner = web.AppRunner(make_app(events))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -74,15 +82,32 @@ async def main(events: int, rounds: int) -> None:
                 assert body.count(b"\n\n") == events + 1
                 results[name].append(elapsed / events * 1e6)
     await runner.cleanup()
-    print(f"| framing | us per event (median of {rounds}, {events} events) |")
-    print("|---|---|")
-    for name, values in results.items():
-        print(f"| {name} | {statistics.median(values):.1f} |")
+    return results
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    asyncio.run(main(args.events, args.rounds))
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"where the JSON goes (default {DEFAULT_OUTPUT})")
+    args = parser.parse_args(argv)
+    origin = provenance(argv, "benchmarks.sse_framing")
+    results = asyncio.run(measure(args.events, args.rounds))
+    lines = [f"| framing | us per event (median of {args.rounds}, {args.events} events) |",
+             "|---|---|"]
+    lines += [f"| {name} | {statistics.median(values):.1f} |" for name, values in results.items()]
+    document: dict[str, Any] = {
+        "provenance": origin, "settings": {"events": args.events, "rounds": args.rounds},
+        "us_per_event": results,
+        "median_us_per_event": {name: statistics.median(v) for name, v in results.items()},
+        "table": "\n".join(lines)}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(document, indent=2) + "\n")
+    print(document["table"])
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """What idle queued requests cost the event loop, counted rather than timed.
 
     python -m benchmarks.wakeups                 # 1,000 queued requests, 3 s window
-    python -m benchmarks.wakeups --idle 200 --seconds 2
+    python -m benchmarks.wakeups --idle 200 --seconds 2 --output results/wakeups-200.json
 
 An in-process server (the embedded model) holds its engine thread at the first token of one
 request (the engine's test hook), N more requests wait in the queue on real sockets, and for
@@ -9,6 +9,8 @@ a window the script counts the callbacks the event loop runs and the CPU time th
 uses. The engine thread is parked, so everything counted is the loop's cost of the waiting
 requests: the figures do not depend on how fast this machine decodes, and another process's
 load changes them little (CPU time, not wall time). Before and after a change, run it on both.
+The figures are printed and written, with their provenance (benchmarks/provenance.py), to
+`--output` (default results/wakeups-latest.json).
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from chatstream_lite import ChatStream
 
+from .provenance import provenance
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "wakeups-latest.json"
 _callbacks = 0
 _run = asyncio.events.Handle._run
 
@@ -83,14 +90,22 @@ async def measure(idle: int, seconds: float) -> dict[str, Any]:
         await runner.cleanup()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--idle", type=int, default=1000, help="queued requests (default 1000)")
     parser.add_argument("--seconds", type=float, default=3.0, help="counting window")
-    args = parser.parse_args()
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"where the JSON goes (default {DEFAULT_OUTPUT})")
+    args = parser.parse_args(argv)
+    origin = provenance(argv, "benchmarks.wakeups")
     asyncio.events.Handle._run = _counting_run  # type: ignore[method-assign]
-    print(json.dumps(asyncio.run(measure(args.idle, args.seconds)), indent=2))
+    figures = asyncio.run(measure(args.idle, args.seconds))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"provenance": origin, **figures}, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+    print(f"wrote {args.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":
