@@ -321,11 +321,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 class RedisServer:
-    """A real `redis-server` on a free loopback port, persistence off, that a test can stop,
-    restart (same port, empty) or freeze (SIGSTOP: connections open, no answers)."""
+    """A real `redis-server` on a free loopback port that a test can stop, kill (SIGKILL),
+    restart (same port) or freeze (SIGSTOP: connections open, no answers).
 
-    def __init__(self, directory: Path) -> None:
+    Persistence is off, so a restart starts empty, unless `appendonly`: then Redis writes every
+    command to its AOF in `directory` before answering it (`appendfsync always`), and a
+    restart, after a SIGKILL too, reads back everything it had acknowledged.
+    """
+
+    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
         self.directory = directory
+        self.appendonly = appendonly
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -338,9 +344,11 @@ class RedisServer:
         return redis.Redis(port=self.port, socket_timeout=5)
 
     def start(self) -> None:
+        persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly
+                       else ["--appendonly", "no"])
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory),
+             *persistence, "--dir", str(self.directory),
              "--logfile", str(self.directory / "redis.log")])
         deadline = time.monotonic() + 10
         with self.client() as client:
@@ -359,6 +367,17 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown of any kind, as a crash or an OOM kill."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None
 
     def freeze(self) -> None:
         assert self.process is not None
