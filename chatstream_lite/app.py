@@ -5,13 +5,15 @@
     web.run_app(app)
 
 Routes: `POST /chat_stream`, `POST /clear_context` (ChatStream's API), `POST
-/v1/chat/completions` and `GET /v1/models` (OpenAI's), `GET /health`, `GET /metrics`, and the
-browser chat UI at `GET /` (static files shipped in the package, no build step, no CDN).
+/v1/chat/completions` and `GET /v1/models` (OpenAI's), `GET /health` (200 while the engine
+serves, "degraded" without the session store), `GET /ready` (the strict view: 503 while any
+check fails), `GET /metrics`, and the browser chat UI at `GET /` (static files shipped in the
+package, no build step, no CDN).
 
 Every response carries `SECURITY_HEADERS`: a Content-Security-Policy that lets the page run
 only its own script and style files (no inline code) and never be framed, and `nosniff`.
-With an API key, `/metrics` needs it like the model's endpoints; `/health` and the page stay
-open. `POST /clear_context`, like every other POST, must say it is JSON (415 otherwise):
+With an API key, `/metrics` needs it like the model's endpoints; `/health`, `/ready` and the
+page stay open. `POST /clear_context`, like every other POST, must say it is JSON (415 otherwise):
 see `chat_request.require_json`.
 """
 
@@ -98,6 +100,7 @@ def create_app(chat_stream: ChatStream, callback: Callback | None = None) -> web
     app.router.add_get("/history", history_endpoint)
     OpenAIAPI(chat_stream).add_routes(app, OPENAI_PREFIX)
     app.router.add_get("/health", chat_stream.health.handle)
+    app.router.add_get("/ready", chat_stream.health.handle_ready)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR)

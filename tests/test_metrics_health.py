@@ -146,6 +146,32 @@ async def test_a_plugged_in_check_adds_its_field_and_can_fail_the_probe(
         checks._checks = saved
 
 
+async def test_a_check_that_is_not_critical_degrades_health_and_fails_only_ready(
+        server: Server) -> None:
+    state = {"ok": True}
+
+    async def cache() -> CheckResult:
+        return CheckResult(state["ok"], {"cache": "ok" if state["ok"] else "unreachable"})
+
+    checks = server.chat_stream.health
+    saved, optional = dict(checks._checks), set(checks._optional)
+    try:
+        checks.add_check("cache", cache, critical=False)
+        for path in ("/health", "/ready"):
+            status, body = await _get(server, path)
+            assert status == 200 and body["status"] == "ok" and body["cache"] == "ok"
+        state["ok"] = False
+        status, body = await _get(server, "/health")
+        assert status == 200 and body["status"] == "degraded"
+        assert body["cache"] == "unreachable" and body["engine"] == "ready"
+        assert body["checks"] == {"engine": True, "session_store": True, "cache": False}
+        status, body = await _get(server, "/ready")
+        assert status == 503 and body["status"] == "unavailable"
+        assert body["checks"] == {"engine": True, "session_store": True, "cache": False}
+    finally:
+        checks._checks, checks._optional = saved, optional
+
+
 async def test_health_is_503_until_the_model_is_loaded(model_path: str) -> None:
     chat_stream = ChatStream(model_path, n_ctx=512, max_new_tokens=8, load_in_background=True)
     engine = chat_stream.engine

@@ -70,12 +70,13 @@ def start_replica(name: str, redis_url: str, directory: Path) -> Replica:
 
 
 async def wait_healthy(replica: Replica, timeout: float = 60.0) -> None:
+    """Until `/ready`: the model loaded and Redis reachable."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession(timeout=TIMEOUT) as client:
         while True:
             assert replica.process.poll() is None, f"{replica.name} exited:\n{replica.output()}"
             try:
-                async with client.get(replica.url + "/health") as response:
+                async with client.get(replica.url + "/ready") as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientConnectionError:
@@ -215,7 +216,14 @@ async def _expect_store_unavailable(client: aiohttp.ClientSession, replica: Repl
         body: dict[str, Any] = await response.json()
     assert body["error"] == "session_store_unavailable"
     assert "Redis" in body["message"]
+    # The replica stays in rotation for what it can serve without Redis; /ready says it is
+    # not whole.
     async with client.get(replica.url + "/health") as response:
+        assert response.status == 200
+        health = await response.json()
+        assert health["status"] == "degraded"
+        assert health["checks"] == {"engine": True, "session_store": False}
+    async with client.get(replica.url + "/ready") as response:
         assert response.status == 503
         assert (await response.json())["checks"] == {"engine": True, "session_store": False}
 

@@ -159,7 +159,8 @@ class ChatStream:
             self.session_store, system_prompt=system_prompt,
             template=lambda: info.chat_template if (info := engine.model_info) else None)
         self.api_key = ApiKey(api_key, api_key_paths)
-        self.runtime.health.add_check("session_store", self._session_store_health)
+        self.runtime.health.add_check("session_store", self._session_store_health,
+                                      critical=False)
 
     # -- what the runtime holds, under the names ChatStream has always had ------------------
     @property
@@ -215,7 +216,9 @@ class ChatStream:
         await self.session_store.close()
 
     async def _session_store_health(self) -> CheckResult:
-        # 503 while the store is away: requests that need a session would get 503 too.
+        # Not critical (/health stays 200, "degraded"): without its store a replica still
+        # serves the stateless API, and every replica shares the one store, so failing
+        # /health would take them all out of rotation at once. /ready fails instead.
         return CheckResult(await self.session_store.healthy(),
                            {"session_store": self.session_store.kind})
 
