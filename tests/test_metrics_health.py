@@ -172,6 +172,18 @@ async def test_a_check_that_is_not_critical_degrades_health_and_fails_only_ready
         checks._checks, checks._optional = saved, optional
 
 
+async def test_the_session_store_series_are_there_at_zero_with_the_memory_store(
+        server: Server) -> None:
+    metrics = await scrape(server)
+    assert ("chatstream_session_store_pending_turns", frozenset()) in metrics
+    assert sample(metrics, "chatstream_session_store_pending_turns") == 0
+    assert sample(metrics, "chatstream_session_store_pending_lock_releases") == 0
+    assert sample(metrics, "chatstream_session_store_late_writes_total") == 0
+    for reason in ("full", "conflict", "stopping", "unavailable"):
+        assert ("chatstream_session_store_lost_turns_total",
+                frozenset({("reason", reason)})) in metrics
+
+
 async def test_health_is_503_until_the_model_is_loaded(model_path: str) -> None:
     chat_stream = ChatStream(model_path, n_ctx=512, max_new_tokens=8, load_in_background=True)
     engine = chat_stream.engine

@@ -247,11 +247,21 @@ async def test_a_frozen_redis_gives_503_not_a_hang_and_the_conversation_resumes(
         ("My name is Aiko.", first), ("What is my name?", second))
 
 
+async def pending_turns(replica: Replica) -> float:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as client:
+        async with client.get(replica.url + "/metrics") as response:
+            text = await response.text()
+    return next(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("chatstream_session_store_pending_turns "))
+
+
 async def test_redis_stopping_mid_stream_then_restarting(
         a_and_b: tuple[Replica, Replica], redis_server: RedisServer) -> None:
     replica_a, replica_b = a_and_b
     async with user() as client:
-        assert (await chat(client, replica_b, "Hi."))[0] == 200
+        status, hello = await chat(client, replica_b, "Hi.")
+        assert status == 200
+        session = session_id(client, replica_b)
         async with client.post(replica_b.url + "/chat_stream",
                                json={**LONG_ANSWER, "max_new_tokens": 150}) as stream:
             assert stream.status == 200
@@ -259,18 +269,29 @@ async def test_redis_stopping_mid_stream_then_restarting(
             redis_server.stop()
             rest = await stream.read()             # the reply is not cut by the store failing
         assert first and rest
-        # The turn just streamed could not be stored; the replica said so before ending it.
-        assert "not stored: the session store is unreachable" in replica_b.output()
+        # The turn just streamed could not be stored; the replica keeps it, and says so
+        # (naming the session by the start of its id) before ending the reply.
+        assert f"session {session[:8]}" in replica_b.output()
+        assert "kept in memory" in replica_b.output()
+        assert await pending_turns(replica_b) == 1
         for replica in a_and_b:
             await _expect_store_unavailable(client, replica)
 
         redis_server.start()           # same port, empty: persistence is off in this test
         for replica in a_and_b:
             await wait_healthy(replica, timeout=10)   # recovered by itself
+        deadline = time.monotonic() + 10
+        while await pending_turns(replica_b) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # The kept turn held the whole conversation: an empty Redis has it back.
+        assert stored_history(redis_server, session) == conversation(
+            ("Hi.", hello), (LONG_ANSWER["user_input"], (first + rest).decode()))
         status, reply = await chat(client, replica_a, "Back again.")
         assert status == 200
-        session = session_id(client, replica_a)   # a new session: the old one went with Redis
-    assert stored_history(redis_server, session) == conversation(("Back again.", reply))
+        assert session_id(client, replica_a) == session
+    assert stored_history(redis_server, session) == conversation(
+        ("Hi.", hello), (LONG_ANSWER["user_input"], (first + rest).decode()),
+        ("Back again.", reply))
     for replica in a_and_b:
         assert replica.process.poll() is None
         assert "Traceback" not in replica.output()

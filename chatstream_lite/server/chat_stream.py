@@ -161,6 +161,7 @@ class ChatStream:
         self.api_key = ApiKey(api_key, api_key_paths)
         self.runtime.health.add_check("session_store", self._session_store_health,
                                       critical=False)
+        self.runtime.metrics.add_session_store(self.session_store)
 
     # -- what the runtime holds, under the names ChatStream has always had ------------------
     @property
@@ -262,7 +263,7 @@ class ChatStream:
             session = await get_session(request)
             if session.new:
                 return web.json_response({"status": "cleared"})
-            session_id = await conversations.lock(session)
+            session, session_id = await conversations.lock(request)
         except ChatStreamError as error:
             return error_response(error)
         try:
@@ -295,8 +296,7 @@ class ChatStream:
             body = request_body if request_body is not None else await read_body(
                 request, self.max_body_size, self.body_timeout)
             chat_request = await parse_off_loop(parse_chat_request, body, self.defaults)
-            session = await get_session(request)
-            session_id = await conversations.lock(session)
+            session, session_id = await conversations.lock(request)
             try:
                 history = conversations.load(session)
                 turn = conversations.next_turn(history, chat_request.user_input,

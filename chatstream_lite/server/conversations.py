@@ -2,14 +2,16 @@
 
     conversations = Conversations(store, system_prompt="Be brief.",
                                   template=lambda: info.chat_template)
-    session_id = await conversations.lock(session)        # SessionBusy (409) if in flight
+    session, session_id = await conversations.lock(request)   # SessionBusy (409) if in flight
     history = conversations.load(session)
     ...
-    await conversations.save(request, response, session, history)
+    await conversations.save_streamed(request, response, session, history)
     await conversations.release(session_id)
 
-A session holds one request at a time (the lock, cross-replica with Redis). What the session
-keeps after a turn is decided in one place, `settle`.
+A session holds one request at a time (the lock, cross-replica with Redis), and its history
+is read once the lock is held. What the session keeps after a turn is decided in one place,
+`settle`; a turn the client has received is the store's to keep (`SessionStore.store_turn`),
+even while the store is away.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from collections.abc import Callable
 
 import aiohttp_session
 from aiohttp import web
-from aiohttp_session import Session
+from aiohttp_session import Session, get_session
 
 from ..engine import ChatTemplate
-from ..errors import BadRequest, SessionBusy, SessionStoreUnavailable
+from ..errors import BadRequest, SessionBusy
 from ..prompt import ChatPrompt
 from ..sessions import SessionStore, ensure_identity
 from ..status import StreamStatus
@@ -42,12 +44,30 @@ class Conversations:
         self._template = template
 
     # -- the lock ---------------------------------------------------------------------------
-    async def lock(self, session: Session) -> str:
-        """The session's id, with its lock held; `SessionBusy` when a request holds it."""
+    async def lock(self, request: web.Request) -> tuple[Session, str]:
+        """The request's session and its id, with its lock held; `SessionBusy` when a
+        request holds it.
+
+        The session is read again once the lock is held: the replica that held it may
+        have written its turn between our first read and our lock (a turn kept through a
+        Redis outage is written the moment Redis returns, just before its lock is freed),
+        and no reply may be built on a history without it.
+        """
+        session = await get_session(request)
         session_id = ensure_identity(session)
         if not await self.store.locks.acquire(session_id):
             raise SessionBusy("This session already has a request in flight.")
-        return session_id
+        if session.new:
+            return session, session_id
+        try:
+            current = await self.store.storage.load_session(request)
+        except BaseException:
+            await self.release(session_id)
+            raise
+        if current.identity != session_id:   # expired in between: keep what was read
+            return session, session_id
+        request[aiohttp_session.SESSION_KEY] = current
+        return current, session_id
 
     async def release(self, session_id: str) -> None:
         await self.store.locks.release(session_id)
@@ -79,11 +99,10 @@ class Conversations:
 
     async def save_streamed(self, request: web.Request, response: web.StreamResponse,
                             session: Session, prompt: ChatPrompt) -> None:
-        """Store the turn just streamed; with the store gone, the client still has its reply."""
-        try:
-            await self.save(request, response, session, prompt)
-        except SessionStoreUnavailable:
-            log.warning("the turn just streamed was not stored: the session store is unreachable")
+        """Store the turn just streamed. Never raises: the client has its reply, so a store
+        that is away keeps the turn and writes it later (`SessionStore.store_turn`)."""
+        session[HISTORY_FIELD] = prompt.to_dict()
+        await self.store.store_turn(request, response, session)
 
     def get_chat_prompt(self, request: web.Request) -> ChatPrompt:
         """The `ChatPrompt` of this request's session, e.g. inside the completion callback."""

@@ -6,7 +6,8 @@
 
 Each ChatStream has its own registry (not the process-wide default), so two servers in one
 process, as in the tests, never count into each other. Queue depth and running generations
-are read from the admission layer at scrape time; everything else is counted when a request ends.
+are read from the admission layer at scrape time, and what the session store owes and lost
+from the store (`add_session_store`); everything else is counted when a request ends.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..engine import Admission
 from ..errors import ChatStreamError
+from ..sessions import SessionStore
 from ..status import StreamStatus
 from .exchange import Exchange
 
@@ -57,6 +59,34 @@ class _EngineTime(Collector):
                                ("other", max(0.0, stats.step_seconds - accounted))):
             family.add_metric([phase], seconds)
         yield family
+
+
+class _SessionStoreOutbox(Collector):
+    """What the session store owes while it is away, and what it lost (sessions/outbox.py),
+    read from the store at scrape time."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._store.outbox_counts()
+        yield GaugeMetricFamily(
+            "chatstream_session_store_pending_turns", "Turns the client received that wait "
+            "in memory for the session store to answer again.", value=counts.turns)
+        yield GaugeMetricFamily(
+            "chatstream_session_store_pending_lock_releases", "Session locks held here that "
+            "wait for the session store to answer again to be released.", value=counts.locks)
+        yield CounterMetricFamily(
+            "chatstream_session_store_late_writes", "Turns written to the session store "
+            "after it came back.", value=counts.written_late)
+        lost = CounterMetricFamily(
+            "chatstream_session_store_lost_turns", "Turns the client received that never "
+            "reached the session store, by reason: full (the pending bound), conflict "
+            "(another replica wrote the session first), stopping (the server stopped "
+            "first), unavailable (a store that keeps nothing).", labels=["reason"])
+        for reason, count in counts.lost.items():
+            lost.add_metric([reason], count)
+        yield lost
 
 
 class Metrics:
@@ -94,6 +124,10 @@ class Metrics:
         for endpoint in ("chat_stream", "chat_completions", "completions"):
             for status in (*StreamStatus, REJECTED):
                 self.requests.labels(endpoint, str(status))
+
+    def add_session_store(self, store: SessionStore) -> None:
+        """Export what `store` owes and has lost (its outbox), read at every scrape."""
+        self.registry.register(_SessionStoreOutbox(store))
 
     def request_finished(self, endpoint: str, exchange: Exchange) -> None:
         """An admitted request has ended: its callback status is known, or it was refused

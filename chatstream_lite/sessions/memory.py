@@ -18,6 +18,7 @@ so a flood of cookie-less requests cannot wipe the histories of the people chatt
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import secrets
 import time
@@ -27,8 +28,11 @@ from typing import Protocol
 from aiohttp import web
 from aiohttp_session import AbstractStorage, Session
 
-from ..errors import ChatStreamError
+from ..errors import ChatStreamError, SessionStoreUnavailable
 from ..settings import DEFAULTS
+from .outbox import LOST_REASONS, OutboxCounts, session_tag
+
+log = logging.getLogger(__name__)
 
 DEFAULT_COOKIE_NAME = "CHATSTREAM_SESSION"
 DEFAULT_MAX_SESSIONS = DEFAULTS.max_sessions
@@ -262,7 +266,20 @@ class SessionStore(Protocol):
         """True when requests that need a session can be served now."""
         ...
 
-    async def close(self) -> None: ...
+    async def store_turn(self, request: web.Request, response: web.StreamResponse,
+                         session: Session) -> None:
+        """Write a turn whose reply the client has received (its headers are sent). Never
+        raises: a store that cannot write it now keeps it and writes it before the
+        session's next request, or logs, naming the session, that it could not."""
+        ...
+
+    def outbox_counts(self) -> OutboxCounts:
+        """What the store owes (turns and lock releases waiting for it) and has lost."""
+        ...
+
+    async def close(self) -> None:
+        """Release what is held; a store that owes turns tries once more, briefly."""
+        ...
 
 
 class SessionLocks:
@@ -292,9 +309,25 @@ class MemorySessionStore:
     def __init__(self, storage: AbstractStorage) -> None:
         self.storage = storage
         self.locks = SessionLocks()
+        self._lost = 0
 
     async def healthy(self) -> bool:
         return True
+
+    async def store_turn(self, request: web.Request, response: web.StreamResponse,
+                         session: Session) -> None:
+        # MemoryStorage never fails; another aiohttp-session storage given to us may.
+        try:
+            await self.storage.save_session(request, response, session)
+        except SessionStoreUnavailable:
+            self._lost += 1
+            log.error("session %s: a turn the client received is lost (unavailable): the "
+                      "session store is unreachable", session_tag(ensure_identity(session)))
+
+    def outbox_counts(self) -> OutboxCounts:
+        lost = dict.fromkeys(LOST_REASONS, 0)
+        lost["unavailable"] = self._lost
+        return OutboxCounts(lost=lost)
 
     async def close(self) -> None:
         return None
