@@ -116,12 +116,13 @@ def redis_runs_after_each_test(redis_aof: RedisServer) -> Iterator[None]:
 @pytest_asyncio.fixture(scope="module")
 async def a_and_b(model_path: str, redis_aof: RedisServer) -> AsyncIterator[tuple[Server, Server]]:
     """Two replicas in this process on the one Redis, each with its own engine."""
-    a = await start_server(replica(model_path, redis_aof.url), build_full_app)
-    b = await start_server(replica(model_path, redis_aof.url), build_full_app)
+    servers: list[Server] = []
     try:
-        yield a, b
+        for _ in range(2):
+            servers.append(await start_server(replica(model_path, redis_aof.url), build_full_app))
+        yield servers[0], servers[1]
     finally:
-        for server in (a, b):
+        for server in servers:
             server.chat_stream.engine.faults.before_token = None
             await server.runner.cleanup()
 
@@ -328,10 +329,20 @@ async def test_while_redis_is_away_health_is_200_degraded_and_ready_is_503(
         assert status == 200 and body["status"] == "ok"
 
 
+@pytest.fixture
+def lone_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own, stopped however the test ends (frozen ones included)."""
+    server = RedisServer(tmp_path, appendonly=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 async def test_a_redis_that_never_returns_bounds_the_kept_turns_and_does_not_hold_up_shutdown(
-        model_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    redis_server = RedisServer(tmp_path, appendonly=True)
-    redis_server.start()
+        model_path: str, lone_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    redis_server = lone_redis
     server = await start_server(
         replica(model_path, redis_server.url, max_pending_turns=1, parallel=2), build_full_app)
     try:
@@ -374,7 +385,6 @@ async def test_a_redis_that_never_returns_bounds_the_kept_turns_and_does_not_hol
         started = time.monotonic()
         await asyncio.wait_for(server.runner.cleanup(), timeout=30)
         shutdown = time.monotonic() - started
-        redis_server.stop()
     print(f"shutdown with a frozen Redis took {shutdown:.1f} s")
     # One socket timeout (2 s) for the last try, then it gives up; 15 s is the bound with
     # room for a loaded machine, and far below "waiting forever".
