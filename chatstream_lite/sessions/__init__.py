@@ -4,8 +4,14 @@
     MemorySessionStore        this process (memory.py): bounded, active sessions never evicted
     RedisSessionStore         Redis (redis.py): shared by every replica, cross-replica locks
 
-A new store implements `SessionStore` (see `redis.py` for a complete one).
+A new store implements `SessionStore` (see `redis.py` for a complete one). `RedisSessionStore`
+is imported on first use, so that the memory store runs where redis is not installed.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .memory import (
     DEFAULT_COOKIE_NAME,
@@ -21,7 +27,9 @@ from .memory import (
     ensure_identity,
     new_session_id,
 )
-from .redis import RedisSessionStore
+
+if TYPE_CHECKING:
+    from .redis import RedisSessionStore
 
 __all__ = [
     "DEFAULT_COOKIE_NAME",
@@ -38,3 +46,9 @@ __all__ = [
     "ensure_identity",
     "new_session_id",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisSessionStore":
+        return importlib.import_module(".redis", __name__).RedisSessionStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
