@@ -2,6 +2,11 @@
 
 Every behaviour test drives the embedded SmolLM2 model through real llama.cpp; the model is
 loaded once per test module (one server per module).
+
+Two tiers: a test that needs the model, llama_cpp, Redis or a server on the model is marked
+`model` (by its fixtures here, or by hand where it starts one in a subprocess); the rest are
+the fast tier, `python -m pytest -m "not model"`, which runs with llama_cpp and redis blocked
+(tests/blocked_imports/). So nothing here imports either at the top.
 """
 
 from __future__ import annotations
@@ -19,19 +24,72 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import llama_cpp
 import pytest
-import redis
 from aiohttp import web
 
 from chatstream_lite import ChatStream, create_app, default_model_path
 from chatstream_lite.engine.llama.kernels import load_llama
 
+if TYPE_CHECKING:
+    import redis
+
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
 ROOT = Path(__file__).resolve().parent.parent
+
+# -- the two tiers ------------------------------------------------------------------------------
+FAST_TIER = "not model"
+# Fixtures that load the model or start Redis: a test that uses one, even through another
+# fixture (item.fixturenames is the whole closure), is in the model tier.
+MODEL_FIXTURES = frozenset({"model_path", "redis_server"})
+BLOCKED_IMPORTS = Path(__file__).resolve().parent / "blocked_imports"
+# Modules that import llama_cpp or redis at the top (directly or through benchmarks/) and hold
+# model-tier tests only: every test in them is `model`, and the fast tier does not collect
+# them, as a `pytest.importorskip` at their top would. A new module belongs here only if all
+# of it needs the model; otherwise import lazily.
+MODEL_TIER_MODULES = frozenset({"test_benchmarks.py", "test_kv_copy.py", "test_redis_sessions.py",
+                                "test_scale_out.py", "test_session_store_outage.py"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if " ".join(config.getoption("markexpr").split()) == FAST_TIER:
+        _block_model_imports()
+
+
+def _block_model_imports() -> None:
+    """llama_cpp and redis become unimportable here and in every Python a test starts (the
+    folder goes first on PYTHONPATH, which subprocess_env keeps), so the fast tier proves
+    that it needs neither, not only that it happened not to use them."""
+    import importlib.util
+
+    loaded = [name for name in ("llama_cpp", "redis") if name in sys.modules]
+    if loaded:
+        raise pytest.UsageError(f"{', '.join(loaded)} imported before the fast tier could block "
+                                "it: a conftest or plugin imports it at the top")
+    spec = importlib.util.spec_from_file_location("blocked_imports",
+                                                  BLOCKED_IMPORTS / "sitecustomize.py")
+    assert spec is not None and spec.loader is not None
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))   # installs the block
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(BLOCKED_IMPORTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def imports_blocked() -> bool:
+    """Whether this run is the fast tier, with llama_cpp and redis blocked."""
+    return any(type(finder).__name__ == "BlockedImports" for finder in sys.meta_path)
+
+
+def pytest_ignore_collect(collection_path: Path) -> bool | None:
+    return True if imports_blocked() and collection_path.name in MODEL_TIER_MODULES else None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if (MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or item.path.name in MODEL_TIER_MODULES):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(scope="session")
@@ -257,6 +315,8 @@ def reuse_is_exact() -> tuple[bool, str]:
     part after some tens of tokens. Built without llamafile, every comparison is identical.
     The source has the same two paths on AVX-512, so the condition is the build, not the CPU.
     """
+    import llama_cpp
+
     system = llama_cpp.llama_print_system_info().decode()
     if "LLAMAFILE = 1" in system:
         return False, ("llama.cpp was built with llamafile (LLAMAFILE = 1), whose kernels "
@@ -266,6 +326,8 @@ def reuse_is_exact() -> tuple[bool, str]:
 
 def smollm2_vocabulary(model_path: str) -> tuple[Any, Callable[[], None]]:
     """The real SmolLM2 tokenizer without a context (vocab only), and how to free it."""
+    import llama_cpp
+
     from chatstream_lite.engine.llama.model import Vocabulary
 
     llm = llama_cpp.Llama(model_path=model_path, n_ctx=256, vocab_only=True, verbose=False)
@@ -273,6 +335,8 @@ def smollm2_vocabulary(model_path: str) -> tuple[Any, Callable[[], None]]:
 
 
 def smollm2_template(model_path: str) -> Any:
+    import llama_cpp
+
     from chatstream_lite.engine import ChatTemplate
 
     llm = llama_cpp.Llama(model_path=model_path, n_ctx=256, vocab_only=True, verbose=False)
@@ -341,9 +405,13 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """A plain synchronous client for the test to look inside."""
+        import redis
+
         return redis.Redis(port=self.port, socket_timeout=5)
 
     def start(self) -> None:
+        import redis
+
         persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly
                        else ["--appendonly", "no"])
         self.process = subprocess.Popen(

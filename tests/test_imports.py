@@ -31,6 +31,7 @@ def _imported_after(module: str) -> set[str]:
     return set(json.loads(out.stdout))
 
 
+@pytest.mark.model   # engine.llama.* import llama_cpp, sessions.redis imports redis
 def test_every_module_imports_on_its_own() -> None:
     assert "chatstream_lite.engine.scheduler" in MODULES and len(MODULES) > 20
     code = ("import importlib, sys\n"

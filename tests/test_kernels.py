@@ -170,6 +170,7 @@ async def test_the_engine_falls_back_when_the_check_child_dies_with_extra_buffer
                for r in caplog.records)
 
 
+@pytest.mark.model
 def test_a_server_whose_check_dies_either_way_exits_with_one_line() -> None:
     """The CLI, with the check's fault hook set in its process: exit 1, the reason in one log
     line, no traceback."""

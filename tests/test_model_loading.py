@@ -145,6 +145,7 @@ async def test_the_process_keeps_its_stderr_while_the_model_loads(
     assert "written while the model loads" in capfd.readouterr().err
 
 
+@pytest.mark.model
 async def test_the_cli_logs_the_load_progress_every_tenth(tmp_path: Path) -> None:
     process, url = await start_cli()
     process.send_signal(signal.SIGINT)

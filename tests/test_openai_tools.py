@@ -19,7 +19,6 @@ from openai import AsyncOpenAI
 
 from chatstream_lite import ChatStream
 from chatstream_lite.engine import ChatTemplate, Message
-from chatstream_lite.engine.llama.grammar import json_grammar
 from chatstream_lite.engine.prepare import prepare
 from chatstream_lite.engine.template import Conversation
 from chatstream_lite.engine.tools import (
@@ -425,7 +424,10 @@ def test_the_generic_response_streams_with_its_escapes_decoded() -> None:
     assert lone.content == "a\ufffdb"      # cut short, with a lone surrogate: still text
 
 
+@pytest.mark.model
 def test_required_grammars_hold_the_native_formats() -> None:
+    from chatstream_lite.engine.llama.grammar import json_grammar  # imports llama_cpp
+
     required = ToolRequest((WEATHER_TOOL,), "required", parallel=True)
     hermes = HermesFormat().grammar(required, json_grammar) or ""
     assert hermes.count("root ::=") == 1 and '"<tool_call>\\n" hermes-tool-call' in hermes

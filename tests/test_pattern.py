@@ -2,7 +2,8 @@
 
 The automaton must accept exactly the strings the regular expression matches (checked
 against Python's `re`, ASCII mode, on random strings), read each text one way only, and
-stay bounded for the patterns that made llama.cpp's grammar engine exponential. No model.
+stay bounded for the patterns that made llama.cpp's grammar engine exponential. No model,
+and no llama_cpp but for the one test that writes a whole grammar (llama_cpp's converter).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import re
 
 import pytest
 
-from chatstream_lite.engine.llama.grammar import json_grammar
 from chatstream_lite.engine.llama.pattern import MAX_DFA_STATES, automaton, pattern_rules
 
 pytestmark = pytest.mark.timeout(60)
@@ -121,7 +121,10 @@ def test_what_cannot_be_held_is_refused_with_its_reason(pattern: str, why: str) 
         pattern_rules(pattern, "p")
 
 
+@pytest.mark.model
 def test_quotes_backslashes_and_newlines_are_written_as_their_json_escapes() -> None:
+    from chatstream_lite.engine.llama.grammar import json_grammar  # imports llama_cpp
+
     grammar = json_grammar(json.dumps({"type": "string", "pattern": '^a"\\\\\\n$'}))
     rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines())
     body = " ".join(rules.values())

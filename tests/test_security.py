@@ -140,6 +140,7 @@ def _stop(process: subprocess.Popen[str]) -> str:
     return process.communicate(timeout=60)[0]
 
 
+@pytest.mark.model
 async def test_the_api_key_can_guard_the_chat_endpoints_too() -> None:
     process, url = await start_cli("--api-key-guards-chat", CHATSTREAM_API_KEY="k3y-for-tests")
     try:
@@ -159,6 +160,7 @@ async def test_the_api_key_can_guard_the_chat_endpoints_too() -> None:
     assert "k3y-for-tests" not in log
 
 
+@pytest.mark.model
 async def test_listening_beyond_loopback_without_a_key_logs_a_warning() -> None:
     process, _ = await start_cli("--host", "0.0.0.0")
     log = _stop(process)
@@ -167,6 +169,7 @@ async def test_listening_beyond_loopback_without_a_key_logs_a_warning() -> None:
     assert "without an API key" not in _stop(process)
 
 
+@pytest.mark.model
 async def test_oversized_request_heads_are_refused_and_the_server_keeps_serving() -> None:
     process, url = await start_cli()
     try:

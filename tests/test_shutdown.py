@@ -12,7 +12,7 @@ import pytest
 
 from .conftest import start_cli
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.model]
 
 STORY = {"user_input": "Write a very long story about a dragon.", "temperature": 0.0,
          "repeat_penalty": 1.0}
