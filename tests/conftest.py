@@ -494,17 +494,18 @@ _PARTIAL_LITERALS = {"t": "rue", "tr": "ue", "tru": "e", "f": "alse", "fa": "lse
                      "fals": "e", "n": "ull", "nu": "ll", "nul": "l"}
 
 
-def json_object_prefix(text: str) -> bool:
-    """Whether `text` is the start of some JSON object: what a reply held to `json_object`
-    and cut by max_tokens must be. Closes what is open (a string, an escape, a literal, a
-    number, a key without its value, the brackets) and asks `json.loads`."""
+def json_prefix(text: str) -> bool:
+    """Whether `text` is the start of some JSON value (object, array, string, number or
+    literal; leading whitespace allowed): what a reply held to a JSON format and cut by
+    max_tokens must be. Closes what is open (an escape, a string, a literal, a number, a key
+    without its value, the brackets) and asks `json.loads`. Every text it tries is `text`
+    continued, so a yes is always right."""
     stripped = text.lstrip()
-    if not stripped.startswith("{"):
-        return False
-    stack, in_string, escape = [], False, ""
+    stack: list[str] = []
+    in_string, escape = False, ""
     for char in stripped:
         if in_string:
-            if escape == "\\":                       # after a backslash
+            if escape == "\\":                      # after a backslash
                 escape = "\\u" if char == "u" else ""
             elif escape:                             # inside \uXXXX
                 escape = "" if len(escape) == 5 else escape + char
@@ -520,30 +521,36 @@ def json_object_prefix(text: str) -> bool:
         elif char in "}]":
             if not stack or stack.pop() != char:
                 return False
-    if not stack and not in_string:
-        return _loads_object(stripped)
     head = stripped
     if in_string:
-        if escape == "\\":
-            head = head[:-1]
-        elif escape:
-            head += "0" * (6 - len(escape))
-        head += '"'
-    closers = "".join(reversed(stack))
-    tail = head.rstrip()
-    word = tail[len(tail.rstrip("abcdefghijklmnopqrstuvwxyz")):]
+        head += ("n" if escape == "\\" else "0" * (6 - len(escape)) if escape else "") + '"'
+    heads = [head]
+    word = head[len(head.rstrip("abcdefghijklmnopqrstuvwxyz")):]  # nothing after a space
     if word in _PARTIAL_LITERALS:
-        tail += _PARTIAL_LITERALS[word]
-    elif tail and tail[-1] in "-+.eE":
-        tail += "0"
-    endings = ["", "null", ":null", "0"]
-    if tail.endswith(","):
-        endings.append('"":null' if stack[-1:] == ["}"] else "null")
-    return any(_loads_object(tail + ending + closers) for ending in endings)
+        heads.append(head + _PARTIAL_LITERALS[word])
+    if head[-1:] in ("-", "+", ".", "e", "E"):
+        heads.append(head + "0")
+    closers = "".join(reversed(stack))
+    return any(_loads(start + ending + closers) is not _INVALID
+               for start in heads for ending in ("", "null", ":null", '"":null'))
 
 
-def _loads_object(text: str) -> bool:
+def json_object_prefix(text: str) -> bool:
+    """Whether `text` is the start of some JSON object: what a reply held to `json_object`
+    and cut by max_tokens must be."""
+    return text.lstrip().startswith("{") and json_prefix(text)
+
+
+_INVALID = object()
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str) -> Any:
+    """The value, or _INVALID; NaN and Infinity, which `json.loads` takes, are not JSON."""
     try:
-        return isinstance(json.loads(text), dict)
+        return json.loads(text, parse_constant=_no_constant)
     except ValueError:
-        return False
+        return _INVALID

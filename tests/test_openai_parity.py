@@ -17,7 +17,7 @@ from openai import AsyncOpenAI
 
 from chatstream_lite import ChatStream
 
-from .conftest import Server, build_full_app, json_object_prefix, serve, wait_until
+from .conftest import Server, build_full_app, json_object_prefix, json_prefix, serve, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -415,7 +415,18 @@ async def test_closing_a_completions_stream_stops_generation(
 
 def test_the_json_prefix_check_takes_cut_objects_and_refuses_the_rest() -> None:
     cut = ['{', '{"a', '{"a":', '{"a": 1,', '{"a": [1, 2', '{"a": "x\\', '{"a": "\\u00',
-           '{"a": tr', '{"a": -', '{"a": 1e', '{"a": {"b": nul', ' {"a": "b"}']
-    refused = ['', 'Here is JSON: {', '{]', '{"a": 1}}', '{"a" 1', '[1', '{"a": xyz']
-    assert all(json_object_prefix(text) for text in cut)
-    assert not any(json_object_prefix(text) for text in refused)
+           '{"a": tr', '{"a": -', '{"a": 1e', '{"a": {"b": nul', ' {"a": "b"}',
+           '{"a": true', '{"a": [false', '{"a": 1, ']
+    refused = ['', 'Here is JSON: {', '{]', '{"a": 1}}', '{"a" 1', '[1', '{"a": xyz',
+               '{"a": tr ', '{"a": 1. ', '{"a": NaN', '{"a": Infinity}']
+    assert [text for text in cut if not json_object_prefix(text)] == []
+    assert [text for text in refused if json_object_prefix(text)] == []
+
+
+def test_the_json_prefix_check_takes_the_start_of_any_json_value() -> None:
+    cut = ['', ' ', '"', '"ab\\', '"\\u12', '-', '-1.', '1e+', 'tru', 'true', 'nul', '[',
+           '[1, {"a": [', '12', '"x"', '[true, fals', '{"a": 1}']
+    refused = ['x', 'NaN', 'Infinity', '01', '"a" "b"', '1,', 'tr ', '[1,]', '{"a": 1}x', '}',
+               '-.', 'True', '1 2']
+    assert [text for text in cut if not json_prefix(text)] == []
+    assert [text for text in refused if json_prefix(text)] == []
