@@ -32,6 +32,9 @@ FILE_LIMIT = 1024
 IDLE_CONNECTIONS = 1100
 HEAD_TIMEOUT = 2.0
 KEEPALIVE_TIMEOUT = 3.0
+# How late the server may close a connection after its limit: the lower bounds below show
+# which limit closed it; a loaded 2-core machine can run the server's timer seconds late.
+LATE = 4.0
 HOST = "127.0.0.1"
 
 
@@ -122,11 +125,11 @@ async def test_idle_and_half_sent_connections_are_closed_after_the_head_timeout(
                      for _ in range(10)]
         try:
             closed_after = await asyncio.gather(*(
-                _seconds_until_closed(reader, start, HEAD_TIMEOUT + 5)
+                _seconds_until_closed(reader, start, HEAD_TIMEOUT + LATE + 5)
                 for reader, _ in idle + half_sent))
         finally:
             _close_all([writer for _, writer in idle + half_sent])
-    assert all(HEAD_TIMEOUT - 0.5 < t < HEAD_TIMEOUT + 2 for t in closed_after), closed_after
+    assert all(HEAD_TIMEOUT - 0.5 < t < HEAD_TIMEOUT + LATE for t in closed_after), closed_after
 
 
 async def test_a_head_sent_in_time_is_served_and_kept_alive_until_the_idle_limit(
@@ -136,9 +139,9 @@ async def test_a_head_sent_in_time_is_served_and_kept_alive_until_the_idle_limit
         reader, writer = await _open(port)
         try:
             for part in (b"GET /health HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
-                writer.write(part)           # a slow head, but whole within the timeout
-                await writer.drain()
-                await asyncio.sleep(0.5)
+                writer.write(part)           # a slow head, but whole within the timeout:
+                await writer.drain()         # 0.5 s of its 2, room for a loaded machine
+                await asyncio.sleep(HEAD_TIMEOUT / 8)
             status_line = await asyncio.wait_for(reader.readline(), 5)
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -146,11 +149,12 @@ async def test_a_head_sent_in_time_is_served_and_kept_alive_until_the_idle_limit
                     length = int(line.split(b":")[1])
             await reader.readexactly(length)
             served = time.monotonic()
-            closed_after = await _seconds_until_closed(reader, served, KEEPALIVE_TIMEOUT + 5)
+            closed_after = await _seconds_until_closed(reader, served,
+                                                       KEEPALIVE_TIMEOUT + LATE + 5)
         finally:
             writer.close()
     assert status_line.startswith(b"HTTP/1.1 200")
-    assert KEEPALIVE_TIMEOUT - 0.5 < closed_after < KEEPALIVE_TIMEOUT + 2
+    assert KEEPALIVE_TIMEOUT - 0.5 < closed_after < KEEPALIVE_TIMEOUT + LATE, closed_after
 
 
 async def test_1100_idle_connections_under_a_1024_file_limit_do_not_keep_a_request_out(
@@ -160,9 +164,11 @@ async def test_1100_idle_connections_under_a_1024_file_limit_do_not_keep_a_reque
     async with cli_server(log_path, CHATSTREAM_HEAD_TIMEOUT="60") as port:
         writers = await _open_many(port, IDLE_CONNECTIONS)
         try:
-            status, text = await _normal_request(port, timeout=5)
+            # Served at all is the point (only the cap can make room), not how fast: the
+            # limit is for a loaded machine.
+            status, text = await _normal_request(port, timeout=20)
             assert status == 200 and text
-            again = await _normal_request(port, timeout=5)   # and it stays that way
+            again = await _normal_request(port, timeout=20)   # and it stays that way
             assert again[0] == 200
         finally:
             _close_all(writers)
@@ -180,8 +186,9 @@ async def test_accept_failures_are_logged_once_per_interval_and_the_server_recov
                           CHATSTREAM_HEAD_TIMEOUT=str(HEAD_TIMEOUT)) as port:
         writers = await _open_many(port, IDLE_CONNECTIONS)
         try:
-            # Waits in the backlog until the head timeout frees files, then is served.
-            status, text = await _normal_request(port, timeout=HEAD_TIMEOUT + 8)
+            # Waits in the backlog until the head timeout frees files, then is served; how
+            # soon after is not the point, and a loaded machine closes 1,100 slowly.
+            status, text = await _normal_request(port, timeout=HEAD_TIMEOUT + 25)
             assert status == 200 and text
         finally:
             _close_all(writers)

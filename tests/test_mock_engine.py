@@ -26,6 +26,7 @@ from .conftest import (
     post_chat,
     serve,
     subprocess_env,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,17 +93,29 @@ async def test_client_leaving_mid_stream_is_reported_and_keeps_the_partial_reply
 
 
 async def test_queue_bound_is_exact(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Slow enough that the whole burst arrives while the first reply is still streaming.
-    monkeypatch.setattr(server.chat_stream.engine, "delay", 0.1)
-    clients = [server.client() for _ in range(5)]
+    admission = server.chat_stream.runtime.admission
+    # The first reply would stream for a minute (200 words, 0.3 s each): the burst finds the
+    # slot taken however slowly it arrives; its client leaving frees the slot after.
+    monkeypatch.setattr(server.chat_stream.engine, "delay", 0.3)
+    first = await RawStream.post(server, {"user_input": "Hi"})
+    clients = [server.client() for _ in range(4)]
     try:
-        results = await asyncio.gather(*(post_chat(c, user_input="Hi", max_new_tokens=10)
-                                         for c in clients))
+        await first.read_headers()
+        assert first.status == 200
+        burst = [asyncio.create_task(post_chat(c, user_input="Hi", max_new_tokens=1))
+                 for c in clients]
+        # Every request of the burst answered (429) or admitted (one may still be preparing).
+        await wait_until(lambda: sum(task.done() for task in burst) + admission.running
+                         + admission.queued == 1 + len(burst))
+        assert (admission.running, admission.queued) == (1, MAX_QUEUE_SIZE)
+        first.close()
+        results = await asyncio.gather(*burst)
     finally:
+        first.close()
         for c in clients:
             await c.close()
     statuses = sorted(status for status, _ in results)
-    assert statuses == [200] * (1 + MAX_QUEUE_SIZE) + [429] * (4 - MAX_QUEUE_SIZE)
+    assert statuses == [200] * MAX_QUEUE_SIZE + [429] * (4 - MAX_QUEUE_SIZE)
 
 
 async def test_openai_route_and_health_work_on_the_mock(server: Server) -> None:

@@ -17,7 +17,15 @@ from openai import AsyncOpenAI
 
 from chatstream_lite import ChatStream
 
-from .conftest import Server, build_full_app, json_object_prefix, json_prefix, serve, wait_until
+from .conftest import (
+    Gate,
+    Server,
+    build_full_app,
+    json_object_prefix,
+    json_prefix,
+    serve,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -238,25 +246,22 @@ async def test_json_schema_replies_validate_streaming_and_not(client: AsyncOpenA
 
 async def test_a_grammar_binds_its_own_sequence_not_its_batched_neighbour(
         server: Server, client: AsyncOpenAI) -> None:
-    admission = server.chat_stream.runtime.admission
-    both_ran = False
-
-    async def watch() -> None:
-        nonlocal both_ran
-        while True:
-            both_ran = both_ran or admission.running == 2
-            await asyncio.sleep(0.005)
-
-    watcher = asyncio.create_task(watch())
+    admission, engine = server.chat_stream.runtime.admission, server.chat_stream.engine
+    # The engine thread is held at the first token until both requests have their slots, so
+    # they are decoded in one batch however slowly the constrained one is prepared.
+    gate = Gate()
+    engine.faults.before_token = gate
     try:
-        constrained, free = await asyncio.gather(
-            client.chat.completions.create(model="x", messages=DESCRIBE,
-                                           response_format=CITY_FORMAT, **GREEDY),
-            client.chat.completions.create(model="x", messages=DESCRIBE, max_tokens=REPLY,
-                                           **GREEDY))
+        constrained_reply = asyncio.create_task(client.chat.completions.create(
+            model="x", messages=DESCRIBE, response_format=CITY_FORMAT, **GREEDY))
+        free_reply = asyncio.create_task(client.chat.completions.create(
+            model="x", messages=DESCRIBE, max_tokens=REPLY, **GREEDY))
+        await gate.wait_reached()
+        await wait_until(lambda: admission.running == 2, timeout=60)
     finally:
-        watcher.cancel()
-    assert both_ran, "the two requests were decoded in one batch"
+        gate.open()
+        engine.faults.before_token = None
+    constrained, free = await constrained_reply, await free_reply
     jsonschema.validate(json.loads(constrained.choices[0].message.content or ""), CITY)
     assert not (free.choices[0].message.content or "").lstrip().startswith("{")
 

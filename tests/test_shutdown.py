@@ -23,6 +23,17 @@ async def _start(grace: float) -> tuple[subprocess.Popen[str], str]:
                            "--shutdown-grace", str(grace))
 
 
+async def _until_draining(url: str, timeout: float = 60) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as client:
+        while True:
+            async with client.get(f"{url}/health") as health:
+                if (await health.json())["engine"] == "draining":
+                    return
+            assert asyncio.get_running_loop().time() < deadline, "SIGTERM never drained"
+            await asyncio.sleep(0.05)
+
+
 async def _new_request_during_shutdown(url: str) -> tuple[int, dict[str, str], int, str]:
     async with aiohttp.ClientSession() as other:
         async with other.post(f"{url}/chat_stream", json={"user_input": "Hi"}) as response:
@@ -39,7 +50,7 @@ async def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests() -
                 assert response.status == 200
                 first = await response.content.readany()
                 process.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.3)
+                await _until_draining(url)      # the signal handled, however loaded the machine
                 status, error, health_status, engine_state = await _new_request_during_shutdown(url)
                 rest = await response.read()  # the whole reply, ended cleanly
         assert first and rest
