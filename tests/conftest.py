@@ -304,26 +304,6 @@ def llama_cpp_reference(model_path: str, question: str, *, n_ctx: int, n_threads
         llm.close()
 
 
-def reuse_is_exact() -> tuple[bool, str]:
-    """Whether reusing KV cells gives bit-identical logits to a cold start on this machine.
-
-    Measured (benchmarks/determinism.py, RESULTS.md "Determinism across CPUs"): ggml hands a
-    product with 2+ columns to llamafile's tinyBLAS and a 1-column one to its own vec_dot,
-    which add in another order; in attention over the F16 KV cache that is about 2e-6, so a
-    token decoded as the only token of its sequence in a call (a reply token, or the one
-    token after a reused prefix) gets other KV values than inside a chunk, and greedy text can
-    part after some tens of tokens. Built without llamafile, every comparison is identical.
-    The source has the same two paths on AVX-512, so the condition is the build, not the CPU.
-    """
-    import llama_cpp
-
-    system = llama_cpp.llama_print_system_info().decode()
-    if "LLAMAFILE = 1" in system:
-        return False, ("llama.cpp was built with llamafile (LLAMAFILE = 1), whose kernels "
-                       "differ between a token decoded alone and one inside a chunk")
-    return True, "holds"
-
-
 def smollm2_vocabulary(model_path: str) -> tuple[Any, Callable[[], None]]:
     """The real SmolLM2 tokenizer without a context (vocab only), and how to free it."""
     import llama_cpp
