@@ -197,3 +197,42 @@ def test_every_grammar_the_converter_accepts_llama_cpp_parses(model: Model, shap
     chain = SamplerChain(SamplingParams(temperature=0.0, grammar=grammar), model.n_vocab,
                          model.vocab)       # raises ValueError when llama.cpp refuses it
     chain.close()
+
+
+def test_the_greedy_argmax_picks_what_llamas_greedy_sampler_picks(model: Model) -> None:
+    """Greedy with no penalty, bias or grammar reads the argmax of the logits itself; at
+    every step it must be llama.cpp's own greedy pick from the same logits."""
+    params = SamplingParams(temperature=0.0, repeat_penalty=1.0)
+    fast = SamplerChain(params, model.n_vocab, model.vocab)
+    assert fast._argmax
+    slow = _internals.LlamaSampler()
+    slow.add_greedy()
+    prompt = model.vocabulary.tokenize(PROMPT, special=True)
+    model.forget(0)
+    model.batch.clear()
+    for pos, token in enumerate(prompt):
+        model.batch.add(token, pos, 0, pos == len(prompt) - 1)
+    assert model.decode() == 0
+    row, picks = model.batch.size - 1, []
+    try:
+        for pos in range(len(prompt), len(prompt) + 40):
+            expected = slow.sample(model.context, row)
+            token = fast.sample(model.context, row)
+            assert token == expected, f"step {pos - len(prompt)}: {token} != {expected}"
+            picks.append(token)
+            if model.is_end_of_generation(token):
+                break
+            model.batch.clear()
+            row = model.batch.add(token, pos, 0, True)
+            assert model.decode() == 0
+    finally:
+        fast.close()
+        slow.close()
+    assert len(picks) > 10
+    # A penalty, a bias or a temperature keeps llama.cpp's chain.
+    for other in (SamplingParams(temperature=0.0, repeat_penalty=1.1),
+                  SamplingParams(temperature=0.0, repeat_penalty=1.0, logit_bias=((5, 1.0),)),
+                  SamplingParams(temperature=0.7, repeat_penalty=1.0)):
+        chain = SamplerChain(other, model.n_vocab, model.vocab)
+        assert not chain._argmax
+        chain.close()
