@@ -148,7 +148,10 @@ def roof(settings: Settings, args: argparse.Namespace, logs: Path, name: str) ->
                          flash_attn=settings.flash_attn, log=logs / f"{name}.log")
     if result["status"] != "ok":
         return result
+    # S_TG (generation only), and end to end: the B prompts' reading counted too, as the
+    # servers' aggregate counts it (from the first request to the last token).
     return {"status": "ok", "aggregate_tps": result["figures"][f"aggregate_tps_{args.clients}"],
+            "end_to_end_tps": result["figures"][f"end_to_end_tps_{args.clients}"],
             "command": result["command"]}
 
 
@@ -209,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         tokenizer.close()
     summary: dict[str, Any] = {s: {"aggregate_tps": _median(rounds[s], "aggregate_tps"),
+                                   "end_to_end_tps": _median(rounds[s], "end_to_end_tps"),
                                    "ttft_ms_median": _median(rounds[s], "ttft_ms_median")}
                                for s in systems}
     if "ours" in rounds:

@@ -3,6 +3,7 @@ is chosen from.
 
     python -m benchmarks.flash_attn                          # threads 1 and 2, 3 rounds
     python -m benchmarks.flash_attn --threads 2 --rounds 5 --model M.gguf
+    python -m benchmarks.flash_attn --tail-sweep --threads 2  # a new turn of k tokens
 
 For each flash-attention setting and thread count, a child process loads the model as the
 engine does (`engine/llama/model.py`: a KV stream per sequence, n_batch 512, the machine's
@@ -98,11 +99,45 @@ def child(model_path: Path, flash_attn: str, threads: int, repeats: int) -> dict
     return {name: round(value, 2) for name, value in best.items()}
 
 
+TAIL_SIZES = (1, 2, 8, 32, 60, 63, 64, 65, 96, 128)
+
+
+def tail_child(model_path: Path, flash_attn: str, threads: int, repeats: int
+               ) -> dict[str, float]:
+    """In the child: ms to decode a new turn of k tokens on top of 1,000 cached cells, for
+    each k of TAIL_SIZES, the best of `repeats` (where the CPU's kernels change paths)."""
+    from chatstream_lite.engine.llama.model import Model
+
+    model = Model.load(model_path, n_ctx=2048, n_batch=N_BATCH, n_seq=1, n_gpu_layers=0,
+                       n_threads=threads, verbose=False, flash_attn=flash_attn)
+    tokens = model.vocabulary.tokenize(TEXT * 80, special=False)
+    model.batch.clear()
+    best: dict[str, float] = {}
+    for chunk in range(0, 1000, N_BATCH):
+        model.batch.clear()
+        for i, token in enumerate(tokens[chunk:min(chunk + N_BATCH, 1000)]):
+            model.batch.add(token, chunk + i, 0, False)
+        assert model.decode() == 0
+    for _ in range(repeats):
+        for k in TAIL_SIZES:
+            model.forget(0, 1000)
+            model.batch.clear()
+            for i, token in enumerate(tokens[1000:1000 + k]):
+                model.batch.add(token, 1000 + i, 0, i == k - 1)
+            began = time.perf_counter()
+            assert model.decode() == 0
+            ms = 1000 * (time.perf_counter() - began)
+            best[f"tail_{k}_ms"] = min(ms, best.get(f"tail_{k}_ms", ms))
+    model.close()
+    return {name: round(value, 2) for name, value in best.items()}
+
+
 def measure(python: str, model: Path, flash_attn: str, threads: int,
-            repeats: int) -> dict[str, Any]:
+            repeats: int, tail_sweep: bool = False) -> dict[str, Any]:
     done = subprocess.run(
         [python, "-m", "benchmarks.flash_attn", "--child", str(model), "--setting", flash_attn,
-         "--threads", str(threads), "--repeats", str(repeats)],
+         "--threads", str(threads), "--repeats", str(repeats),
+         *(["--tail-sweep"] if tail_sweep else [])],
         capture_output=True, text=True, cwd=ROOT, timeout=1200)
     if done.returncode != 0:
         return {"status": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
@@ -121,9 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
+    parser.add_argument("--tail-sweep", action="store_true",
+                        help="instead: a new turn of 1..128 tokens on 1,000 cached cells")
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.setting, int(args.threads), args.repeats)))
+        work = tail_child if args.tail_sweep else child
+        print(json.dumps(work(args.child, args.setting, int(args.threads), args.repeats)))
         return 0
     origin = provenance(argv, "benchmarks.flash_attn")
     model = args.model or default_model_path()
@@ -133,16 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     for number in range(args.rounds):
         order = configs[number % len(configs):] + configs[:number % len(configs)]
         for fa, threads in order:
-            result = measure(args.python, Path(model), fa, threads, args.repeats)
+            result = measure(args.python, Path(model), fa, threads, args.repeats,
+                             args.tail_sweep)
             runs[f"{fa}@{threads}t"].append({**result, "round": number + 1})
             print(f"round {number + 1} fa={fa} t={threads}: {result}", file=sys.stderr,
                   flush=True)
+    figures = [f"tail_{k}_ms" for k in TAIL_SIZES] if args.tail_sweep else FIGURES
     summary: dict[str, Any] = {}
     for key, found in runs.items():
         ok = [r for r in found if r["status"] == "ok"]
         summary[key] = {name: {"median": round(statistics.median(r[name] for r in ok), 2),
                                "min": min(r[name] for r in ok), "max": max(r[name] for r in ok)}
-                        for name in FIGURES} if ok else {"status": found[0]["status"]}
+                        for name in figures} if ok else {"status": found[0]["status"]}
     document = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line("benchmarks.flash_attn", argv), "provenance": origin,

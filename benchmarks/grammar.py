@@ -127,7 +127,7 @@ def sampler_cost(tokens: int) -> dict[str, Any]:
     from chatstream_lite.engine.llama.grammar import json_grammar
     from chatstream_lite.engine.llama.model import Model
     from chatstream_lite.engine.llama.sampler import SamplerChain
-    from chatstream_lite.engine.tools import Tool, ToolFormat, ToolRequest
+    from chatstream_lite.server.openai.tool_formats import Tool, ToolFormat, ToolRequest
 
     model = Model.load(default_model_path(), n_ctx=1024, n_batch=512, n_seq=1, n_gpu_layers=0,
                        n_threads=len(__import__("os").sched_getaffinity(0)), verbose=False)

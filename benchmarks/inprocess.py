@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chatstream_lite.config import EngineConfig
 from chatstream_lite.engine import Admission, Piece, SamplingParams
-from chatstream_lite.engine.llama import LlamaConfig, LlamaEngine
+from chatstream_lite.engine.llama import LlamaEngine
 from chatstream_lite.engine.llama.kernels import load_llama
 from chatstream_lite.model_file import default_model_path
 
@@ -54,7 +55,8 @@ def direct(model: str, threads: int, runs: int) -> list[float]:
 
 
 async def engine(model: str, threads: int, slots: int, runs: int) -> list[float]:
-    eng = LlamaEngine(LlamaConfig(model_path=Path(model), n_threads=threads, parallel=slots))
+    eng = LlamaEngine(EngineConfig(model=str(model), n_threads=threads,
+                                   num_of_concurrent_executions=slots))
     admission = Admission(eng)
     await eng.start(died=admission.engine_died)
     rates = []

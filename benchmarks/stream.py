@@ -79,6 +79,8 @@ SYSTEMS = {                       # key: column label
     "llama_server_unified": "llama-server (unified KV pool)",
     # chatstream_lite on uvloop's event loop (`--loop uvloop`; the `uvloop` extra).
     "chat_stream_uvloop": "chatstream_lite /chat_stream (uvloop)",
+    # --deterministic: a session's next turn reads its previous reply again (what it costs).
+    "chat_stream_deterministic": "chatstream_lite /chat_stream (deterministic)",
     "openai_uvloop": "chatstream_lite /v1/chat/completions (uvloop)",
     # llama.cpp's llama-batched-bench: B sequences in one context, no server (the ceiling).
     "ceiling": "llama-batched-bench (ceiling)",
@@ -135,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a checkout of chatstream_lite to compare with (systems "
                         "chat_stream_baseline and openai_baseline)")
     systems = ",".join(s for s in SYSTEMS if "baseline" not in s and "uvloop" not in s
-                       and s != "ceiling")
+                       and s not in ("ceiling", "chat_stream_deterministic",
+                                     "llama_server_unified"))
     parser.add_argument("--systems", default=systems,
                         help=f"comma-separated, in order (default: {systems})")
     parser.add_argument("--stages", default=",".join(STAGES),
@@ -292,6 +295,7 @@ class Bench:
             "chat_stream_baseline": self._chat_stream_baseline,
             "openai_baseline": self._openai_baseline,
             "chat_stream_uvloop": self._chat_stream_uvloop, "openai_uvloop": self._openai_uvloop,
+            "chat_stream_deterministic": self._chat_stream_deterministic,
             "ceiling": self._ceiling,
         }
         before = os.getloadavg()
@@ -395,6 +399,12 @@ class Bench:
     async def _chat_stream_uvloop(self, s: Settings, name: str) -> dict[str, Any]:
         result = await self._ours(s, name, "chat_stream", extra=("--loop", "uvloop"))
         result["note"] = f"--num-of-concurrent-executions {s.parallel} --loop uvloop"
+        return result
+
+    async def _chat_stream_deterministic(self, s: Settings, name: str) -> dict[str, Any]:
+        result = await self._ours(s, name, "chat_stream", extra=("--deterministic",))
+        result["note"] = f"--num-of-concurrent-executions {s.parallel} --deterministic"
+        result["flash_attn"] = "off"
         return result
 
     async def _openai_uvloop(self, s: Settings, name: str) -> dict[str, Any]:

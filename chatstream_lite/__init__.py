@@ -14,16 +14,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .version import __version__ as __version__
+
 if TYPE_CHECKING:
-    from .app import create_app
     from .engine import Engine, SamplingParams
     from .engine.mock import MockEngine
     from .errors import ChatStreamError
     from .model_file import ModelNotFound, default_model_path
     from .prompt import ChatPrompt, ChatTemplate
+    from .server.app import create_app
     from .server.chat_stream import ChatStream
     from .server.health import CheckResult
-    from .server.openai_api import OpenAIAPI
+    from .server.openai import OpenAIAPI
     from .sessions import MemorySessionStore, MemoryStorage, RedisSessionStore, SessionStore
     from .status import StreamStatus
 
@@ -38,12 +40,12 @@ _WHERE = {
     "MemoryStorage": ".sessions",
     "MockEngine": ".engine.mock",
     "ModelNotFound": ".model_file",
-    "OpenAIAPI": ".server.openai_api",
+    "OpenAIAPI": ".server.openai",
     "RedisSessionStore": ".sessions",
     "SamplingParams": ".engine",
     "SessionStore": ".sessions",
     "StreamStatus": ".status",
-    "create_app": ".app",
+    "create_app": ".server.app",
     "default_model_path": ".model_file",
 }
 
@@ -54,7 +56,6 @@ __all__ = [
     "default_model_path",
 ]
 assert sorted(__all__) == sorted(_WHERE)
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

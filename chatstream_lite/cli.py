@@ -23,13 +23,16 @@ from typing import Any
 from aiohttp import web
 
 from . import crash_report
-from .app import create_app
-from .connections import ConnectionGuard
-from .cors import setup_cors
 from .cpu import Cpu
 from .model_file import ModelNotFound
+from .server.app import create_app
 from .server.chat_stream import ChatStream
-from .settings import ENV_HELP, ENV_PREFIX, Settings, add_arguments
+from .server.connections import ConnectionGuard
+from .server.cors import setup_cors
+from .settings import ENV_HELP, ENV_PREFIX, add_arguments, load_config
+
+__all__ = ["HEADER_LIMITS", "build_parser", "crash_advice", "event_loop_runner", "main", "Runner",
+           "serve"]
 
 log = logging.getLogger("chatstream_lite")
 
@@ -74,31 +77,35 @@ def event_loop_runner(name: str) -> Runner:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = Settings.from_env_and_args(argv, os.environ, build_parser())
-        run = event_loop_runner(settings.loop)
+        config = load_config(argv, os.environ, build_parser())
+        run = event_loop_runner(config.server.loop)
     except ValueError as error:       # a bad variable, two values that do not fit, no uvloop
         print(f"error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    server = config.server
+    logging.getLogger().setLevel(server.log_level)
     crash_report.install(crash_advice())
     try:
-        chat_stream = ChatStream(**settings.chat_stream_kwargs())
+        # Listen at once; /health says 503 until the model is loaded.
+        chat_stream = ChatStream(config=config, load_in_background=True)
     except (ModelNotFound, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if settings.api_key is None and not _is_loopback(settings.host):
+    if config.access.api_key is None and not _is_loopback(server.host):
         log.warning("listening on %s without an API key: anyone who can reach this address "
-                    "can use the model (set --api-key / %sAPI_KEY)", settings.host, ENV_PREFIX)
+                    "can use the model (set --api-key / %sAPI_KEY)", server.host, ENV_PREFIX)
     app = create_app(chat_stream)
-    setup_cors(app, settings.cors_origin)
-    guard = ConnectionGuard(**settings.connection_guard_kwargs())
-    if settings.loop != "asyncio":
-        log.info("event loop: %s", settings.loop)
-    run(serve(app, chat_stream, settings.host, settings.port, guard))
+    setup_cors(app, server.cors_origin)
+    if server.loop != "asyncio":
+        log.info("event loop: %s", server.loop)
+    try:
+        run(serve(app, chat_stream, server.host, server.port, ConnectionGuard(server)))
+    except OSError as error:           # the port is taken, the address is not ours, ...
+        log.error("cannot listen on %s:%d: %s", server.host, server.port,
+                  error.strerror or error)
+        return 1
     return 1 if chat_stream.load_error is not None else 0
 
 

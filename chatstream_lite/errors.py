@@ -1,12 +1,19 @@
-"""Our exceptions, and the one place that turns them into HTTP responses.
+"""Our exceptions: one small hierarchy, each with its HTTP status and a stable `code`.
 
 Every failure a client can cause or meet before its stream starts is a `ChatStreamError`
 with an HTTP status and a stable machine-readable `code`. This module knows nothing of HTTP
-servers (the engine layer raises these too); `responses.py` is the one place that renders
-them, as ChatStream's JSON or in the shape OpenAI clients parse.
+servers (the engine layer raises these too); `server/responses.py` is the one place that
+renders them, as ChatStream's JSON or in the shape OpenAI clients parse. `StartupError` is
+apart: a reason the server cannot start, said in one log line.
 """
 
 from __future__ import annotations
+
+__all__ = ["BadRequest", "ChatStreamError", "ClientClosedRequest", "ContextLengthExceeded",
+           "GenerationFailed", "HTTPProblem", "PayloadTooLarge", "PromptTooLong",
+           "QueueFull", "QueueTimeout", "RequestTimeout", "SchemaUnsatisfiable",
+           "ServiceUnavailable", "SessionBusy", "SessionStoreUnavailable",
+           "StartupError", "TemplateRefused", "Unauthorized", "UnsupportedMediaType"]
 
 
 class ChatStreamError(Exception):
@@ -73,8 +80,9 @@ class RequestTimeout(ChatStreamError):
 
 
 class ClientClosedRequest(ChatStreamError):
-    """The client left before its whole request arrived: nothing was started, and the
-    answer (nginx's 499) is for the metrics and logs, since nobody is left to read it."""
+    """The client left before its request was started (while its body arrived, or while it
+    was prepared): nothing reached the model, and the answer (nginx's 499) is for the
+    metrics and logs, since nobody is left to read it."""
     status = 499
     code = "client_closed_request"
 
@@ -142,13 +150,6 @@ class SessionStoreUnavailable(ServiceUnavailable):
     """
 
     code = "session_store_unavailable"
-
-
-class Cancelled(ChatStreamError):
-    """The client left while its request was being prepared; nobody reads this answer."""
-
-    status = 499
-    code = "client_closed_request"
 
 
 class GenerationFailed(ChatStreamError):

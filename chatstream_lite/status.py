@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+__all__ = ["StreamStatus"]
+
 
 class StreamStatus(str, Enum):
     """The four outcomes of an accepted request; each compares equal to its plain string.

@@ -332,11 +332,12 @@ async def generate_alone(model_path: str, messages: list[dict[str, str]], *, n_c
                          n_batch: int, max_new_tokens: int, deterministic: bool = False,
                          flash_attn: str | None = None) -> tuple[str, Any]:
     """One greedy reply from a fresh engine of one slot (nothing cached): the cold start."""
+    from chatstream_lite.config import EngineConfig
     from chatstream_lite.engine import Admission, Piece, SamplingParams
-    from chatstream_lite.engine.llama import LlamaConfig, LlamaEngine
+    from chatstream_lite.engine.llama import LlamaEngine
 
-    engine = LlamaEngine(LlamaConfig(
-        model_path=Path(model_path), n_ctx=n_ctx, n_batch=n_batch, deterministic=deterministic,
+    engine = LlamaEngine(EngineConfig(
+        model=model_path, n_ctx=n_ctx, n_batch=n_batch, deterministic=deterministic,
         **({} if flash_attn is None else {"flash_attn": flash_attn})))
     admission = Admission(engine)
     await engine.start(died=admission.engine_died)

@@ -1,5 +1,6 @@
 """`python -m chatstream_lite` as a user runs it: a real subprocess on a real port; and the
-settings behind it (`chatstream_lite.settings`): every flag and variable reaches ChatStream."""
+configuration behind it (`config.py`, `settings.py`): every flag and variable reaches its
+config field, and ChatStream takes the same fields by name."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 
 from chatstream_lite import ChatStream
 from chatstream_lite.cli import build_parser
-from chatstream_lite.settings import DEFAULTS, Settings, option_of
+from chatstream_lite.config import DEFAULTS, Config, ServerConfig, all_options, option_of
+from chatstream_lite.settings import load_config
 
 from .conftest import ROOT
 from .conftest import free_port as _free_port
@@ -25,11 +27,10 @@ from .conftest import subprocess_env as _env
 pytestmark = pytest.mark.timeout(120)
 
 # Every option as a user gives it: flag, its text (None: a switch), the variable's text, and
-# where it must arrive: ChatStream's keyword argument, or (the server's own options) the
-# Settings field. Written out by hand, not derived from Settings, so that a wrong mapping in
-# `chat_stream_kwargs` shows here.
+# the config field it must reach with its value. Written out by hand, not derived from the
+# config, so that a wrong mapping shows here.
 CHAT_STREAM_OPTIONS: list[tuple[str, str | None, str, str, Any]] = [
-    ("--model", "/models/m.gguf", "/models/m.gguf", "model_path", "/models/m.gguf"),
+    ("--model", "/models/m.gguf", "/models/m.gguf", "model", "/models/m.gguf"),
     ("--n-gpu-layers", "0", "0", "n_gpu_layers", 0),
     ("--n-ctx", "2048", "2048", "n_ctx", 2048),
     ("--n-threads", "3", "3", "n_threads", 3),
@@ -61,7 +62,7 @@ CHAT_STREAM_OPTIONS: list[tuple[str, str | None, str, str, Any]] = [
     ("--stall-timeout", "5", "5", "stall_timeout", 5.0),
     ("--body-timeout", "12", "12", "body_timeout", 12.0),
     ("--api-key", "k3y", "k3y", "api_key", "k3y"),
-    ("--api-key-open-chat", None, "yes", "api_key_paths", ("/v1/", "/metrics")),
+    ("--api-key-open-chat", None, "yes", "api_key_open_chat", True),
     ("--mock", None, "true", "mock", True),
     ("--mock-delay", "0", "0", "mock_delay", 0.0),
 ]
@@ -73,97 +74,106 @@ SERVER_OPTIONS: list[tuple[str, str, str, str, Any, Any]] = [
     ("--loop", "uvloop", "UVLOOP", "loop", "uvloop", "uvloop"),
     ("--cors-origin", "https://a.example", "https://a.example, https://b.example",  # a list
      "cors_origin", ("https://a.example",), ("https://a.example", "https://b.example")),
-    ("--head-timeout", "5", "0", "head_timeout", 5.0, 0.0),
+    ("--head-timeout", "5", "0", "head_timeout", 5.0, None),   # 0: no limit
     ("--keepalive-timeout", "30", "2.5", "keepalive_timeout", 30.0, 2.5),
     ("--max-connections", "100", "0", "max_connections", 100, 0),
 ]
 # Accepted for old scripts, with no effect any more (the key guards the chat routes now).
 NO_EFFECT = {"--api-key-guards-chat"}
-# The CLI's defaults that ChatStream, as a library, keeps different on purpose.
-CLI_ONLY_DEFAULTS = {
-    "num_of_concurrent_executions",  # ChatStream: 1, one reply at a time, the least memory
-    "session_store",                 # ChatStream: None, which means "memory"
-    "load_in_background",            # ChatStream: False, the app starts once the model is
-}
+# The command line's defaults that the library keeps different on purpose.
+CLI_DEFAULTS = {"num_of_concurrent_executions": 4}   # the library: 1, the least memory
 
 
-def _settings(argv: list[str], **environ: str) -> Settings:
-    return Settings.from_env_and_args(argv, environ, build_parser())
+def _config(argv: list[str], **environ: str) -> Config:
+    return load_config(argv, environ, build_parser())
 
 
 def _argv(flag: str, text: str | None) -> list[str]:
     return [flag] if text is None else [flag, text]
 
 
-# -- settings: flags, variables, ranges ------------------------------------------------------
+def _values(config: Config) -> dict[str, Any]:
+    return {f.name: config.value(f.name) for _, f, _ in all_options()}
+
+
+# -- the configuration: flags, variables, ranges ----------------------------------------------
 def test_the_tables_cover_every_flag_of_the_parser() -> None:
     flags = {action.option_strings[0] for action in build_parser()._actions
              if action.option_strings and action.dest != "help"}
     assert flags == {row[0] for row in CHAT_STREAM_OPTIONS + SERVER_OPTIONS} | NO_EFFECT
 
 
-def test_the_old_guards_chat_switch_is_accepted_and_changes_nothing() -> None:
-    assert _settings(["--api-key-guards-chat"]).chat_stream_kwargs() == DEFAULTS.chat_stream_kwargs()
+def test_the_old_guards_chat_switch_is_accepted_and_changes_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    assert _config(["--api-key-guards-chat"]) == _config([])
+    assert "--api-key-guards-chat does nothing" in caplog.text
 
 
-@pytest.mark.parametrize("flag, text, env_text, keyword, expected", CHAT_STREAM_OPTIONS,
+@pytest.mark.parametrize("flag, text, env_text, name, expected", CHAT_STREAM_OPTIONS,
                          ids=[row[0] for row in CHAT_STREAM_OPTIONS])
-def test_every_flag_and_its_variable_reach_their_chat_stream_keyword(
-        flag: str, text: str | None, env_text: str, keyword: str, expected: Any) -> None:
+def test_every_flag_and_its_variable_reach_their_config_field(
+        flag: str, text: str | None, env_text: str, name: str, expected: Any) -> None:
     variable = "CHATSTREAM_" + flag[2:].upper().replace("-", "_")
-    from_flag = _settings(_argv(flag, text)).chat_stream_kwargs()
-    from_env = _settings([], **{variable: env_text}).chat_stream_kwargs()
-    default = DEFAULTS.chat_stream_kwargs()
-    assert from_flag[keyword] == expected and from_env[keyword] == expected
-    assert default[keyword] != expected, "pick a value that differs from the default"
-    assert {k: v for k, v in from_flag.items() if k != keyword} == \
-        {k: v for k, v in default.items() if k != keyword}, "one flag changed another keyword"
+    from_flag = _values(_config(_argv(flag, text)))
+    from_env = _values(_config([], **{variable: env_text}))
+    default = _values(_config([]))
+    assert from_flag[name] == expected and from_env[name] == expected
+    assert default[name] != expected, "pick a value that differs from the default"
+    assert {k: v for k, v in from_flag.items() if k != name} == \
+        {k: v for k, v in default.items() if k != name}, "one flag changed another field"
 
 
 @pytest.mark.parametrize("flag, text, env_text, name, from_flag, from_env", SERVER_OPTIONS,
                          ids=[row[0] for row in SERVER_OPTIONS])
-def test_the_server_options_and_their_variables_reach_the_settings(
+def test_the_server_options_and_their_variables_reach_the_config(
         flag: str, text: str, env_text: str, name: str, from_flag: Any, from_env: Any) -> None:
     variable = "CHATSTREAM_" + flag[2:].upper().replace("-", "_")
-    assert getattr(_settings([flag, text]), name) == from_flag
-    assert getattr(_settings([], **{variable: env_text}), name) == from_env
+    assert _config([flag, text]).value(name) == from_flag
+    assert _config([], **{variable: env_text}).value(name) == from_env
 
 
-def test_every_chat_stream_keyword_is_a_parameter_of_chat_stream() -> None:
-    parameters = inspect.signature(ChatStream).parameters
-    assert set(DEFAULTS.chat_stream_kwargs()) - set(parameters) == set()
+def test_the_command_line_differs_from_the_library_only_where_it_says_so() -> None:
+    cli, library = _values(_config([])), _values(DEFAULTS)
+    assert {k: v for k, v in cli.items() if library[k] != v} == CLI_DEFAULTS
 
 
-def test_chat_stream_defaults_are_the_settings_defaults() -> None:
-    parameters = inspect.signature(ChatStream).parameters
-    kwargs = DEFAULTS.chat_stream_kwargs()
-    differ = {name: (parameters[name].default, value) for name, value in kwargs.items()
-              if name in parameters and name not in CLI_ONLY_DEFAULTS
-              and parameters[name].default != value}
-    assert differ == {}
+def test_chat_stream_takes_every_setting_by_name_and_has_few_named_parameters() -> None:
+    named = [p for p in inspect.signature(ChatStream).parameters.values()
+             if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    assert len(named) <= 12
+    changed = {"n_ctx": 2048, "max_new_tokens": 100, "temperature": 0.0, "api_key": "k",
+               "session_idle_ttl": 60, "mock_delay": 0.0, "stop": ("END",)}
+    chat_stream = ChatStream(mock=True, **changed)
+    assert {name: chat_stream.config.value(name) for name in changed} == changed
+    assert chat_stream.config == Config.of(mock=True, **changed)
+    with pytest.raises(TypeError, match="unknown setting 'n_cxt'"):
+        ChatStream(mock=True, n_cxt=2048)
 
 
 def test_a_flag_beats_its_variable() -> None:
-    settings = _settings(
+    config = _config(
         ["--n-ctx", "2048", "--no-mock", "--cors-origin", "https://flag.example",
          "--api-key", "from-flag", "--system-prompt", "flag"],
         CHATSTREAM_N_CTX="8192", CHATSTREAM_MOCK="1", CHATSTREAM_API_KEY="from-env",
         CHATSTREAM_CORS_ORIGIN="https://env.example", CHATSTREAM_SYSTEM_PROMPT="env",
         CHATSTREAM_PORT="9001")
-    assert settings.n_ctx == 2048 and settings.mock is False
-    assert settings.cors_origin == ("https://flag.example",)
-    assert settings.api_key == "from-flag" and settings.system_prompt == "flag"
-    assert settings.port == 9001          # no flag: the variable
+    assert config.engine.n_ctx == 2048 and config.mock.mock is False
+    assert config.server.cors_origin == ("https://flag.example",)
+    assert config.access.api_key == "from-flag" and config.generation.system_prompt == "flag"
+    assert config.server.port == 9001          # no flag: the variable
 
 
 def test_an_empty_variable_counts_as_unset() -> None:
-    settings = _settings([], CHATSTREAM_N_THREADS="", CHATSTREAM_API_KEY="", CHATSTREAM_PORT="")
-    assert (settings.n_threads, settings.api_key, settings.port) == (None, None, 8080)
+    config = _config([], CHATSTREAM_N_THREADS="", CHATSTREAM_API_KEY="", CHATSTREAM_PORT="")
+    assert (config.engine.n_threads, config.access.api_key, config.server.port) == \
+        (None, None, 8080)
 
 
-def test_zero_time_limits_mean_no_limit_for_chat_stream() -> None:
-    kwargs = _settings(["--max-queue-wait", "0", "--max-generation-time", "0"]).chat_stream_kwargs()
-    assert kwargs["max_queue_wait"] is None and kwargs["max_generation_time"] is None
+def test_zero_time_limits_mean_no_limit() -> None:
+    config = _config(["--max-queue-wait", "0", "--max-generation-time", "0",
+                      "--head-timeout", "0", "--body-timeout", "0"])
+    assert config.limits.max_queue_wait is None and config.engine.max_generation_time is None
+    assert config.server.head_timeout is None and config.limits.body_timeout is None
 
 
 @pytest.mark.parametrize("variable, value, reason", [
@@ -177,24 +187,28 @@ def test_zero_time_limits_mean_no_limit_for_chat_stream() -> None:
 ])
 def test_a_bad_variable_is_refused_naming_it(variable: str, value: str, reason: str) -> None:
     with pytest.raises(ValueError, match=f"^{variable}: {reason}"):
-        _settings([], **{variable: value})
+        _config([], **{variable: value})
 
 
-def test_settings_built_in_code_are_checked_too() -> None:
-    with pytest.raises(ValueError, match="^--n-ctx: must be at least 16, got 8$"):
-        Settings(n_ctx=8)
-    with pytest.raises(ValueError, match="^--port: must be int, got str$"):
-        Settings(port="8080")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="--max-new-tokens .* less than --n-ctx"):
-        Settings(n_ctx=256, max_new_tokens=256)
+def test_a_config_built_in_code_is_checked_once_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="^n_ctx: must be at least 16, got 8$"):
+        Config.of(n_ctx=8)
+    with pytest.raises(ValueError, match="^port: must be int, got str$"):
+        ServerConfig(port="8080")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_new_tokens .* less than n_ctx"):
+        Config.of(n_ctx=256, max_new_tokens=256)
+    with pytest.raises(ValueError, match="^max_queue_wait: must be more than 0"):
+        Config.of(max_queue_wait=0)     # None is "no limit"; 0 only on the command line
+    with pytest.raises(ValueError, match="deterministic needs flash attention off"):
+        Config.of(deterministic=True, flash_attn="on")
 
 
-def test_a_request_range_can_come_from_the_settings() -> None:
+def test_a_request_range_can_come_from_the_config() -> None:
     assert (option_of("top_p").minimum, option_of("top_p").maximum) == (0, 1)
 
 
-def test_the_api_key_is_not_in_the_settings_repr() -> None:
-    assert "s3cret-from-env" not in repr(_settings([], CHATSTREAM_API_KEY="s3cret-from-env"))
+def test_the_api_key_is_not_in_the_configs_repr() -> None:
+    assert "s3cret-from-env" not in repr(_config([], CHATSTREAM_API_KEY="s3cret-from-env"))
 
 
 # -- the command line, as a subprocess -------------------------------------------------------

@@ -75,7 +75,7 @@ async def test_a_real_decode_failure_clears_its_slot_and_the_next_request_works(
             engine.faults.before_token = None
         assert struck == [3], "the reply ended before the cells were removed"
         failures = [r.getMessage() for r in caplog.records
-                    if r.name == "chatstream_lite.engine.llama.engine"]
+                    if r.name == "chatstream_lite.engine.scheduler"]
         assert failures == ["llama_decode failed with status -1; failing the 1 jobs in the batch"]
         status, history = recorder.calls[-1]
         assert status == "unknown_error_occurred"

@@ -23,7 +23,7 @@ from playwright.async_api import async_playwright, expect
 from yarl import URL
 
 from chatstream_lite import ChatStream, MemoryStorage
-from chatstream_lite.cors import setup_cors
+from chatstream_lite.server.cors import setup_cors
 from chatstream_lite.sessions import NewSessionLimit
 
 from .conftest import Recorder, Server, build_full_app, serve, start_cli, start_server

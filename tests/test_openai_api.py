@@ -15,7 +15,7 @@ import pytest_asyncio
 from openai import AsyncOpenAI
 
 from chatstream_lite import ChatStream
-from chatstream_lite.auth import ApiKey
+from chatstream_lite.server.auth import ApiKey
 
 from .conftest import (
     Gate,

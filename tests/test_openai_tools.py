@@ -21,7 +21,8 @@ from chatstream_lite import ChatStream
 from chatstream_lite.engine import ChatTemplate, Message
 from chatstream_lite.engine.prepare import prepare
 from chatstream_lite.engine.template import Conversation
-from chatstream_lite.engine.tools import (
+from chatstream_lite.errors import BadRequest
+from chatstream_lite.server.openai.tool_formats import (
     GENERIC,
     HermesFormat,
     Llama3Format,
@@ -31,7 +32,6 @@ from chatstream_lite.engine.tools import (
     read_reply,
     tool_format,
 )
-from chatstream_lite.errors import BadRequest
 
 from .conftest import Server, build_full_app, serve, smollm2_template, smollm2_vocabulary
 

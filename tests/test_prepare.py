@@ -17,7 +17,7 @@ from chatstream_lite.engine.mock import CHATML, MockTokenizer
 from chatstream_lite.engine.prepare import check_limits, prepare
 from chatstream_lite.errors import (
     BadRequest,
-    Cancelled,
+    ClientClosedRequest,
     ContextLengthExceeded,
     PayloadTooLarge,
     PromptTooLong,
@@ -172,7 +172,7 @@ def test_a_client_that_leaves_stops_its_preparation(vocabulary: Any, template: C
     def cancelled() -> bool:
         return counting.calls >= calls_before_leaving
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(ClientClosedRequest):
         prepare(_chat(*[f"m{i}" for i in range(500)]), template, counting, budget=4000,
                 drop_oldest=True, cancelled=cancelled)
     assert counting.calls <= calls_before_leaving + 1

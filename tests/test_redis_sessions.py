@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -30,12 +31,25 @@ async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
 
 
 async def test_a_held_lock_is_kept_past_its_ttl_and_released_at_once(client: Redis) -> None:
-    replica_a = RedisSessionLocks(client, ttl=0.6)
-    replica_b = RedisSessionLocks(client, ttl=0.6)
+    # A 2 s lock, extended every 2/3 s: an extension may come 1.3 s late before the lock
+    # lapses, a margin a loaded 2-core machine keeps (0.6 s locks lost theirs there).
+    replica_a = RedisSessionLocks(client, ttl=2.0)
+    replica_b = RedisSessionLocks(client, ttl=2.0)
     assert await replica_a.acquire("s1")
-    await asyncio.sleep(2.0)       # over three lock lifetimes: only extending keeps it
+    key = LOCK_KEY_PREFIX + "s1"
+    began, renewals, last = time.monotonic(), 0, await client.pttl(key)
+
+    async def outlived_its_ttl() -> None:
+        nonlocal renewals, last
+        while renewals < 3 or time.monotonic() - began < 2.5:
+            now = await client.pttl(key)
+            assert now > 0, "the held lock lapsed"
+            renewals += now > last        # the holder extended it since the last look
+            last = now
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(outlived_its_ttl(), timeout=30)
     assert not await replica_b.acquire("s1")
-    assert 0 < await client.pttl(LOCK_KEY_PREFIX + "s1") <= 600
+    assert 0 < await client.pttl(key) <= 2000
     await replica_a.release("s1")
     assert await client.exists(LOCK_KEY_PREFIX + "s1") == 0
     assert await replica_b.acquire("s1")
@@ -63,7 +77,8 @@ async def test_a_lock_whose_replica_died_expires_by_itself(redis_server: RedisSe
     async def acquire() -> None:
         while not await survivor.acquire("s2"):
             await asyncio.sleep(0.05)
-    await asyncio.wait_for(acquire(), timeout=3.0)   # its TTL is 1 s
+    # Its TTL is 1 s; the bound only keeps a broken expiry from hanging the test.
+    await asyncio.wait_for(acquire(), timeout=15.0)
     await survivor.release("s2")
 
 

@@ -20,7 +20,13 @@ from chatstream_lite.engine import (
 )
 from chatstream_lite.engine.kv_slots import KVSlots
 from chatstream_lite.engine.queue_wait import QueueWait
-from chatstream_lite.engine.scheduler import Scheduler
+from chatstream_lite.engine.scheduler import (
+    DecodeChunk,
+    DecodeTokens,
+    Sampled,
+    SampleTokens,
+    Scheduler,
+)
 from chatstream_lite.engine.text import TextAssembler
 
 pytestmark = pytest.mark.timeout(30)
@@ -352,3 +358,139 @@ def test_a_borrowed_prefix_in_the_exact_mode_stops_where_the_donor_generated() -
     other, reused = slots.acquire("b", [*range(40), 900, 901, 7, 8])
     assert other is not donor and reused == 40 and other.exact == 40
     assert memory.copied == [(donor.seq_id, other.seq_id, 42)]
+
+
+# -- the order of a step: plan() / update() with fake outputs ---------------------------------
+def _sampled(token: int, text: str = "x") -> Sampled:
+    return Sampled(token, text.encode(), False)
+
+
+def test_each_prompts_first_token_is_sampled_before_the_next_decode() -> None:
+    """llama.cpp keeps the logits of the last decode only: a prompt's first token must be
+    sampled before the step's next chunk is decoded (sampling after both aborted the
+    process: 'invalid logits id')."""
+    scheduler, _, _ = _scheduler(n_batch=8)
+    one, two = _job([1, 2]), _job([3, 4])
+    seq_one, seq_two = scheduler.admit(one), scheduler.admit(two)
+    order = []
+    plan = scheduler.plan()
+    while plan is not None:
+        if isinstance(plan, DecodeChunk):
+            order.append(f"decode {plan.chunk.seq is seq_one and 'one' or 'two'}")
+            plan = scheduler.update(plan, [1])
+        elif isinstance(plan, SampleTokens):
+            order.append("sample " + ",".join(s is seq_one and "one" or "two"
+                                              for s, _ in plan.rows))
+            plan = scheduler.update(plan, [_sampled(5)] * len(plan.rows))
+        else:
+            order.append("generate")
+            plan = None
+    assert seq_two is not None
+    assert order == ["decode one", "sample one", "decode two", "sample two", "generate"]
+
+
+def test_a_step_reads_prompts_then_samples_first_tokens_then_decodes_every_stream() -> None:
+    scheduler, events, _ = _scheduler(n_batch=8)
+    old, new = _job([1, 2], max_new_tokens=8), _job([3, 4, 5])
+    old_seq = scheduler.admit(old)
+    assert old_seq is not None
+    _read_all_prompts(scheduler)
+    scheduler.take(old_seq, 7, b"a", False)        # `old` generates: a token to decode
+    new_seq = scheduler.admit(new)
+    plan = scheduler.plan()
+    assert isinstance(plan, DecodeChunk) and plan.chunk.seq is new_seq
+    plan = scheduler.update(plan, [2])              # the chunk's last row is 2
+    assert isinstance(plan, SampleTokens) and plan.first and plan.rows == [(new_seq, 2)]
+    plan = scheduler.update(plan, [_sampled(9, "b")])
+    # The first token went out before the step decodes anything else...
+    assert _of(events, new)[-1] == Piece("b")
+    # ...and is decoded with the other stream's token, in one batch, in sequence-id order.
+    assert isinstance(plan, DecodeTokens) and plan.members == sorted(
+        [old_seq, new_seq], key=lambda s: s.slot.seq_id)
+    plan = scheduler.update(plan, [0, 1])
+    assert isinstance(plan, SampleTokens) and not plan.first
+    assert scheduler.update(plan, [_sampled(1), _sampled(2)]) is None   # the step ends
+
+
+def test_a_prompt_in_the_middle_of_reading_samples_nothing() -> None:
+    scheduler, _, _ = _scheduler(n_batch=4)
+    scheduler.admit(_job(list(range(10))))
+    plan = scheduler.plan()
+    assert isinstance(plan, DecodeChunk) and not plan.chunk.last
+    assert scheduler.update(plan, [3]) is None      # nothing generates yet: the step ends
+
+
+def test_a_jobs_other_choices_fork_after_its_prompt_and_sample_from_the_same_row() -> None:
+    scheduler, _, memory = _scheduler(slots=3)
+    job = Job([], SamplingParams(max_new_tokens=4, n=3))
+    job.prompt = Prompt([1, 2, 3], 0)
+    first = scheduler.admit(job)
+    plan = scheduler.plan()
+    assert isinstance(plan, DecodeChunk)
+    plan = scheduler.update(plan, [2])
+    assert isinstance(plan, SampleTokens)
+    seqs = [seq for seq, _ in plan.rows]
+    assert seqs[0] is first and [row for _, row in plan.rows] == [2, 2, 2]
+    assert [s.choice for s in seqs] == [0, 1, 2]
+    assert len(memory.copied) == 2        # the prompt's cells, copied once per other choice
+
+
+def test_a_cancelled_job_leaves_before_the_step_is_planned() -> None:
+    scheduler, events, _ = _scheduler()
+    job = _job([1, 2, 3])
+    scheduler.admit(job)
+    job.cancel()
+    assert scheduler.plan() is None
+    assert isinstance(_of(events, job)[-1], Finished)
+
+
+def test_a_failed_decode_fails_its_jobs_and_clears_their_cells_only() -> None:
+    scheduler, events, memory = _scheduler(n_batch=8)
+    bad, good = _job([1, 2, 3]), _job([4, 5])
+    bad_seq, good_seq = scheduler.admit(bad), scheduler.admit(good)
+    assert bad_seq is not None and good_seq is not None
+    plan = scheduler.plan()
+    assert isinstance(plan, DecodeChunk) and plan.chunk.seq is bad_seq
+    plan = scheduler.update(plan, [RuntimeError("llama_decode failed with status -1")])
+    assert isinstance(_of(events, bad)[-1], Failed)
+    assert (bad_seq.slot.seq_id, 0) in memory.forgotten
+    assert isinstance(plan, DecodeChunk) and plan.chunk.seq is good_seq
+    plan = scheduler.update(plan, [1])
+    assert isinstance(plan, SampleTokens) and plan.rows == [(good_seq, 1)]
+
+
+def test_a_failed_sample_fails_that_job_only() -> None:
+    scheduler, events, _ = _scheduler(n_batch=8)
+    bad, good = _job([1, 2]), _job([3, 4])
+    scheduler.admit(bad)
+    scheduler.admit(good)
+    plan = scheduler.plan()
+    assert isinstance(plan, DecodeChunk)
+    plan = scheduler.update(plan, [1])
+    assert isinstance(plan, SampleTokens)
+    plan = scheduler.update(plan, [ValueError("no token allowed")])     # bad's first token
+    assert isinstance(_of(events, bad)[-1], Failed)
+    assert isinstance(plan, DecodeChunk)
+    plan = scheduler.update(plan, [1])
+    assert isinstance(plan, SampleTokens)
+    plan = scheduler.update(plan, [_sampled(5, "ok")])
+    assert _of(events, good)[-1] == Piece("ok")
+    assert isinstance(plan, DecodeTokens) and len(plan.members) == 1
+
+
+def test_generation_members_follow_sequence_ids_not_admission_order() -> None:
+    """A slot freed earlier is taken by a later job: admission order is then not id order,
+    and llama.cpp would split the batch into a forward pass per run of adjacent ids."""
+    scheduler, _, _ = _scheduler(slots=2)
+    first, second = _job([1, 2], max_new_tokens=1), _job([3, 4], max_new_tokens=8)
+    seq_a, seq_b = scheduler.admit(first), scheduler.admit(second)
+    assert seq_a is not None and seq_b is not None
+    _read_all_prompts(scheduler)
+    scheduler.take(seq_a, 5, b"a", False)          # its one token: `first` ends, slot 0 frees
+    scheduler.take(seq_b, 5, b"b", False)
+    seq_c = scheduler.admit(_job([6, 7], max_new_tokens=8))
+    assert seq_c is not None and seq_c.slot.seq_id < seq_b.slot.seq_id
+    _read_all_prompts(scheduler)
+    scheduler.take(seq_c, 5, b"c", False)
+    plan = scheduler._generation()
+    assert isinstance(plan, DecodeTokens) and plan.members == [seq_c, seq_b]

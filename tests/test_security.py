@@ -14,7 +14,7 @@ from aiohttp import web
 from yarl import URL
 
 from chatstream_lite import ChatStream
-from chatstream_lite.cors import setup_cors
+from chatstream_lite.server.cors import setup_cors
 
 from .conftest import (
     GREEDY,

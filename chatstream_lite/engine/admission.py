@@ -1,6 +1,6 @@
 """Admission: the one bounded queue in front of every engine, written once.
 
-    admission = Admission(engine, max_queue_size=16, max_queue_wait=None)
+    admission = Admission(engine, LimitsConfig(max_queue_size=16, max_queue_wait=None))
     job = admission.submit(messages, params, cache_key=session_id)  # QueueFull, ServiceUnavailable
     async for event in job.events(): ...
     await admission.drain(grace=10.0)     # shutting down: refuse new work, let the rest end
@@ -26,15 +26,15 @@ from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ..config import DEFAULTS, LimitsConfig
 from ..errors import (
     BadRequest,
-    Cancelled,
     ChatStreamError,
+    ClientClosedRequest,
     QueueFull,
     QueueTimeout,
     ServiceUnavailable,
 )
-from ..settings import DEFAULTS
 from .events import Failed, Finished
 from .job import Job, PlainPrompt, Prompt, PromptInput
 from .prepare import check_limits, prepare, prepare_plain
@@ -42,11 +42,10 @@ from .protocol import Engine
 from .queue_wait import QueueWait
 from .sampling import SamplingParams
 
+__all__ = ["CANCEL_WAIT", "Admission"]
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_QUEUE_SIZE = DEFAULTS.max_queue_size
-DEFAULT_MAX_MESSAGES = DEFAULTS.max_messages
-DEFAULT_MAX_INPUT_CHARS = DEFAULTS.max_input_chars
 # After a drain's grace period, how long cancelled jobs may take to end (one token each).
 CANCEL_WAIT = 10.0
 
@@ -54,22 +53,15 @@ CANCEL_WAIT = 10.0
 class Admission:
     """See the module docstring."""
 
-    def __init__(self, engine: Engine, *, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
-                 max_queue_wait: float | None = None,
-                 max_messages: int = DEFAULT_MAX_MESSAGES,
-                 max_input_chars: int = DEFAULT_MAX_INPUT_CHARS) -> None:
-        if max_queue_size < 0:
-            raise ValueError("max_queue_size must be >= 0")
-        if max_messages < 1 or max_input_chars < 1:
-            raise ValueError("max_messages and max_input_chars must be >= 1")
+    def __init__(self, engine: Engine, limits: LimitsConfig = DEFAULTS.limits) -> None:
         self.engine = engine
-        self.max_queue_size = max_queue_size
-        self.max_messages = max_messages
-        self.max_input_chars = max_input_chars
+        self.max_queue_size = limits.max_queue_size
+        self.max_messages = limits.max_messages
+        self.max_input_chars = limits.max_input_chars
         self.draining = False
         self._waiting: deque[Job] = deque()     # admitted: being prepared, or prepared
         self._running: set[Job] = set()         # handed to the engine
-        self._queue_wait = QueueWait[Job](max_queue_wait, self._expire)
+        self._queue_wait = QueueWait[Job](limits.max_queue_wait, self._expire)
         self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-prepare")
         self._idle = asyncio.Event()
         self._idle.set()
@@ -150,7 +142,7 @@ class Admission:
             job.prompt = done.result()
             self._start_waiting()
             return
-        if isinstance(error, Cancelled):
+        if isinstance(error, ClientClosedRequest):
             # The worker saw `job.cancelled` (the client left, perhaps seen through
             # `Job.abandoned` before anything called `cancel()`): a withdrawal, not a refusal,
             # so the request ends as a disconnect with its one callback.

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+__all__ = ["Event", "Failed", "Finished", "FinishReason", "is_last", "Piece", "Started",
+           "TokenLogprob"]
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+__all__ = ["Faults"]
+
 
 @dataclass
 class Faults:

@@ -22,6 +22,8 @@ from .events import Event, is_last
 from .sampling import SamplingParams
 from .template import Message
 
+__all__ = ["Job", "PlainPrompt", "Prompt", "PromptInput"]
+
 
 @dataclass(frozen=True)
 class PlainPrompt:

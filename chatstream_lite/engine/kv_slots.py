@@ -29,6 +29,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+__all__ = ["MIN_BORROWED_PREFIX", "common_prefix", "KVSlots", "Slot"]
+
 
 class _Memory(Protocol):
     def forget(self, seq_id: int, start: int = 0) -> None: ...

@@ -1,6 +1,7 @@
 """A stand-in engine without a model: canned text streamed at a set pace, for front-end work.
 
     chat_stream = ChatStream(mock=True, mock_delay=0.05)   # or: python -m chatstream_lite --mock
+    engine = MockEngine(EngineConfig(num_of_concurrent_executions=2), MockConfig(mock_delay=0))
 
 It is an `Engine` (protocol.py) like the llama.cpp one, so requests go through the same
 admission (bound, preparation, queue wait), disconnect detection, history and callbacks;
@@ -17,7 +18,7 @@ import time
 import zlib
 from pathlib import Path
 
-from ..settings import DEFAULTS
+from ..config import DEFAULTS, EngineConfig, MockConfig
 from .events import Failed, Finished, FinishReason, Piece, Started
 from .faults import Faults
 from .job import Job, PlainPrompt, PromptInput
@@ -25,7 +26,10 @@ from .protocol import Died, EngineStats, ModelInfo
 from .sampling import SamplingParams
 from .template import ChatTemplate
 
-DEFAULT_DELAY = DEFAULTS.mock_delay   # seconds per word: about a small model's pace on a CPU
+__all__ = ["CHATML", "DEFAULT_DELAY", "DEFAULT_TEXT", "MODEL_NAME", "MockEngine", "MockTokenizer",
+           "split_tokens"]
+
+DEFAULT_DELAY = DEFAULTS.mock.mock_delay   # seconds per word: about a small model's pace on a CPU
 MODEL_NAME = "mock"
 
 # ChatML, so that `get_chat_prompt(request).create_prompt()` works as it does with SmolLM2.
@@ -77,19 +81,15 @@ class MockTokenizer:
 class MockEngine:
     """Streams `text` (``{user}`` is replaced by the last user message) one word per `delay`."""
 
-    def __init__(self, *, n_ctx: int = 4096, parallel: int = 1,
-                 max_generation_time: float | None = None, delay: float = DEFAULT_DELAY,
-                 text: str | None = None) -> None:
-        if parallel < 1 or delay < 0:
-            raise ValueError("mock engine: concurrency >= 1, delay >= 0")
-        if max_generation_time is not None and not max_generation_time > 0:
-            raise ValueError("max_generation_time must be > 0 seconds "
-                             "(no limit: None, or 0 on the command line)")
-        self.n_ctx = n_ctx
-        self.parallel = parallel
-        self.delay = delay
-        self.text = DEFAULT_TEXT if text is None else text
-        self.max_generation_time = max_generation_time
+    def __init__(self, config: EngineConfig | None = None,
+                 mock: MockConfig | None = None) -> None:
+        config = config or DEFAULTS.engine
+        mock = mock or DEFAULTS.mock
+        self.n_ctx = config.n_ctx
+        self.parallel = config.num_of_concurrent_executions
+        self.delay = mock.mock_delay
+        self.text = DEFAULT_TEXT if mock.mock_text is None else mock.mock_text
+        self.max_generation_time = config.max_generation_time
         self.stats = EngineStats()
         self.faults = Faults()
         self.model_info: ModelInfo | None = None

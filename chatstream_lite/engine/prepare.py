@@ -29,13 +29,15 @@ from typing import Protocol
 
 from ..errors import (
     BadRequest,
-    Cancelled,
+    ClientClosedRequest,
     ContextLengthExceeded,
     PayloadTooLarge,
     PromptTooLong,
 )
 from .job import PlainPrompt, Prompt, PromptInput
 from .template import ChatTemplate, Conversation, Data, Layout, Message, Part, message_chars
+
+__all__ = ["MAX_FIT_ROUNDS", "check_limits", "prepare", "prepare_plain", "Tokenizer"]
 
 # How many times fitting may re-render after its estimate: a template whose text between
 # messages depends on what is dropped can need one more turn dropped; never more than this.
@@ -201,7 +203,7 @@ class _Encoder:
         tokens = self._contents.get(index)
         if tokens is None:
             if self._cancelled():
-                raise Cancelled("the client left while its request was prepared")
+                raise ClientClosedRequest("the client left while its request was prepared")
             tokens = self._tokenizer.tokenize(self._messages[index]["content"], special=False)
             self._contents[index] = tokens
         return tokens

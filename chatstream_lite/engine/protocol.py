@@ -23,6 +23,8 @@ from .job import Job
 from .prepare import Tokenizer
 from .template import ChatTemplate
 
+__all__ = ["Died", "Engine", "EngineStats", "ModelInfo"]
+
 
 @dataclass(frozen=True)
 class ModelInfo:

@@ -14,6 +14,8 @@ import asyncio
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+__all__ = ["J", "QueueWait"]
+
 J = TypeVar("J", bound=Hashable)
 
 

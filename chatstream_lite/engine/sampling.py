@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import DEFAULTS
+from ..config import DEFAULTS
+
+__all__ = ["SamplingParams"]
 
 
 @dataclass(frozen=True)
@@ -14,12 +16,12 @@ class SamplingParams:
         >>> SamplingParams(max_new_tokens=64, temperature=0.0)   # greedy
     """
 
-    max_new_tokens: int = DEFAULTS.max_new_tokens
-    temperature: float = DEFAULTS.temperature
-    top_p: float = DEFAULTS.top_p
-    top_k: int = DEFAULTS.top_k
-    repeat_penalty: float = DEFAULTS.repeat_penalty
-    seed: int | None = DEFAULTS.seed
+    max_new_tokens: int = DEFAULTS.limits.max_new_tokens
+    temperature: float = DEFAULTS.generation.temperature
+    top_p: float = DEFAULTS.generation.top_p
+    top_k: int = DEFAULTS.generation.top_k
+    repeat_penalty: float = DEFAULTS.generation.repeat_penalty
+    seed: int | None = DEFAULTS.generation.seed
     stop: tuple[str, ...] = ()
     # OpenAI's penalties (0: off): per occurrence of a token in the reply so far, and once
     # for having occurred at all; llama.cpp's penalties sampler applies both.

@@ -2,16 +2,21 @@
 
     >>> scheduler = Scheduler(slots, n_batch=512, emit=outbox.append)
     >>> scheduler.admit(job)                     # picks its KV slot (prefix reuse); Started
-    >>> for chunk in scheduler.plan_prompts():   # the next chunk of each prompt being read
-    ...     ok = runner.decode_chunk(chunk)      # the model
-    ...     scheduler.chunk_read(chunk)          # or scheduler.fail(...)
-    >>> members = scheduler.plan_generation()    # the sampled token of every generating job
-    >>> scheduler.generated(members)             # after one llama_decode of them all
-    >>> scheduler.take(seq, token, data, end)    # a sampled token: Piece, Finished...
+    >>> plan = scheduler.plan()                  # the step's first plan, or None
+    >>> while plan is not None:
+    ...     outputs = runner.execute(plan)       # the model: decode chunks/tokens, or sample
+    ...     plan = scheduler.update(plan, outputs)   # applied here; the step's next plan
 
-As vLLM's scheduler, it never touches the model: what a step does is decided here, the
-runner does it, and the outcome comes back here. So the rules get fast tests with fake
-tokens (tests/test_scheduler.py).
+As vLLM's scheduler, it never touches the model: what a step does, and in which order, is
+decided here (`plan`, `update`), the runner does it, and the outcome comes back here. So the
+rules and the order get fast tests with fake outputs (tests/test_scheduler.py).
+
+A step, in order: cancelled jobs leave; each of this step's prompt chunks is a
+`DecodeChunk` of its own; after the chunk that ends a prompt, its job's other choices fork
+from its cells and `SampleTokens` samples their first tokens from its last row (before the
+next decode overwrites llama.cpp's logits; `first`: they go to the client before anything
+else of the step); then `DecodeTokens` decodes every generating sequence's last token in one
+batch, and `SampleTokens` samples each one's next token.
 
 A step reads the next `n_batch`-token chunk of the prompts still being read (oldest job
 first, at least one chunk, more while they fit in `n_batch` tokens together), then decodes,
@@ -28,11 +33,13 @@ first token from the same logits. The job's `Finished` comes once its last choic
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from ..errors import ChatStreamError
 from .events import Event, Failed, Finished, FinishReason, Piece, Started, TokenLogprob
 from .faults import Faults
 from .job import Job
@@ -40,7 +47,11 @@ from .kv_slots import KVSlots, Slot
 from .protocol import EngineStats
 from .text import TextAssembler
 
+__all__ = ["Chunk", "DecodeChunk", "DecodeTokens", "Emit", "Plan", "Sampled", "Sampler",
+           "SampleTokens", "Scheduler", "Sequence"]
+
 Emit = Callable[[Job, Event], None]
+log = logging.getLogger(__name__)
 
 
 class Sampler(Protocol):
@@ -58,7 +69,6 @@ class Sequence:
     started: float
     sampler: Sampler | None = None   # the runner's, for this sequence alone
     pending: int = -1           # the token sampled last, decoded in the next step
-    row: int = -1               # its row in this step's generation batch
     generated: int = 0
     prompt_done: float = 0.0
     choice: int = 0             # which of its job's choices (SamplingParams.n) this is
@@ -94,6 +104,43 @@ class Chunk:
         return self.end == len(self.seq.prompt)
 
 
+@dataclass(frozen=True)
+class DecodeChunk:
+    """Decode one prompt chunk alone (its own `llama_decode`); outputs: [its last row], or
+    [the error]."""
+
+    chunk: Chunk
+
+
+@dataclass(frozen=True)
+class SampleTokens:
+    """Sample each sequence's next token from a row of the last decode; outputs: a `Sampled`
+    each, or the error. `first`: first tokens, handed to the loop before the step goes on."""
+
+    rows: list[tuple[Sequence, int]]
+    first: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeTokens:
+    """Decode every member's pending token in one batch; outputs: their rows, or the error."""
+
+    members: list[Sequence]
+
+
+Plan = DecodeChunk | SampleTokens | DecodeTokens
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What the runner sampled for one sequence."""
+
+    token: int
+    data: bytes                 # the token's bytes (b"" for a control token)
+    end: bool                   # an end-of-generation token
+    logprob: TokenLogprob | None = None
+
+
 class Scheduler:
     def __init__(self, slots: KVSlots, *, n_batch: int, emit: Emit, stats: EngineStats,
                  faults: Faults | None = None,
@@ -108,10 +155,74 @@ class Scheduler:
         self.stats = stats
         self.sequences: list[Sequence] = []
         self._choices: dict[Job, _Choices] = {}
+        self._chunks: list[Chunk] = []          # this step's prompt chunks not decoded yet
 
     @property
     def active(self) -> bool:
         return bool(self.sequences)
+
+    # -- the step -------------------------------------------------------------------------
+    def plan(self) -> Plan | None:
+        """A step's first plan: its first prompt chunk, else the generation batch; None when
+        there is nothing to do."""
+        self.leave_cancelled()
+        self._chunks = self.plan_prompts()
+        return self._next()
+
+    def update(self, plan: Plan, outputs: list[Any]) -> Plan | None:
+        """Apply what the runner did with `plan`; the step's next plan, or None at its end."""
+        if isinstance(plan, DecodeChunk):
+            return self._chunk_done(plan.chunk, outputs[0])
+        if isinstance(plan, DecodeTokens):
+            error = outputs[0] if outputs and isinstance(outputs[0], BaseException) else None
+            if error is not None:
+                self._decode_failed(plan.members, error)
+                return None
+            self.generated(plan.members)
+            return SampleTokens(list(zip(plan.members, outputs, strict=True)))
+        for (seq, _), sampled in zip(plan.rows, outputs, strict=True):
+            if seq not in self.sequences:
+                continue        # its job failed with another choice's sample
+            if isinstance(sampled, BaseException):
+                self._sample_failed(seq, sampled)
+            else:
+                self.take(seq, sampled.token, sampled.data, sampled.end, sampled.logprob)
+        return self._next() if plan.first else None
+
+    def _next(self) -> Plan | None:
+        """The step's next prompt chunk (of a job still here), else its generation batch."""
+        while self._chunks:
+            chunk = self._chunks.pop(0)
+            if chunk.seq in self.sequences:
+                return DecodeChunk(chunk)
+        return self._generation()
+
+    def _chunk_done(self, chunk: Chunk, row: int | BaseException) -> Plan | None:
+        if isinstance(row, BaseException):
+            self._decode_failed([chunk.seq], row)
+            return self._next()
+        self.chunk_read(chunk)
+        if not chunk.last:
+            return self._next()
+        # The job's other choices (n > 1) copy these cells and sample from this row.
+        return SampleTokens([(seq, row) for seq in [chunk.seq, *self.fork(chunk.seq)]],
+                            first=True)
+
+    def _generation(self) -> DecodeTokens | None:
+        members = self.plan_generation()
+        return DecodeTokens(members) if members else None
+
+    def _decode_failed(self, members: list[Sequence], error: BaseException) -> None:
+        log.error("%s; failing the %d jobs in the batch", error, len(members))
+        for seq in members:
+            self.fail(seq, error, clear_slot=True)
+
+    def _sample_failed(self, seq: Sequence, error: BaseException) -> None:
+        if isinstance(error, ChatStreamError):  # the request's own doing: an unsatisfiable schema
+            log.info("generation ended: %s", error.message)
+        else:
+            log.error("generation failed", exc_info=error)
+        self.fail(seq, error)
 
     # -- joining --------------------------------------------------------------------------
     def admit(self, job: Job) -> Sequence | None:

@@ -39,6 +39,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import TemplateRefused
 
+__all__ = ["ChatTemplate", "Conversation", "Data", "Layout", "Message", "message_chars", "Part",
+           "RenderedPrompt", "Role"]
+
 Role = Literal["system", "user", "assistant", "tool"]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import codecs
 
+__all__ = ["TextAssembler"]
+
 
 class TextAssembler:
     """Incomplete UTF-8 sequences wait in the incremental decoder; text that could be the

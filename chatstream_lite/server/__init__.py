@@ -2,7 +2,12 @@
 
     HTTP -> handler.serve_exchange -> Runtime.submit (engine.Admission) -> Exchange -> Framing
 
-`chat_stream` (ChatStream's API), `openai_api` (`/v1`), `runtime` (what endpoints share),
-`conversations` (session histories), `framing` (wire formats), `exchange` (one request's
-relay), `handler` (the shared skeleton), `disconnects`, `health`, `metrics`, `responses`.
+`chat_stream` (ChatStream's API), `openai/` (OpenAI's wire format: `/v1`), `runtime` (what
+endpoints share: config, engine, admission, health, metrics, API key), `app` (the standalone
+application), `conversations` (session histories), `chat_request` and `request_model`
+(bodies read and validated), `framing` (the framing protocol, text/plain), `exchange` (one
+request's relay), `handler` (the shared skeleton), `auth`, `cors`, `connections` (with
+`aiohttp_internals`), `disconnects`, `health`, `metrics`, `responses`.
 """
+
+__all__: list[str] = []

@@ -24,12 +24,15 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .errors import ChatStreamError, HTTPProblem
-from .server.chat_stream import Callback, ChatStream
-from .server.openai_api import OpenAIAPI
-from .server.responses import error_response, openai_error_response
+from ..errors import ChatStreamError, HTTPProblem
+from .chat_stream import Callback, ChatStream
+from .openai import OpenAIAPI
+from .responses import error_response, openai_error_response
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+__all__ = ["CONTENT_SECURITY_POLICY", "OPENAI_PREFIX", "SECURITY_HEADERS", "STATIC_DIR",
+           "create_app", "json_errors", "security_headers"]
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 OPENAI_PREFIX = "/v1"
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -72,7 +75,8 @@ def create_app(chat_stream: ChatStream, callback: Callback | None = None) -> web
     `handle_chat_stream_request`."""
     # Bodies: our endpoints read at most max_body_size themselves (413 past it); aiohttp's
     # own limit, for anything else that reads a body, is set to the same on purpose.
-    app = web.Application(middlewares=[json_errors], client_max_size=chat_stream.max_body_size)
+    app = web.Application(middlewares=[json_errors],
+                          client_max_size=chat_stream.config.limits.max_body_size)
     chat_stream.setup(app)
     app.on_response_prepare.append(security_headers)
 

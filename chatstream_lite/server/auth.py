@@ -2,15 +2,17 @@
 shows the server's state.
 
     api_key = ApiKey("s3cret")                  # ChatStream(api_key=..., api_key_paths=...)
+    api_key = ApiKey("s3cret", OPEN_CHAT_API_KEY_PATHS)    # --api-key-open-chat
     api_key.check(request)       # raises Unauthorized (401) when the path needs the key
 
 Every handler that reaches the model or shows state (`/chat_stream`, `/clear_context`,
 `/history`, `/v1/*`, `/metrics`) calls `check` first thing, inside the code that turns errors into
 responses, so a refused key is rendered in the endpoint's own error shape and counted as a
 rejection. `/health` and the chat page (`GET /`, `/static/`) never call it: they stay open.
-By default a key guards every path those handlers are routed at (`DEFAULT_PROTECTED`:
+By default a key guards every path those handlers are routed at (`DEFAULT_API_KEY_PATHS`:
 every path), so an app that mounts them elsewhere is guarded too; `protect` narrows it to
-some path prefixes, e.g. `OPEN_CHAT` to let the browser page's chat routes through.
+some path prefixes, e.g. `OPEN_CHAT_API_KEY_PATHS` to let the browser page's chat routes
+through.
 
 The comparison is constant-time (`hmac.compare_digest`) so timing does not leak the key.
 """
@@ -22,25 +24,18 @@ from collections.abc import Sequence
 
 from aiohttp import hdrs, web
 
-from .errors import Unauthorized
-from .settings import DEFAULT_API_KEY_PATHS, OPEN_CHAT_API_KEY_PATHS
+from ..config import DEFAULT_API_KEY_PATHS
+from ..errors import Unauthorized
 
-DEFAULT_PROTECTED = DEFAULT_API_KEY_PATHS
-# With the chat routes opened on purpose (`--api-key-open-chat`): the key still guards the
-# OpenAI API and the metrics.
-OPEN_CHAT = OPEN_CHAT_API_KEY_PATHS
+__all__ = ["ApiKey"]
 
 
 class ApiKey:
-    def __init__(self, key: str | None, protect: Sequence[str] = DEFAULT_PROTECTED) -> None:
+    def __init__(self, key: str | None, protect: Sequence[str] = DEFAULT_API_KEY_PATHS) -> None:
         if key is not None and not key:
             raise ValueError("the API key must not be empty")
         self._expected = f"Bearer {key}".encode() if key else None
         self.protect = tuple(protect)
-
-    @property
-    def enabled(self) -> bool:
-        return self._expected is not None
 
     def protects(self, path: str) -> bool:
         return self._expected is not None and path.startswith(self.protect)

@@ -1,37 +1,46 @@
-"""The `/chat_stream` request body: parsed and checked before anything else happens.
+"""Request bodies from the wire: read within limits, parsed as hostile JSON, and the
+`/chat_stream` body as its model.
 
-    {"user_input": "Hello", "regenerate": false, "max_new_tokens": 64, "temperature": 0.2}
+    body = await read_body(request, limit, timeout)    # 415, 413, 408, 499
+    data = parse_json_object(body)                     # NaN, lone surrogates, deep nesting: 400
+    chat = parse_chat_request(body, defaults)          # {"user_input": "Hello", ...}
 
 Every problem is a `BadRequest` (400) or `PayloadTooLarge` (413) with a message that says
-which field is wrong and why; unknown fields are ignored so that newer clients keep working.
+which field is wrong and why; `/chat_stream` ignores unknown fields so that newer clients
+keep working. The OpenAI routes' bodies are openai/protocol.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from .engine import SamplingParams
-from .errors import (
+from ..config import DEFAULTS
+from ..engine import SamplingParams
+from ..errors import (
     BadRequest,
     ClientClosedRequest,
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedMediaType,
 )
-from .settings import DEFAULTS, SEED_LIMIT
+from .request_model import SamplingFields, validate
 
-DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+__all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_BODY_SIZE", "LARGE_BODY", "MAX_JSON_DEPTH",
+           "ChatRequest", "ChatStreamBody", "parse_chat_request", "parse_json_object",
+           "parse_off_loop", "read_body", "require_json"]
+
+DEFAULT_MAX_BODY_SIZE = DEFAULTS.limits.max_body_size
 # Seconds a request body may take to arrive after its head (30: a 1 MiB body needs that long
 # only below ~35 KB/s, and a client that stalls longer is more likely an attack than a user).
-DEFAULT_BODY_TIMEOUT = DEFAULTS.body_timeout
+DEFAULT_BODY_TIMEOUT = DEFAULTS.limits.body_timeout
 # Our bodies nest three levels (messages -> message -> content parts); far more is an attack.
 MAX_JSON_DEPTH = 32
 # Bodies above this are parsed in a worker thread: checking 20,000 messages takes a few
@@ -156,59 +165,36 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+class ChatStreamBody(SamplingFields):
+    """`POST /chat_stream`'s body; unknown fields are ignored, as ChatStream did."""
+
+    user_input: Any = None            # checked below: ignored when regenerating
+    regenerate: bool = False
+    max_new_tokens: int | None = Field(None, ge=1)
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _within_the_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
+        cap = (info.context or {}).get("cap")
+        if value is not None and cap is not None and value > cap:
+            raise ValueError(f"'max_new_tokens' must be an integer from 1 to {cap}.")
+        return value
+
+    @model_validator(mode="after")
+    def _has_input(self) -> ChatStreamBody:
+        if self.regenerate:
+            return self     # the last user message is answered again
+        if not isinstance(self.user_input, str):
+            raise ValueError("'user_input' is required and must be a string.")
+        if not self.user_input.strip():
+            raise ValueError("'user_input' must not be empty.")
+        return self
+
+
 def parse_chat_request(body: bytes, defaults: SamplingParams) -> ChatRequest:
     """Check a `/chat_stream` body; `defaults.max_new_tokens` is also the per-request cap."""
-    data = parse_json_object(body)
-    regenerate = data.get("regenerate", False)
-    if not isinstance(regenerate, bool):
-        raise BadRequest("'regenerate' must be true or false.")
-    user_input = data.get("user_input")
-    if regenerate:
-        user_input = ""  # ignored: the last user message is answered again
-    elif not isinstance(user_input, str):
-        raise BadRequest("'user_input' is required and must be a string.")
-    elif not user_input.strip():
-        raise BadRequest("'user_input' must not be empty.")
-    return ChatRequest(user_input, regenerate, sampling_params(data, defaults))
-
-
-def sampling_params(data: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
-    """The generation parameters a request may set, each checked against its range."""
-    cap = defaults.max_new_tokens
-    changes: dict[str, Any] = {}
-    if (v := data.get("max_new_tokens")) is not None:
-        changes["max_new_tokens"] = integer_field("max_new_tokens", v, 1, cap)
-    if (v := data.get("temperature")) is not None:
-        changes["temperature"] = number_field("temperature", v, 0.0, 2.0)
-    if (v := data.get("top_p")) is not None:
-        changes["top_p"] = number_field("top_p", v, 0.0, 1.0)
-    if (v := data.get("top_k")) is not None:
-        changes["top_k"] = integer_field("top_k", v, 0, 1_000_000)
-    if (v := data.get("repeat_penalty")) is not None:
-        changes["repeat_penalty"] = number_field("repeat_penalty", v, 0.0, 10.0)
-    for name in ("frequency_penalty", "presence_penalty"):
-        if (v := data.get(name)) is not None:
-            changes[name] = number_field(name, v, -2.0, 2.0)    # OpenAI's range
-    if (v := data.get("seed")) is not None:
-        changes["seed"] = integer_field("seed", v, 0, SEED_LIMIT - 1)
-    return replace(defaults, **changes)
-
-
-def integer_field(name: str, value: Any, low: int, high: int) -> int:
-    """`value` if it is an integer from `low` to `high` (not a bool), else `BadRequest`."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise BadRequest(f"'{name}' must be an integer from {low} to {high}.", param=name)
-    return value
-
-
-def number_field(name: str, value: Any, low: float, high: float) -> float:
-    """`value` as a float if it is a finite number from `low` to `high`, else `BadRequest`."""
-    # Range first: an int compares with floats exactly, while math.isfinite(10**400) raises.
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not low <= value <= high
-        or not math.isfinite(value)
-    ):
-        raise BadRequest(f"'{name}' must be a number from {low} to {high}.", param=name)
-    return float(value)
+    data = validate(ChatStreamBody, parse_json_object(body), {"cap": defaults.max_new_tokens})
+    params = data.sampling(defaults)
+    if data.max_new_tokens is not None:
+        params = replace(params, max_new_tokens=data.max_new_tokens)
+    return ChatRequest("" if data.regenerate else data.user_input, data.regenerate, params)

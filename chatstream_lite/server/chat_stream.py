@@ -24,42 +24,23 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import aiohttp_session
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp_session import AbstractStorage, get_session
 
-from ..auth import DEFAULT_PROTECTED, ApiKey
-from ..chat_request import (
-    DEFAULT_BODY_TIMEOUT,
-    DEFAULT_MAX_BODY_SIZE,
-    parse_chat_request,
-    parse_off_loop,
-    read_body,
-    require_json,
-)
-from ..engine import Admission, Engine, SamplingParams
-from ..engine.admission import (
-    DEFAULT_MAX_INPUT_CHARS,
-    DEFAULT_MAX_MESSAGES,
-    DEFAULT_MAX_QUEUE_SIZE,
-)
-from ..engine.mock import DEFAULT_DELAY, MockEngine
+from ..config import Config, SessionsConfig
+from ..engine import Engine, SamplingParams
+from ..engine.mock import MockEngine
 from ..errors import ChatStreamError, SessionStoreUnavailable
-from ..model_file import resolve_model_path
 from ..prompt import ChatPrompt
-from ..sessions import (
-    DEFAULT_IDLE_TTL,
-    DEFAULT_MAX_SESSIONS,
-    MemorySessionStore,
-    MemoryStorage,
-    SessionStore,
-)
-from ..settings import DEFAULTS
+from ..sessions import MemorySessionStore, MemoryStorage, SessionStore
+from .auth import ApiKey
+from .chat_request import parse_chat_request, parse_off_loop, read_body, require_json
 from .conversations import PROMPT_KEY, Conversations
 from .exchange import Exchange
 from .framing import PlainText
@@ -67,7 +48,7 @@ from .handler import Accepted, Callback, serve_exchange
 from .health import CheckResult, Health
 from .metrics import Metrics
 from .responses import error_response
-from .runtime import DEFAULT_SHUTDOWN_GRACE, Runtime
+from .runtime import Runtime
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -77,91 +58,70 @@ log = logging.getLogger(__name__)
 CHAT_STREAM_KEY: web.AppKey[ChatStream] = web.AppKey("chatstream_lite.chat_stream")
 ENDPOINT = "chat_stream"                      # this endpoint's name in metrics and logs
 
-__all__ = ["CHAT_STREAM_KEY", "Callback", "ChatStream", "DEFAULT_SHUTDOWN_GRACE"]
+__all__ = ["CHAT_STREAM_KEY", "Callback", "ChatStream", "make_engine", "open_session_store"]
 
 
 class ChatStream:
-    """A streaming chat endpoint over one model. See the module docstring."""
+    """A streaming chat endpoint over one model. See the module docstring.
+
+        ChatStream()                                   # the embedded model, the defaults
+        ChatStream("models/m.gguf", n_ctx=8192, num_of_concurrent_executions=4)
+        ChatStream(config=Config.of(n_ctx=8192), api_key="k")   # options win over config
+
+    `options` are settings by name, any field of config.py's groups (n_ctx, max_new_tokens,
+    temperature, api_key, session_idle_ttl, mock, ...); an unknown name is a TypeError.
+    `session_store` also takes a Redis client or a ready `SessionStore`, `session_storage`
+    any aiohttp-session storage (with locks in this process); `engine` any `Engine`.
+    """
 
     def __init__(
         self,
         model_path: str | Path | None = None,
         *,
-        n_ctx: int = DEFAULTS.n_ctx,
-        n_gpu_layers: int = DEFAULTS.n_gpu_layers,
-        n_threads: int | None = DEFAULTS.n_threads,
-        n_batch: int = DEFAULTS.n_batch,
-        num_of_concurrent_executions: int = 1,
-        flash_attn: str = DEFAULTS.flash_attn,
-        deterministic: bool = DEFAULTS.deterministic,
-        extra_buffers: str = DEFAULTS.extra_buffers,
-        kernel_check: str = DEFAULTS.kernel_check,
-        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
-        max_queue_wait: float | None = None,
-        max_generation_time: float | None = None,
-        max_new_tokens: int = DEFAULTS.max_new_tokens,
-        max_messages: int = DEFAULT_MAX_MESSAGES,
-        max_input_chars: int = DEFAULT_MAX_INPUT_CHARS,
-        temperature: float = DEFAULTS.temperature,
-        top_p: float = DEFAULTS.top_p,
-        top_k: int = DEFAULTS.top_k,
-        repeat_penalty: float = DEFAULTS.repeat_penalty,
-        seed: int | None = DEFAULTS.seed,
-        system_prompt: str | None = DEFAULTS.system_prompt,
-        served_model_name: str | None = DEFAULTS.served_model_name,
-        stop: list[str] | None = None,
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
+        config: Config | None = None,
+        engine: Engine | None = None,
         session_store: str | Redis | SessionStore | None = None,
         session_storage: AbstractStorage | None = None,
-        max_sessions: int = DEFAULT_MAX_SESSIONS,
-        session_idle_ttl: int = DEFAULT_IDLE_TTL,
-        cookie_secure: bool = DEFAULTS.cookie_secure,
-        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
-        stall_timeout: float = DEFAULTS.stall_timeout,
-        api_key: str | None = None,
-        api_key_paths: Sequence[str] = DEFAULT_PROTECTED,
         load_in_background: bool = False,
-        engine: Engine | None = None,
-        mock: bool = DEFAULTS.mock,
-        mock_delay: float = DEFAULT_DELAY,
-        mock_text: str | None = None,
-        verbose: bool = False,
+        **options: Any,
     ) -> None:
-        if max_new_tokens < 1 or max_new_tokens >= n_ctx:
-            raise ValueError("max_new_tokens must be at least 1 and less than n_ctx")
+        if model_path is not None:
+            options["model"] = str(model_path)
+        if isinstance(session_store, str):
+            options["session_store"] = session_store
+        config = Config.of(config, **options)
+        self.config = config
         if engine is None:
-            engine = _make_engine(
-                mock, model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                n_batch=n_batch, parallel=num_of_concurrent_executions,
-                max_generation_time=max_generation_time, flash_attn=flash_attn,
-                deterministic=deterministic, extra_buffers=extra_buffers,
-                kernel_check=kernel_check, verbose=verbose,
-                mock_delay=mock_delay, mock_text=mock_text)
+            engine = make_engine(config)
         self.engine = engine
-        self.runtime = Runtime(
-            engine, Admission(engine, max_queue_size=max_queue_size,
-                              max_queue_wait=max_queue_wait, max_messages=max_messages,
-                              max_input_chars=max_input_chars),
-            shutdown_grace=shutdown_grace, stall_timeout=stall_timeout,
-            load_in_background=load_in_background)
-        self.defaults = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            repeat_penalty=repeat_penalty, seed=seed, stop=tuple(stop or ()))
-        self.system_prompt = system_prompt
-        self.served_model_name = served_model_name    # the model's id in the OpenAI API
-        self.max_body_size = max_body_size
-        self.body_timeout = body_timeout      # seconds for a body to arrive (408 past it)
-        self.session_store = _open_session_store(
-            session_store, session_storage, max_sessions=max_sessions,
-            idle_ttl=session_idle_ttl, secure=cookie_secure or None)
+        self.runtime = Runtime(engine, config, load_in_background=load_in_background)
+        self.session_store = open_session_store(
+            config.sessions, None if isinstance(session_store, str) else session_store,
+            session_storage)
         self.conversations = Conversations(
-            self.session_store, system_prompt=system_prompt,
+            self.session_store, system_prompt=config.generation.system_prompt,
             template=lambda: info.chat_template if (info := engine.model_info) else None)
-        self.api_key = ApiKey(api_key, api_key_paths)
         self.runtime.health.add_check("session_store", self._session_store_health,
                                       critical=False)
         self.runtime.metrics.add_session_store(self.session_store)
+
+    # -- what the runtime holds, under the names ChatStream has always had ------------------
+    @property
+    def defaults(self) -> SamplingParams:
+        return self.runtime.defaults
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.config.generation.system_prompt
+
+    @property
+    def api_key(self) -> ApiKey:
+        return self.runtime.api_key
+
+    @api_key.setter
+    def api_key(self, key: ApiKey) -> None:
+        """A new key for every endpoint of this runtime, at once (a key rotated)."""
+        self.runtime.api_key = key
 
     # -- what the runtime holds, under the names ChatStream has always had ------------------
     @property
@@ -293,8 +253,9 @@ class ChatStream:
 
         async def admit() -> Accepted:
             self.api_key.check(request)
+            limits = self.config.limits
             body = request_body if request_body is not None else await read_body(
-                request, self.max_body_size, self.body_timeout)
+                request, limits.max_body_size, limits.body_timeout)
             chat_request = await parse_off_loop(parse_chat_request, body, self.defaults)
             session, session_id = await conversations.lock(request)
             try:
@@ -331,48 +292,39 @@ class ChatStream:
                                     callback)
 
 
-def _make_engine(mock: bool, model_path: str | Path | None, *, n_ctx: int, n_gpu_layers: int,
-                 n_threads: int | None, n_batch: int, parallel: int,
-                 max_generation_time: float | None, flash_attn: str, deterministic: bool,
-                 extra_buffers: str, kernel_check: str, verbose: bool, mock_delay: float,
-                 mock_text: str | None) -> Engine:
-    if mock:
-        return MockEngine(n_ctx=n_ctx, parallel=parallel, max_generation_time=max_generation_time,
-                          delay=mock_delay, text=mock_text)
-    from ..engine.llama import LlamaConfig, LlamaEngine  # the one import of llama_cpp
-    return LlamaEngine(LlamaConfig(
-        model_path=resolve_model_path(model_path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-        n_threads=n_threads, n_batch=n_batch, parallel=parallel,
-        max_generation_time=max_generation_time, flash_attn=flash_attn,
-        deterministic=deterministic, extra_buffers=extra_buffers, kernel_check=kernel_check,
-        verbose=verbose))
+def make_engine(config: Config) -> Engine:
+    """The engine `config` asks for: the mock, or llama.cpp (`ModelNotFound` without a model)."""
+    if config.mock.mock:
+        return MockEngine(config.engine, config.mock)
+    from ..engine.llama import LlamaEngine  # the one import of llama_cpp
+    return LlamaEngine(config.engine)
 
 
-def _open_session_store(
-    session_store: str | Redis | SessionStore | None,
-    session_storage: AbstractStorage | None,
-    *,
-    max_sessions: int,
-    idle_ttl: int,
-    secure: bool | None,
-) -> SessionStore:
-    """`session_store`: None or "memory" (this process), a redis:// URL or a Redis client
-    (shared by every replica), or a ready `SessionStore`. `session_storage`: any
-    aiohttp-session storage, with locks in this process."""
-    if session_store is not None and session_storage is not None:
+def open_session_store(sessions: SessionsConfig, given: Redis | SessionStore | None = None,
+                       storage: AbstractStorage | None = None) -> SessionStore:
+    """The store `sessions` names ("memory", or a redis://, rediss:// or unix:// URL), unless
+    `given` is a Redis client (shared by every replica) or a ready `SessionStore`, or
+    `storage` is an aiohttp-session storage (kept with locks in this process)."""
+    secure = sessions.cookie_secure or None
+    if given is not None and storage is not None:
         raise ValueError("give session_store or session_storage, not both")
-    if session_store is None or session_store == "memory":
-        return MemorySessionStore(session_storage if session_storage is not None else MemoryStorage(
-            max_sessions=max_sessions, idle_ttl=idle_ttl, secure=secure))
-    if isinstance(session_store, str) and not session_store.startswith(
-            ("redis://", "rediss://", "unix://")):
-        raise ValueError(f"session_store must be 'memory' or a redis://, rediss:// or "
-                         f"unix:// URL, not {session_store!r}")
-    if isinstance(session_store, str) or _is_redis_client(session_store):
+    if storage is not None and sessions.session_store != "memory":
+        raise ValueError("give session_store or session_storage, not both")
+    if given is None and sessions.session_store == "memory":
+        return MemorySessionStore(storage if storage is not None else MemoryStorage(
+            max_sessions=sessions.max_sessions, idle_ttl=sessions.session_idle_ttl,
+            secure=secure))
+    if given is None or _is_redis_client(given):
         # Imported here, not above: a server on the memory store runs without redis.
-        from ..sessions.redis import RedisSessionStore
-        return RedisSessionStore(session_store, idle_ttl=idle_ttl, secure=secure)
-    return cast("SessionStore", session_store)     # neither a URL nor a Redis client
+        try:
+            from ..sessions.redis import RedisSessionStore
+        except ImportError as error:
+            raise ValueError(f"session_store {sessions.session_store.split('://')[0]}:// needs "
+                             f"the redis package ({error.name} is missing): pip install "
+                             "'chatstream_lite[redis]'") from None
+        return RedisSessionStore(sessions.session_store if given is None else given,
+                                 idle_ttl=sessions.session_idle_ttl, secure=secure)
+    return cast("SessionStore", given)     # neither a URL nor a Redis client
 
 
 def _is_redis_client(value: object) -> TypeGuard[Redis]:

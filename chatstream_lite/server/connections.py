@@ -3,9 +3,10 @@ open connections below the open-file limit, so that idle sockets cannot starve t
 
 aiohttp bounds none of these by default: idle and half-sent connections stayed open for good,
 and under a 1,024 open-file limit, 1,100 of them made a normal request time out while asyncio
-logged a traceback for every failed accept() (RESULTS.md, "Attacks (issue 11)").
+logged a traceback for every failed accept() (benchmarks/RESULTS.md, "Attacks on the server's
+edge").
 
-    guard = ConnectionGuard(head_timeout=10, keepalive_timeout=15)
+    guard = ConnectionGuard(ServerConfig(head_timeout=10, keepalive_timeout=15))
     runner = web.AppRunner(app, keepalive_timeout=guard.keepalive_timeout)
     await runner.setup()
     await guard.site(runner, "0.0.0.0", 8080).start()      # instead of web.TCPSite
@@ -40,17 +41,17 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+
+from ..config import DEFAULTS, ServerConfig
+from . import aiohttp_internals as internals
+from .aiohttp_internals import RequestHandler
+
+__all__ = ["DEFAULT_BACKLOG", "FD_RESERVE", "LOG_INTERVAL", "ConnectionGuard", "GuardedSite",
+           "raise_open_file_limit"]
 
 log = logging.getLogger(__name__)
+internals.check()     # an aiohttp whose internals moved fails here, not while serving
 
-DEFAULT_HEAD_TIMEOUT = 10.0
-# Longer than the head timeout: a browser sends its next request within seconds, and a
-# reverse proxy keeps its upstream connections for less (nginx: 60 s unless told otherwise).
-DEFAULT_KEEPALIVE_TIMEOUT = 15.0
 DEFAULT_BACKLOG = 128
 # Files the process keeps open besides connections: the model, the log, Redis, the event
 # loop's own; a few dozen in practice.
@@ -89,23 +90,14 @@ class ConnectionGuard:
     (lowered to that margin if it is above it).
     """
 
-    def __init__(
-        self,
-        *,
-        head_timeout: float | None = DEFAULT_HEAD_TIMEOUT,
-        keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
-        max_connections: int | None = None,
-        backlog: int = DEFAULT_BACKLOG,
-    ) -> None:
-        if head_timeout is not None and head_timeout <= 0:
-            raise ValueError("head_timeout must be positive (None: no limit)")
-        if keepalive_timeout <= 0:
-            raise ValueError("keepalive_timeout must be positive")
-        if max_connections is not None and max_connections < 0:
-            raise ValueError("max_connections must be 0 (no cap) or more")
-        self.head_timeout = head_timeout
-        self.keepalive_timeout = keepalive_timeout
-        self.max_connections = max_connections
+    def __init__(self, server: ServerConfig = DEFAULTS.server, *,
+                 backlog: int = DEFAULT_BACKLOG) -> None:
+        # The keep-alive default (15 s) is longer than the head timeout's (10 s): a browser
+        # sends its next request within seconds, and a reverse proxy keeps its upstream
+        # connections for less (nginx: 60 s unless told otherwise).
+        self.head_timeout = server.head_timeout
+        self.keepalive_timeout = server.keepalive_timeout
+        self.max_connections = server.max_connections
         self.backlog = backlog
         # Connections that have not yet sent a whole request head, oldest first, each with
         # its head-timeout timer (None without a head timeout).
@@ -155,17 +147,7 @@ class ConnectionGuard:
                  self.head_timeout or "unlimited", self.keepalive_timeout, files or "unlimited")
 
     def _hook_request_factory(self, server: web.Server) -> None:
-        make_request = server.request_factory
-
-        def request_factory(message: RawRequestMessage, payload: StreamReader,
-                            protocol: RequestHandler, writer: AbstractStreamWriter,
-                            task: asyncio.Task[None]) -> web.BaseRequest:
-            # aiohttp calls this once a request head has been parsed (a bad one included).
-            self._head_received(protocol)
-            return make_request(message, payload, protocol, writer, task)
-
-        # RequestHandler reads the factory when it is created: before any connection.
-        server.request_factory = request_factory
+        internals.hook_request_factory(server, self._head_received)
 
     def _log_accept_failures(self, loop: asyncio.AbstractEventLoop) -> None:
         previous = loop.get_exception_handler()
@@ -182,14 +164,14 @@ class ConnectionGuard:
 
     # -- per connection ---------------------------------------------------------------------
     def _new_connection(self, server: web.Server) -> asyncio.BaseProtocol:
-        if self.max_connections and len(server.connections) >= self.max_connections:
+        if self.max_connections and internals.open_connections(server) >= self.max_connections:
             if not self._close_oldest_waiting():
                 self.refused += 1
                 self._refusals(self.max_connections)
                 return _Refuse()
             self.evicted += 1
             self._evictions(self.max_connections)
-        handler = server()
+        handler = internals.new_handler(server)
         timer = None
         if self.head_timeout is not None:
             timer = asyncio.get_running_loop().call_later(
@@ -205,9 +187,9 @@ class ConnectionGuard:
 
     def _head_timed_out(self, handler: RequestHandler) -> None:
         waited = self._waiting.pop(handler, False) is not False
-        if waited and handler.transport is not None:  # None: the client has left already
+        if waited and internals.is_open(handler):
             self.timed_out += 1
-            handler.force_close()
+            internals.close(handler)
 
     def _close_oldest_waiting(self) -> bool:
         """Close the longest-waiting connection that has not sent a request head; False if
@@ -218,8 +200,8 @@ class ConnectionGuard:
                 timer.cancel()
             # None: the client has left already (or, within this very loop iteration, the
             # connection is not made yet; aiohttp's keep-alive timer still bounds it).
-            if handler.transport is not None:
-                handler.force_close()
+            if internals.is_open(handler):
+                internals.close(handler)
                 return True
         return False
 
@@ -239,18 +221,20 @@ class GuardedSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        scheme = "https" if self._ssl_context else "http"
+        scheme = "https" if internals.site_parts(self)[1] else "http"
         return f"{scheme}://{self.host or '0.0.0.0'}:{self.port}"
 
     async def start(self) -> None:
         await super().start()
-        server = self._runner.server
+        runner, ssl_context, backlog = internals.site_parts(self)
+        server = runner.server
         assert server is not None, "runner.setup() first"
-        self._server = await asyncio.get_running_loop().create_server(
-            self.guard.attach(server), self.host, self.port, ssl=self._ssl_context,
-            backlog=self._backlog, reuse_address=self.reuse_address, reuse_port=self.reuse_port)
-        if self._server.sockets and self.port == 0:
-            self.port = self._server.sockets[0].getsockname()[1]
+        listening = await asyncio.get_running_loop().create_server(
+            self.guard.attach(server), self.host, self.port, ssl=ssl_context,
+            backlog=backlog, reuse_address=self.reuse_address, reuse_port=self.reuse_port)
+        internals.set_site_server(self, listening)
+        if listening.sockets and self.port == 0:
+            self.port = listening.sockets[0].getsockname()[1]
 
 
 class _Refuse(asyncio.Protocol):

@@ -30,6 +30,8 @@ from ..sessions import SessionStore, ensure_identity
 from ..status import StreamStatus
 from .exchange import Exchange
 
+__all__ = ["HISTORY_FIELD", "PROMPT_KEY", "Conversations"]
+
 log = logging.getLogger(__name__)
 
 PROMPT_KEY = "chatstream_lite.chat_prompt"   # request key: the session's ChatPrompt

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
+__all__ = ["ALLOWED_METHODS", "CORS_ORIGINS_KEY", "PREFLIGHT_MAX_AGE", "setup_cors"]
+
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 PREFLIGHT_MAX_AGE = 600
 

@@ -33,6 +33,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+__all__ = ["DISCONNECT_POLL_INTERVAL", "WATCHER_TASK", "DisconnectWatcher", "Transport", "Watch"]
+
 log = logging.getLogger(__name__)
 
 # How soon a queued request whose client left frees its place (a running one is stopped by

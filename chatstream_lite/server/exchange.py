@@ -33,6 +33,8 @@ from ..status import StreamStatus
 from .disconnects import DisconnectWatcher
 from .framing import Framing
 
+__all__ = ["EndTurn", "Exchange", "Usage"]
+
 log = logging.getLogger(__name__)
 
 

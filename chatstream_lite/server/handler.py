@@ -27,6 +27,8 @@ from .exchange import EndTurn, Exchange
 from .framing import Framing
 from .runtime import Runtime
 
+__all__ = ["Accepted", "Callback", "serve_exchange"]
+
 log = logging.getLogger(__name__)
 
 Callback = Callable[[web.Request, str], None | Awaitable[None]]

@@ -31,6 +31,8 @@ from typing import Any
 
 from aiohttp import web
 
+__all__ = ["CHECK_TIMEOUT", "Check", "CheckResult", "Health"]
+
 log = logging.getLogger(__name__)
 
 # Seconds. Checks keep their own, shorter timeouts (Redis: 2 s); this one only makes sure a

@@ -32,6 +32,8 @@ from ..sessions import SessionStore
 from ..status import StreamStatus
 from .exchange import Exchange
 
+__all__ = ["REJECTED", "TOKEN_BUCKETS", "TTFT_BUCKETS", "Metrics"]
+
 REJECTED = "rejected"   # the `status` of a refused request, beside the four callback statuses
 
 # From a fast GPU's few milliseconds to a long queue wait on a CPU.

@@ -10,6 +10,8 @@ from aiohttp import web
 
 from ..errors import ChatStreamError
 
+__all__ = ["error_response", "openai_error_response"]
+
 
 def error_response(error: ChatStreamError) -> web.Response:
     """Render `error` as `{"error": code, "message": ...}` with its status and headers."""

@@ -1,13 +1,13 @@
-"""`Runtime`: what every endpoint shares — the engine's lifecycle, admission, drain, health,
-metrics and the disconnect watcher.
+"""`Runtime`: what every endpoint shares — the configuration, the engine's lifecycle,
+admission, drain, health, metrics, the API key and the disconnect watcher.
 
-    runtime = Runtime(engine, Admission(engine, max_queue_size=16))
+    runtime = Runtime(engine, Config.of(max_queue_size=16))
     runtime.setup(app)                      # engine on the app's lifecycle, drain on shutdown
     job = runtime.submit(messages, params)  # admission: 429/503 or an admitted job
     runtime.request_rejected(endpoint, error) / runtime.request_finished(endpoint, exchange)
 
-`ChatStream` and `OpenAIAPI` hold one each (the same one); neither reaches past it into the
-engine.
+`ChatStream` and `OpenAIAPI` are two faces over one runtime (`OpenAIAPI(runtime)` needs no
+`ChatStream`); neither reaches past it into the engine.
 """
 
 from __future__ import annotations
@@ -19,34 +19,38 @@ from collections.abc import AsyncIterator, Hashable
 
 from aiohttp import web
 
+from ..config import DEFAULTS, Config
 from ..engine import Admission, Engine, Job, ModelInfo, PromptInput, SamplingParams
 from ..errors import ChatStreamError, ServiceUnavailable, StartupError
-from ..settings import DEFAULTS
+from .auth import ApiKey
 from .disconnects import DisconnectWatcher
 from .exchange import Exchange
 from .health import CheckResult, Health
 from .metrics import Metrics
 
+__all__ = ["Runtime"]
+
 log = logging.getLogger(__name__)
-
-DEFAULT_SHUTDOWN_GRACE = DEFAULTS.shutdown_grace
-DEFAULT_STALL_TIMEOUT = DEFAULTS.stall_timeout
-
 
 class Runtime:
     """See the module docstring."""
 
-    def __init__(self, engine: Engine, admission: Admission, *,
-                 shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
-                 stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+    def __init__(self, engine: Engine, config: Config = DEFAULTS, *,
                  load_in_background: bool = False) -> None:
-        if not stall_timeout > 0:
-            raise ValueError("stall_timeout must be > 0 seconds")
         self.engine = engine
-        self.admission = admission
-        self.shutdown_grace = shutdown_grace
-        self.stall_timeout = stall_timeout
+        self.config = config
+        self.admission = admission = Admission(engine, config.limits)
+        self.shutdown_grace = config.limits.shutdown_grace
+        self.stall_timeout = config.limits.stall_timeout
         self.load_in_background = load_in_background
+        self.api_key = ApiKey(config.access.api_key, config.access.guarded_paths)
+        generation, limits = config.generation, config.limits
+        # Every request's defaults, and the ranges its own values are held to.
+        self.defaults = SamplingParams(
+            max_new_tokens=limits.max_new_tokens, temperature=generation.temperature,
+            top_p=generation.top_p, top_k=generation.top_k,
+            repeat_penalty=generation.repeat_penalty, seed=generation.seed,
+            stop=generation.stop)
         self.metrics = Metrics(admission)
         self.health = Health()
         self.health.add_check("engine", self._engine_health)

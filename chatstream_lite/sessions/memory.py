@@ -28,15 +28,21 @@ from typing import Protocol
 from aiohttp import web
 from aiohttp_session import AbstractStorage, Session
 
+from ..config import DEFAULTS
 from ..errors import ChatStreamError, SessionStoreUnavailable
-from ..settings import DEFAULTS
 from .outbox import LOST_REASONS, OutboxCounts, session_tag
+
+__all__ = ["DEFAULT_ACTIVE_WINDOW", "DEFAULT_COOKIE_NAME", "DEFAULT_IDLE_TTL",
+           "DEFAULT_MAX_SESSIONS", "DEFAULT_NEW_SESSION_BURST",
+           "DEFAULT_NEW_SESSIONS_PER_MINUTE", "SESSION_ID_BYTES", "ensure_identity",
+           "Locks", "MemorySessionStore", "MemoryStorage", "new_session_id",
+           "NewSessionLimit", "SessionLocks", "SessionStore", "TooManySessions"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COOKIE_NAME = "CHATSTREAM_SESSION"
-DEFAULT_MAX_SESSIONS = DEFAULTS.max_sessions
-DEFAULT_IDLE_TTL = DEFAULTS.session_idle_ttl
+DEFAULT_MAX_SESSIONS = DEFAULTS.sessions.max_sessions
+DEFAULT_IDLE_TTL = DEFAULTS.sessions.session_idle_ttl
 # A session used this recently belongs to someone still chatting (reading a reply, typing the
 # next message): a full store refuses new sessions rather than forget it.
 DEFAULT_ACTIVE_WINDOW = 30 * 60
@@ -310,6 +316,12 @@ class MemorySessionStore:
         self.storage = storage
         self.locks = SessionLocks()
         self._lost = 0
+
+    def __str__(self) -> str:
+        if isinstance(self.storage, MemoryStorage):
+            return (f"memory (this process: up to {self.storage.max_sessions} sessions, kept "
+                    f"{self.storage.idle_ttl} s after their last turn)")
+        return f"memory locks, {type(self.storage).__name__} storage"
 
     async def healthy(self) -> bool:
         return True

@@ -43,6 +43,10 @@ from ..errors import SessionStoreUnavailable
 from .memory import DEFAULT_COOKIE_NAME, DEFAULT_IDLE_TTL, ensure_identity, new_session_id
 from .outbox import DEFAULT_MAX_PENDING_TURNS, Outbox, OutboxCounts, session_tag
 
+__all__ = ["CLOSE_TIMEOUT", "DEFAULT_LOCK_TTL", "DEFAULT_SOCKET_TIMEOUT", "LOADED_KEY",
+           "LOCK_KEY_PREFIX", "WRITE_LATE_SCRIPT", "connect", "RedisSessionLocks",
+           "RedisSessionStorage", "RedisSessionStore"]
+
 log = logging.getLogger(__name__)
 
 # Redis answers in well under a millisecond; a command that has not answered in this time

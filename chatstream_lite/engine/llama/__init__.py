@@ -10,9 +10,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .engine import DEFAULT_N_BATCH, DEFAULT_N_CTX, LlamaConfig, LlamaEngine
+    from .engine import LlamaEngine
 
-__all__ = ["DEFAULT_N_BATCH", "DEFAULT_N_CTX", "LlamaConfig", "LlamaEngine"]
+__all__ = ["LlamaEngine"]
 
 
 def __getattr__(name: str) -> Any:

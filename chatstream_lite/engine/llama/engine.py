@@ -1,6 +1,6 @@
 """`LlamaEngine`: one executor thread that owns the llama.cpp model and serves prepared jobs.
 
-    >>> engine = LlamaEngine(LlamaConfig(model_path=path, parallel=4))
+    >>> engine = LlamaEngine(EngineConfig(model=path, num_of_concurrent_executions=4))
     >>> info = await engine.start(died=admission.engine_died)
     >>> engine.run(job)        # from the loop; job.prompt holds its token ids already
     >>> await engine.close()
@@ -24,79 +24,42 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import llama_cpp
 
-from ...errors import ChatStreamError
-from ...settings import DEFAULTS, EXTRA_BUFFERS, FLASH_ATTN, KERNEL_CHECKS
+from ...config import DEFAULTS, EngineConfig
+from ...model_file import resolve_model_path
 from ..events import Event, Failed
 from ..faults import Faults
 from ..job import Job
 from ..kv_slots import KVSlots
 from ..protocol import Died, EngineStats, ModelInfo
-from ..scheduler import Scheduler, Sequence
+from ..scheduler import SampleTokens, Scheduler, Sequence
 from ..template import ChatTemplate
 from .grammar import json_grammar
 from .kernel_check import CheckResult, run_check, settle
 from .kernels import KernelPolicy, Machine, choose
 from .model import Model
-from .runner import DecodeFailed, Runner
+from .runner import Runner
 from .threads import default_threads
+
+__all__ = ["WEIGHTS_READ", "LlamaEngine"]
 
 log = logging.getLogger(__name__)
 
 # What /health's load_progress says once the weights are read and the context is being made.
 WEIGHTS_READ = 0.99
-DEFAULT_N_CTX = DEFAULTS.n_ctx
-DEFAULT_N_BATCH = DEFAULTS.n_batch
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    model_path: Path
-    n_ctx: int = DEFAULT_N_CTX        # one conversation's KV cells (history + reply), per sequence
-    n_gpu_layers: int = -1
-    n_threads: int | None = None      # None: one per physical core this process may use
-    n_batch: int = DEFAULT_N_BATCH    # tokens per decode; the prompt chunk between cancel checks
-    parallel: int = 1                 # sequences decoded together (num_of_concurrent_executions)
-    max_generation_time: float | None = None  # seconds of generation per reply; None: no limit
-    flash_attn: str = DEFAULTS.flash_attn         # auto, on, off (llama.cpp's flash_attn_type)
-    deterministic: bool = DEFAULTS.deterministic  # exact reuse, flash attention off (kv_slots.py)
-    extra_buffers: str = DEFAULTS.extra_buffers   # kernels.py: auto, on, off
-    kernel_check: str = DEFAULTS.kernel_check     # kernel_check.py: auto, on, off
-    verbose: bool = False
-
-    def __post_init__(self) -> None:
-        most = llama_cpp.llama_max_parallel_sequences()
-        if not 1 <= self.parallel <= most:
-            raise ValueError(f"num_of_concurrent_executions must be between 1 and {most}")
-        if self.n_batch < self.parallel:
-            # One generation step puts a token of every running sequence in one batch.
-            raise ValueError(f"n_batch ({self.n_batch}) must be at least "
-                             f"num_of_concurrent_executions ({self.parallel})")
-        if self.flash_attn not in FLASH_ATTN:
-            raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}")
-        if self.deterministic and self.flash_attn == "on":
-            raise ValueError("deterministic mode needs flash attention off")
-        if self.deterministic and self.n_batch < 3:
-            # Chunks of n_batch with no prompt token left alone need room for a 2-token tail.
-            raise ValueError("deterministic mode needs n_batch >= 3")
-        if self.extra_buffers not in EXTRA_BUFFERS:
-            raise ValueError(f"extra_buffers must be one of {', '.join(EXTRA_BUFFERS)}")
-        if self.kernel_check not in KERNEL_CHECKS:
-            raise ValueError(f"kernel_check must be one of {', '.join(KERNEL_CHECKS)}")
-        if self.max_generation_time is not None and not self.max_generation_time > 0:
-            raise ValueError("max_generation_time must be > 0 seconds "
-                             "(no limit: None, or 0 on the command line)")
-
-
 class LlamaEngine:
-    """Runs up to `config.parallel` jobs together on one thread that owns the model."""
+    """Runs up to `config.num_of_concurrent_executions` jobs together on one thread that owns
+    the model. `ModelNotFound` when `config.model` is not a file (or, None, the embedded model
+    is not installed)."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: EngineConfig = DEFAULTS.engine) -> None:
+        most = llama_cpp.llama_max_parallel_sequences()
+        if not 1 <= config.num_of_concurrent_executions <= most:
+            raise ValueError(f"num_of_concurrent_executions must be between 1 and {most}")
         self.config = config
+        self.model_path = resolve_model_path(config.model)
         self.threads = config.n_threads or default_threads()
         self.stats = EngineStats()
         self.faults = Faults(wake=self._wake)
@@ -121,7 +84,7 @@ class LlamaEngine:
 
     @property
     def capacity(self) -> int:
-        return self.config.parallel
+        return self.config.num_of_concurrent_executions
 
     @property
     def ready(self) -> bool:
@@ -172,16 +135,16 @@ class LlamaEngine:
         cfg = self.config
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
         log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, n_threads=%d, parallel=%d, "
-                 "flash_attn=%s%s); GPU offload %s", cfg.model_path, cfg.n_ctx,
-                 cfg.n_gpu_layers, self.threads, cfg.parallel,
+                 "flash_attn=%s%s); GPU offload %s", self.model_path, cfg.n_ctx,
+                 cfg.n_gpu_layers, self.threads, cfg.num_of_concurrent_executions,
                  "off" if cfg.deterministic else cfg.flash_attn,
                  ", deterministic" if cfg.deterministic else "", "supported" if gpu else
                  "not supported by this llama-cpp-python build (CPU only)")
         kernels = self._choose_kernels()
         # One sequence per running job; each keeps its cells when its job ends, so an idle
         # session's next turn finds them unless a newer session needed the slot.
-        model = Model.load(cfg.model_path, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch,
-                           n_seq=cfg.parallel, n_gpu_layers=cfg.n_gpu_layers,
+        model = Model.load(self.model_path, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch,
+                           n_seq=cfg.num_of_concurrent_executions, n_gpu_layers=cfg.n_gpu_layers,
                            n_threads=self.threads, verbose=cfg.verbose,
                            extra_buffers=kernels.extra_buffers,
                            flash_attn="off" if cfg.deterministic else cfg.flash_attn,
@@ -189,7 +152,7 @@ class LlamaEngine:
         template_text = model.metadata.get("tokenizer.chat_template")
         if not template_text:
             model.close()
-            raise ValueError(f"{cfg.model_path} has no tokenizer.chat_template in its metadata")
+            raise ValueError(f"{self.model_path} has no tokenizer.chat_template in its metadata")
         template = ChatTemplate(template_text, bos_token=model.token_text(model.bos_token),
                                 eos_token=model.token_text(model.eos_token))
         self._model = model
@@ -198,11 +161,11 @@ class LlamaEngine:
         self._scheduler = Scheduler(slots, n_batch=model.batch.capacity,
                                     emit=self._post, stats=self.stats, faults=self.faults,
                                     max_generation_time=cfg.max_generation_time)
-        name = model.metadata.get("general.name") or cfg.model_path.stem
+        name = model.metadata.get("general.name") or self.model_path.stem
         self.load_progress = 1.0
-        return ModelInfo(cfg.model_path, name, model.n_ctx, gpu, template, model.vocabulary,
+        return ModelInfo(self.model_path, name, model.n_ctx, gpu, template, model.vocabulary,
                          model.n_vocab, json_grammar, model.add_bos, logprobs=True,
-                         max_choices=cfg.parallel)
+                         max_choices=cfg.num_of_concurrent_executions)
 
     def _choose_kernels(self) -> KernelPolicy:
         """Extra buffer types on or off (kernels.py), checked in a child first where asked."""
@@ -214,7 +177,7 @@ class LlamaEngine:
             hook = self.faults.kernel_check_signal
 
             def check(extra_buffers: bool) -> CheckResult:
-                return run_check(cfg.model_path, extra_buffers=extra_buffers,
+                return run_check(self.model_path, extra_buffers=extra_buffers,
                                  n_threads=self.threads, n_gpu_layers=cfg.n_gpu_layers,
                                  die_with=hook(extra_buffers) if hook else None)
 
@@ -298,62 +261,17 @@ class LlamaEngine:
             scheduler.fail(seq, error)
 
     def _step(self, scheduler: Scheduler, runner: Runner) -> None:
-        scheduler.leave_cancelled()
+        """Execute the scheduler's plans for one step (their order is the scheduler's)."""
         stats = self.stats
-        for chunk in scheduler.plan_prompts():
-            try:
-                began = time.perf_counter()
-                row = runner.decode_chunk(chunk)
-                stats.decode_seconds += time.perf_counter() - began
-            except DecodeFailed as error:
-                self._failed_decode(scheduler, [chunk.seq], error)
-                continue
-            scheduler.chunk_read(chunk)
-            if chunk.last:
-                # The job's other choices (n > 1) copy these cells and sample from this row.
-                forks = scheduler.fork(chunk.seq)
-                for seq in forks:
-                    self._attach(scheduler, runner, seq)
-                began = time.perf_counter()
-                for seq in [chunk.seq, *forks]:
-                    if seq in scheduler.sequences:
-                        self._sample(scheduler, runner, seq, row)
-                stats.sample_seconds += time.perf_counter() - began
-        self._flush()           # a first token goes out before the others' step
-        members = scheduler.plan_generation()
-        if not members:
-            return
-        try:
+        plan = scheduler.plan()
+        while plan is not None:
             began = time.perf_counter()
-            runner.decode_tokens(members)
-            stats.decode_seconds += time.perf_counter() - began
-        except DecodeFailed as error:
-            self._failed_decode(scheduler, members, error)
-            return
-        scheduler.generated(members)
-        began = time.perf_counter()
-        for seq in members:
-            self._sample(scheduler, runner, seq, seq.row)
-        stats.sample_seconds += time.perf_counter() - began
-        self._flush()
-
-    def _sample(self, scheduler: Scheduler, runner: Runner, seq: Sequence, row: int) -> None:
-        model = self._model
-        assert model is not None
-        try:
-            token = runner.sample(seq, row)
-            end = model.is_end_of_generation(token)
-            logprob = None if end else runner.logprob(seq, row, token)
-            scheduler.take(seq, token, model.piece(token), end, logprob)
-        except ChatStreamError as error:  # the request's own doing: an unsatisfiable schema
-            log.info("generation ended: %s", error.message)
-            scheduler.fail(seq, error)
-        except Exception as error:
-            log.exception("generation failed")
-            scheduler.fail(seq, error)
-
-    @staticmethod
-    def _failed_decode(scheduler: Scheduler, members: list[Sequence], error: DecodeFailed) -> None:
-        log.error("%s; failing the %d jobs in the batch", error, len(members))
-        for seq in members:
-            scheduler.fail(seq, error, clear_slot=True)
+            outputs = runner.execute(plan)
+            spent = time.perf_counter() - began
+            if isinstance(plan, SampleTokens):
+                stats.sample_seconds += spent
+            else:
+                stats.decode_seconds += spent
+            done, plan = plan, scheduler.update(plan, outputs)
+            if isinstance(done, SampleTokens):
+                self._flush()   # first tokens go out before the others' step; then the rest

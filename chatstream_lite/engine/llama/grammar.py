@@ -23,6 +23,11 @@ from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter
 
 from .pattern import Budget, pattern_rules
 
+__all__ = ["ANY_CHAR", "BOUNDS", "COUNT_KEYWORDS", "EMPTY_RULE", "JSON_CHAR", "JSON_EXCLUDED",
+           "LITERAL_ESCAPE", "LITERAL_ESCAPES", "LITERAL_OR_CLASS", "MAX_GRAMMAR_CHARS",
+           "MAX_GRAMMAR_DEPTH", "MAX_REPETITION", "PARENS", "RECENT_SCHEMAS",
+           "RULE_NAME", "json_grammar"]
+
 # llama.cpp parses a grammar recursively, one level per parenthesis, and the converter nests
 # one level per repetition (`maxLength: 100000` nests 100,000 deep): a deep enough grammar
 # would overflow the C stack of the engine thread. llama.cpp's parser now refuses more than

@@ -31,14 +31,14 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ...config import EXTRA_BUFFERS, KERNEL_CHECKS
 from ...cpu import Cpu
-from ...settings import EXTRA_BUFFERS, KERNEL_CHECKS
 
 __all__ = ["EXTRA_BUFFERS", "KERNEL_CHECKS", "KernelPolicy", "Machine", "choose", "load_llama"]
 
 # What turning extra buffers off costs, said wherever the decision is logged. Measured on a
 # 2-core AVX-512 Xeon with SmolLM2-135M requantized (README "CPUs with AMX").
-COST = ("no weight repacking (CPU_REPACK): Q4_0 weights read prompts 1.3x and generate 1.15x "
+COST = ("no weight repacking (CPU_REPACK): Q4_0 weights read prompts 1.3x and generate 1.2x "
         "slower; Q4_K, Q8_0 and Q4_1 (the embedded SmolLM2) within 3 %")
 REBUILD_HINT = ("README 'CPUs with AMX' gives the llama-cpp-python build that keeps "
                 "CPU_REPACK without AMX")

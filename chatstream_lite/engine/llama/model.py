@@ -30,7 +30,11 @@ import llama_cpp
 from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
 
+from ...errors import StartupError
 from .kernels import Machine, choose
+
+__all__ = ["FLASH_ATTN", "MAX_STATE_COPY_BYTES", "STATE_COPY_CELL_COST", "Batch", "Model",
+           "ModelLoadError", "Vocabulary"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,10 @@ FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
 # The most bytes copied by cells (the buffer is kept for the next copy): 2,900 cells of
 # SmolLM2-135M, 128 of a 7B model with an F16 cache.
 MAX_STATE_COPY_BYTES = 64 << 20
+
+
+class ModelLoadError(StartupError):
+    """The model file is there, but llama.cpp cannot load it."""
 
 
 class Batch:
@@ -155,7 +163,14 @@ class Model:
         # /dev/null for the whole load, which silenced every other thread (the server
         # answering /health meanwhile) and the progress lines; llama.cpp's own log lines
         # are filtered by `set_verbose` in `_init_backend`.
-        model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=True)
+        try:
+            model = _internals.LlamaModel(path_model=str(path), params=model_params,
+                                          verbose=True)
+        except ValueError:   # llama.cpp said only "Failed to load model from file"
+            raise ModelLoadError(
+                f"llama.cpp could not load {path}: not a GGUF model it reads (a truncated "
+                "download, another format, or an architecture newer than this "
+                "llama-cpp-python)") from None
         n_batch = min(n_ctx, n_batch)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * n_seq               # llama.cpp splits it evenly among the streams

@@ -28,6 +28,11 @@ import itertools
 import re
 from dataclasses import dataclass, field
 
+__all__ = ["ANY", "BOUNDS", "CHAR_ESCAPES", "CLASS_ESCAPES", "DIGIT", "ESCAPES", "LINE_ENDS",
+           "MAX_CODEPOINT", "MAX_DFA_STATES", "MAX_NFA_STATES", "MAX_WORK",
+           "MINIMIZE_STEPS", "RAW", "SPACE", "WORD", "automaton", "Budget", "Chars",
+           "pattern_rules", "PatternRules"]
+
 MAX_NFA_STATES = 4_000       # Thompson states: a repetition count is written out in full
 MAX_DFA_STATES = 1_000       # each becomes one GBNF rule
 # Steps of the subset construction (NFA states visited, pieces of characters split): what

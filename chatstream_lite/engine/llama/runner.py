@@ -1,20 +1,25 @@
 """The runner: executes a step plan on the model (batches, `llama_decode`, sampler chains).
 
     >>> runner = Runner(model)
-    >>> row = runner.decode_chunk(chunk)      # a prompt chunk alone; its last row's logits
-    >>> rows = runner.decode_tokens(members)  # one token of each generating sequence
-    >>> token = runner.sample(seq, row)
+    >>> outputs = runner.execute(plan)        # what the scheduler's `update` takes back
 
-Everything here runs on the engine thread. Decisions are the scheduler's; this module only
-knows how to put them through llama.cpp. A failed decode raises `DecodeFailed`.
+`DecodeChunk`: one prompt chunk alone, its last row's logits kept; `DecodeTokens`: one token
+of each generating sequence in one batch; `SampleTokens`: each sequence's sampler chain on
+its row. Everything here runs on the engine thread. Decisions are the scheduler's; this
+module only knows how to put them through llama.cpp. A failure is an output (`DecodeFailed`,
+or what sampling raised), for the scheduler to apply to the jobs it concerns.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..events import TokenLogprob
-from ..scheduler import Chunk, Sequence
+from ..scheduler import Chunk, DecodeChunk, DecodeTokens, Plan, Sampled, Sequence
 from .model import Model
 from .sampler import SamplerChain, token_logprobs
+
+__all__ = ["DecodeFailed", "Runner"]
 
 
 class DecodeFailed(RuntimeError):
@@ -42,13 +47,42 @@ class Runner:
         self._decode()
         return batch.size - 1
 
-    def decode_tokens(self, members: list[Sequence]) -> None:
-        """One `llama_decode` of each member's pending token; `seq.row` is its batch row."""
+    def execute(self, plan: Plan) -> list[Any]:
+        """Do `plan`; one output per chunk, per sampled sequence, or the batch's rows."""
+        if isinstance(plan, DecodeChunk):
+            return [self._try(self.decode_chunk, plan.chunk)]
+        if isinstance(plan, DecodeTokens):
+            try:
+                return self.decode_tokens(plan.members)
+            except DecodeFailed as error:
+                return [error]
+        return [self._try(self.sample_one, seq, row) for seq, row in plan.rows]
+
+    @staticmethod
+    def _try(work: Any, *args: Any) -> Any:
+        try:
+            return work(*args)
+        except Exception as error:  # noqa: BLE001 - an output: the scheduler fails that job
+            return error
+
+    def decode_tokens(self, members: list[Sequence]) -> list[int]:
+        """One `llama_decode` of each member's pending token; their batch rows."""
         batch = self.model.batch
         batch.clear()
-        for seq in members:
-            seq.row = batch.add(seq.pending, len(seq.slot.tokens), seq.slot.seq_id, True)
+        rows = [batch.add(seq.pending, len(seq.slot.tokens), seq.slot.seq_id, True)
+                for seq in members]
         self._decode()
+        return rows
+
+    def sample_one(self, seq: Sequence, row: int) -> Sampled:
+        """`seq`'s next token from `row`: its bytes, whether it ends the reply, its logprob."""
+        if seq.sampler is None:     # a choice forked from another's cells since it was made
+            self.attach(seq)
+        token = self.sample(seq, row)
+        model = self.model
+        end = model.is_end_of_generation(token)
+        logprob = None if end else self.logprob(seq, row, token)
+        return Sampled(token, model.piece(token), end, logprob)
 
     def sample(self, seq: Sequence, row: int) -> int:
         assert isinstance(seq.sampler, SamplerChain)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+__all__ = ["SYSFS_CPUS", "default_threads"]
+
 SYSFS_CPUS = Path("/sys/devices/system/cpu")
 
 

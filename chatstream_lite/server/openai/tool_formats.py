@@ -32,7 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from .template import ChatTemplate, Conversation, Message
+from ...engine.template import ChatTemplate, Conversation, Message
+
+__all__ = ["GENERIC", "MAX_HEAD", "RESPOND_IN_JSON", "RESPOND_WITH_CALL", "TOOLS_INTRO", "Choice",
+           "HermesFormat", "JSONGrammar", "Llama3Format", "MistralFormat", "read_reply",
+           "Reply", "ReplyDecoder", "Tool", "tool_format", "ToolCall", "ToolFormat",
+           "ToolRequest"]
 
 Choice = Literal["auto", "required", "none"]
 JSONGrammar = Callable[[str | None], str]     # JSON Schema text -> GBNF (ModelInfo's)

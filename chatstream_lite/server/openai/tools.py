@@ -3,7 +3,7 @@ tool fields of `messages` in; `message.tool_calls` (or `tool_calls` deltas) out.
 
     asked = parse_tools(data, model)                  # a ToolRequest; 400s name their param
     extra = message_tool_fields(message, role, where)   # an assistant's calls, a result's id
-    framing = ToolCallsStream(...) / ToolCallsBody(...)  # when the reply may call a tool
+    plan = ToolPlan(tool_format(model), asked)        # how the reply is read (framing.py)
 
 What the model is shown and how its reply is read is the engine's (`engine/tools.py`); this
 module checks what a client sends and shapes what it gets, as OpenAI does: a call's
@@ -17,27 +17,23 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from ..engine import Message, ModelInfo, Piece, TokenLogprob
-from ..engine.tools import (
+from ...engine import Message, ModelInfo
+from ...errors import BadRequest
+from .tool_formats import (
     GENERIC,
     Choice,
     ReplyDecoder,
-    ToolCall,
     ToolFormat,
     ToolRequest,
-    read_reply,
 )
-from ..engine.tools import Tool as ToolSpec
-from ..engine.tools import tool_format as format_of
-from ..errors import BadRequest
-from .framing import EventStream, JSONBody
+from .tool_formats import Tool as ToolSpec
+from .tool_formats import tool_format as format_of
 
-if TYPE_CHECKING:
-    from ..engine import Finished
+__all__ = ["CALL_ID", "CHOICES", "MAX_TOOLS", "MAX_TOOLS_CHARS", "TOOL_NAME", "check_tool_history",
+           "message_tool_fields", "parse_tools", "tool_format", "ToolPlan"]
 
 MAX_TOOLS = 128                   # OpenAI's limit
 MAX_TOOLS_CHARS = 64 * 1024       # the definitions as JSON text, all tools together
@@ -204,75 +200,3 @@ def check_tool_history(turns: list[Message]) -> None:
                 raise BadRequest(f"Message {index} answers tool call {call_id!r}, which no "
                                  "earlier assistant message made.", param="messages")
             message["name"] = names[call_id]
-
-
-# -- replies ---------------------------------------------------------------------------------
-def _openai_call(call: ToolCall) -> dict[str, Any]:
-    return {"id": call.id, "type": "function",
-            "function": {"name": call.name, "arguments": call.arguments}}
-
-
-class ToolCallsBody(JSONBody):
-    """`stream: false` with tools: the reply read whole, its calls in `message.tool_calls`."""
-
-    def choice(self, index: int, text: str | None, finish_reason: str | None, *,
-               whole: bool = False, first: bool = False,
-               logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
-        choice = super().choice(index, text, finish_reason, whole=whole, first=first,
-                                logprobs=logprobs)
-        plan = self.completion.tools
-        if not whole or plan is None:
-            return choice
-        cut = finish_reason == "length"
-        reply = read_reply(plan.decoder(), text or "", cut=cut)
-        message: dict[str, Any] = {"role": "assistant", "content": reply.content}
-        if reply.calls:
-            message["content"] = reply.content.strip() or None
-            message["tool_calls"] = [_openai_call(c) for c in reply.calls]
-            if not cut:                       # a cut call keeps "length", as OpenAI's does
-                choice["finish_reason"] = "tool_calls"
-        choice["message"] = message
-        return choice
-
-
-class ToolCallsStream(EventStream):
-    """`stream: true` with tools: text as it comes, then each call as deltas, then
-    `finish_reason: "tool_calls"`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        plan = self.completion.tools
-        assert plan is not None
-        self.decoder = plan.decoder()
-        self.called = False
-
-    async def send(self, piece: Piece) -> None:
-        shown = self.decoder.feed(piece.text)   # one choice, no logprobs (openai_api.py)
-        if shown:
-            await super().send(Piece(shown))
-
-    async def close(self, finished: Finished) -> None:
-        end = self.decoder.finish(cut=finished.reason == "length")
-        if end.content:
-            await super().send(Piece(end.content))
-        for index, call in enumerate(end.calls):
-            head = {"index": index, "id": call.id, "type": "function",
-                    "function": {"name": call.name, "arguments": ""}}
-            await self._chunk(self._delta({"tool_calls": [head]}))
-            await self._chunk(self._delta(
-                {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}))
-        self.called = bool(end.calls)
-        await super().close(finished)
-
-    def choice(self, index: int, text: str | None, finish_reason: str | None, *,
-               whole: bool = False, first: bool = False,
-               logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
-        choice = super().choice(index, text, finish_reason, whole=whole, first=first,
-                                logprobs=logprobs)
-        if finish_reason not in (None, "length") and self.called:
-            choice["finish_reason"] = "tool_calls"
-        return choice
-
-    @staticmethod
-    def _delta(delta: dict[str, Any]) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
