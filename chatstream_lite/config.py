@@ -150,7 +150,9 @@ class EngineConfig(_Checked):
         minimum=1, cli_default=4)
     flash_attn: str = _field(
         "off", "llama.cpp's flash attention: auto (on where the backend has it for this "
-        "model, llama-server's default), on, off. --deterministic needs it off",
+        "model, llama-server's default), on, off. Off by default: on a CPU it makes a chat "
+        "turn's first token 3.3x slower (benchmarks/RESULTS.md, 'Flash attention'). "
+        "--deterministic needs it off",
         group=MODEL, choices=FLASH_ATTN)
     deterministic: bool = _field(
         False, "greedy replies bit-identical to a cold start of the same conversation: "
@@ -264,6 +266,10 @@ class SessionsConfig(_Checked):
         minimum=1, metavar="SECONDS")
     cookie_secure: bool = _field(
         False, "mark the session cookie Secure (behind HTTPS)", group=SESSIONS)
+    max_pending_turns: int = _field(
+        1000, "with a redis:// store: turns kept in memory while Redis cannot be reached, "
+        "written when it answers again (each is one session's history: up to ~20 KB at n-ctx "
+        "4096); past it a turn is logged as lost", group=SESSIONS, minimum=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()

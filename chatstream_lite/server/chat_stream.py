@@ -323,7 +323,8 @@ def open_session_store(sessions: SessionsConfig, given: Redis | SessionStore | N
                              f"the redis package ({error.name} is missing): pip install "
                              "'chatstream_lite[redis]'") from None
         return RedisSessionStore(sessions.session_store if given is None else given,
-                                 idle_ttl=sessions.session_idle_ttl, secure=secure)
+                                 idle_ttl=sessions.session_idle_ttl, secure=secure,
+                                 max_pending_turns=sessions.max_pending_turns)
     return cast("SessionStore", given)     # neither a URL nor a Redis client
 
 

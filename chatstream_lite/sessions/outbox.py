@@ -39,6 +39,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from ..config import DEFAULTS
 from ..errors import SessionStoreUnavailable
 
 __all__ = ["DEFAULT_MAX_PENDING_TURNS", "LOST_REASONS", "RETRY_INTERVAL", "Outbox",
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # Turns kept at most. One is a session's whole history (up to ~20 KB at n_ctx 4096, README
 # "Scale-out"), so the default bounds the outbox near 20 MB however long the store is away.
-DEFAULT_MAX_PENDING_TURNS = 1000
+DEFAULT_MAX_PENDING_TURNS = DEFAULTS.sessions.max_pending_turns
 # Seconds between tries while anything is owed: a store that is back is noticed within this,
 # and a session another replica waits for is freed within it (issue 28: "a second or two").
 RETRY_INTERVAL = 0.25
