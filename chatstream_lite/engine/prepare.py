@@ -37,7 +37,8 @@ from ..errors import (
 from .job import PlainPrompt, Prompt, PromptInput
 from .template import ChatTemplate, Conversation, Data, Layout, Message, Part, message_chars
 
-__all__ = ["MAX_FIT_ROUNDS", "check_limits", "prepare", "prepare_plain", "Tokenizer"]
+__all__ = ["MAX_FIT_ROUNDS", "check_limits", "check_message_count", "prepare", "prepare_plain",
+           "Tokenizer"]
 
 # How many times fitting may re-render after its estimate: a template whose text between
 # messages depends on what is dropped can need one more turn dropped; never more than this.
@@ -50,6 +51,13 @@ class Tokenizer(Protocol):
     def tokenize(self, text: str, *, special: bool) -> list[int]: ...
 
 
+def check_message_count(count: int, max_messages: int) -> None:
+    """Refuse more than `max_messages` messages; a protocol calls it before validating any."""
+    if count > max_messages:
+        raise BadRequest(f"Too many messages: {count}; this server takes at most "
+                         f"{max_messages} per request (max_messages).", param="messages")
+
+
 def check_limits(messages: PromptInput, *, max_messages: int, max_chars: int) -> None:
     """Refuse what is too big to look at, before any rendering or tokenizing."""
     if isinstance(messages, PlainPrompt):
@@ -57,9 +65,7 @@ def check_limits(messages: PromptInput, *, max_messages: int, max_chars: int) ->
             raise PayloadTooLarge(f"The prompt holds {len(messages.text)} characters; this "
                                   f"server takes at most {max_chars} (max_input_chars).")
         return
-    if len(messages) > max_messages:
-        raise BadRequest(f"Too many messages: {len(messages)}; this server takes at most "
-                         f"{max_messages} per request (max_messages).", param="messages")
+    check_message_count(len(messages), max_messages)
     total = sum(message_chars(m) for m in messages)
     if isinstance(messages, Conversation):
         total += sum(len(json.dumps(t, ensure_ascii=False)) for t in messages.tools)

@@ -21,6 +21,7 @@ from typing import Any, Literal, cast
 from pydantic import ConfigDict, Field, field_validator
 
 from ...engine import Message, ModelInfo, PlainPrompt, PromptInput, SamplingParams
+from ...engine.prepare import check_message_count
 from ...engine.template import Role
 from ...errors import BadRequest
 from ..chat_request import parse_json_object
@@ -289,11 +290,16 @@ class TextCompletionRequest(_Common):
 
 def parse_completion_request(body: bytes, defaults: SamplingParams,
                              system_prompt: str | None = None,
-                             model: ModelInfo | None = None) -> CompletionRequest:
+                             model: ModelInfo | None = None,
+                             max_messages: int | None = None) -> CompletionRequest:
     """Check a `/v1/chat/completions` body; every problem is a `BadRequest` naming its param.
-    `model` bounds the token ids of `logit_bias` and turns a JSON Schema into a grammar."""
+    `model` bounds the token ids of `logit_bias` and turns a JSON Schema into a grammar;
+    more than `max_messages` messages are refused before any of them is validated."""
     data = parse_json_object(body)
     _known(data, ChatCompletionRequest, {})
+    messages = data.get("messages")
+    if max_messages is not None and isinstance(messages, list):
+        check_message_count(len(messages), max_messages)   # before validating 20,000 of them
     if "prompt" in data:
         raise BadRequest("Unsupported parameter: 'prompt'.", param="prompt")
     request = validate(ChatCompletionRequest, data)

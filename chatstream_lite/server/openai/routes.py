@@ -96,7 +96,8 @@ class OpenAIAPI:
             # Off the loop whatever the size: `response_format` and `tools` build grammars.
             completion = await parse_off_loop(
                 parse_completion_request, body, runtime.defaults,
-                runtime.config.generation.system_prompt, runtime.require_model(), always=True)
+                runtime.config.generation.system_prompt, runtime.require_model(),
+                runtime.config.limits.max_messages, always=True)
             served = self.served_model()
             # The client owns the history: what does not fit is refused, never cut silently.
             job = runtime.submit(completion.messages, completion.params, drop_oldest=False)
