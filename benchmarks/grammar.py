@@ -83,7 +83,18 @@ async def one_stream(session: aiohttp.ClientSession, url: str, tokens: int,
     return count, (count - 1) / (end - first) if count > 1 else 0.0, whole
 
 
+def _kinds(story: str) -> list[tuple[str, dict[str, Any], str]]:
+    """Each kind of request under each grammar engine (free text once)."""
+    kinds: list[tuple[str, dict[str, Any], str]] = []
+    for name, extra in formats(story).items():
+        for engine in ENGINES if extra else ENGINES[:1]:
+            kinds.append((f"{name}, {engine}" if extra else name, extra, engine))
+    return kinds
+
+
 async def measure(tokens: int, runs: int, clients: int, story: str) -> dict[str, Any]:
+    from chatstream_lite.engine.llama import grammar as grammar_module
+
     chat_stream = ChatStream(default_model_path(), n_ctx=2048, max_new_tokens=tokens,
                              num_of_concurrent_executions=clients, max_queue_size=clients)
     runner = web.AppRunner(create_app(chat_stream))
@@ -95,9 +106,12 @@ async def measure(tokens: int, runs: int, clients: int, story: str) -> dict[str,
     results: dict[str, Any] = {}
     try:
         async with aiohttp.ClientSession() as session:
-            await one_stream(session, url, 4, {})                          # warm-up
+            for _, extra, engine in _kinds(story):      # warm-up (llguidance's tokenizer)
+                grammar_module.ENGINE = engine
+                await one_stream(session, url, 4, extra)
             for _ in range(runs):      # alternate, so that drift hits all alike
-                for name, extra in formats(story).items():
+                for name, extra, engine in _kinds(story):
+                    grammar_module.ENGINE = engine
                     entry = results.setdefault(name, {"alone": [], "alone_end_to_end": [],
                                                       "per_stream": [], "aggregate": [],
                                                       "tokens": []})
@@ -117,72 +131,252 @@ async def measure(tokens: int, runs: int, clients: int, story: str) -> dict[str,
 
 
 AMBIGUOUS_PATTERNS = ("^(.?){24}$", "^(.|..){30}$", "^(.?){60}$")
+ENGINES = ("llama", "llguidance")
 
 
-def sampler_cost(tokens: int) -> dict[str, Any]:
-    """Milliseconds per token spent in the sampler chain (grammar included) and in
-    `llama_decode`, one sequence, no HTTP: the grammar's own cost, apart from the machine's
-    decode speed and from other load (both are timed in the same loop)."""
+def schema_cases() -> list[tuple[str, Any]]:
+    """(name, what makes its grammar): a JSON Schema text, or a forced tool call's request."""
+    from chatstream_lite.server.openai.tool_formats import Tool, ToolRequest
+
+    cases: list[tuple[str, Any]] = []
+    for story_name, story in STORIES.items():
+        schema = {"type": "object", "required": ["story"], "additionalProperties": False,
+                  "properties": {"story": story}}
+        cases.append((f"json_schema ({story_name})", json.dumps(schema)))
+        # The generic tool format's grammar for a forced call of one tool (the prompt
+        # stays the plain one, so the model's first picks are refused more often than
+        # with the tool-describing system turn a real request has).
+        cases.append((f"forced tool call ({story_name})",
+                      ToolRequest((Tool("tell_story", schema),), "required", "tell_story")))
+    # Patterns llama.cpp's grammar engine could read in many ways at once (before
+    # pattern.py, one sampling step under these took 0.6 s, 44 s and over 5 minutes).
+    for pattern in AMBIGUOUS_PATTERNS:
+        cases.append((f"pattern {pattern}", json.dumps({"type": "string", "pattern": pattern})))
+    return cases
+
+
+def make_grammar(engine: str, source: Any) -> str:
+    """The grammar `source` asks for, made by `engine`'s path (as a request worker makes it)."""
+    from chatstream_lite.engine.llama import grammar as grammar_module
+    from chatstream_lite.server.openai.tool_formats import ToolFormat
+
+    grammar_module.ENGINE = engine
+    if isinstance(source, str):
+        return grammar_module.json_grammar(source)
+    made = ToolFormat().grammar(source, grammar_module.json_grammar)
+    assert made is not None
+    return made
+
+
+def forget_grammars() -> None:
+    """Empty both engines' caches of compiled schemas: the next compile is cold."""
+    from chatstream_lite.engine.llama import grammar as grammar_module
+    from chatstream_lite.engine.llama import guidance
+
+    grammar_module._recent.clear()
+    guidance._recent.clear()
+
+
+def sampler_cost(tokens: int, rounds: int) -> dict[str, Any]:
+    """Per engine and case: milliseconds per token spent in the sampler chain (grammar
+    included) and in `llama_decode`, one sequence, no HTTP (the grammar's own cost, apart
+    from the machine's decode speed and other load: both are timed in the same loop); and
+    what making the grammar costs a request worker, cold and from the cache, and building
+    the sequence's grammar sampler costs the engine thread. The engines alternate within
+    each round."""
     from chatstream_lite.engine import SamplingParams
-    from chatstream_lite.engine.llama.grammar import json_grammar
+    from chatstream_lite.engine.llama import guidance
     from chatstream_lite.engine.llama.model import Model
     from chatstream_lite.engine.llama.sampler import SamplerChain
-    from chatstream_lite.server.openai.tool_formats import Tool, ToolFormat, ToolRequest
 
     model = Model.load(default_model_path(), n_ctx=1024, n_batch=512, n_seq=1, n_gpu_layers=0,
                        n_threads=len(__import__("os").sched_getaffinity(0)), verbose=False)
     prompt = model.vocabulary.tokenize(
         "<|im_start|>user\n" + MESSAGES[0]["content"] + "<|im_end|>\n<|im_start|>assistant\n",
         special=True)
-    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    guidance.tokenizer_for(model.vocab)
+    results: dict[str, Any] = {"tokenizer_s": time.perf_counter() - start}
     try:
-        cases: list[tuple[str, str | None]] = [("free text", None)]
-        for story_name, story in STORIES.items():
-            schema = {"type": "object", "required": ["story"], "additionalProperties": False,
-                      "properties": {"story": story}}
-            cases.append((f"json_schema ({story_name})", json_grammar(json.dumps(schema))))
-            # The generic tool format's grammar for a forced call of one tool (the prompt
-            # stays the plain one, so the model's first picks are refused more often than
-            # with the tool-describing system turn a real request has).
-            forced = ToolRequest((Tool("tell_story", schema),), "required", "tell_story")
-            cases.append((f"forced tool call ({story_name})",
-                          ToolFormat().grammar(forced, json_grammar)))
-        # Patterns llama.cpp's grammar engine could read in many ways at once (before
-        # pattern.py, one sampling step under these took 0.6 s, 44 s and over 5 minutes).
-        for pattern in AMBIGUOUS_PATTERNS:
-            cases.append((f"pattern {pattern}", json_grammar(json.dumps(
-                {"type": "string", "pattern": pattern}))))
-        for name, grammar in cases:
-            chain = SamplerChain(SamplingParams(temperature=0.0, repeat_penalty=1.0,
-                                                grammar=grammar), model.n_vocab, model.vocab)
-            model.forget(0)
-            model.batch.clear()
-            for pos, token in enumerate(prompt):
-                model.batch.add(token, pos, 0, pos == len(prompt) - 1)
-            assert model.decode() == 0
-            sampling = decoding = worst = 0.0
-            row, count = model.batch.size - 1, 0
-            for pos in range(len(prompt), len(prompt) + tokens):
-                start = time.perf_counter()
-                token = chain.sample(model.context, row)
-                worst = max(worst, time.perf_counter() - start)
-                sampling += time.perf_counter() - start
-                count += 1
-                if model.is_end_of_generation(token):
-                    break
-                model.batch.clear()
-                row = model.batch.add(token, pos, 0, True)
-                start = time.perf_counter()
-                assert model.decode() == 0
-                decoding += time.perf_counter() - start
-            chain.close()
-            results[name] = {"tokens": count, "sample_ms": 1000 * sampling / count,
-                             "worst_sample_ms": 1000 * worst,
-                             "decode_ms": 1000 * decoding / max(1, count - 1),
-                             "refusals": chain.refusals}
+        cases = [("free text", None), *schema_cases()]
+        for _ in range(rounds):
+            for name, source in cases:
+                for engine in ENGINES if source is not None else ENGINES[:1]:
+                    entry = results.setdefault(engine, {}).setdefault(name, {
+                        "compile_cold_ms": [], "compile_cached_ms": [], "setup_ms": [],
+                        "sample_ms": [], "worst_sample_ms": [], "decode_ms": [],
+                        "tokens": [], "refusals": []})
+                    grammar = None
+                    if source is not None:
+                        forget_grammars()
+                        begin = time.perf_counter()
+                        grammar = make_grammar(engine, source)
+                        entry["compile_cold_ms"].append(1000 * (time.perf_counter() - begin))
+                        begin = time.perf_counter()
+                        make_grammar(engine, source)
+                        entry["compile_cached_ms"].append(1000 * (time.perf_counter() - begin))
+                    begin = time.perf_counter()
+                    chain = SamplerChain(SamplingParams(temperature=0.0, repeat_penalty=1.0,
+                                                        grammar=grammar),
+                                         model.n_vocab, model.vocab)
+                    entry["setup_ms"].append(1000 * (time.perf_counter() - begin))
+                    _generate(model, prompt, chain, tokens, entry)
+                    chain.close()
     finally:
         model.close()
     return results
+
+
+def _generate(model: Any, prompt: list[int], chain: Any, tokens: int,
+              entry: dict[str, list[float]]) -> None:
+    model.forget(0)
+    model.batch.clear()
+    for pos, token in enumerate(prompt):
+        model.batch.add(token, pos, 0, pos == len(prompt) - 1)
+    assert model.decode() == 0
+    sampling = decoding = worst = 0.0
+    row, count = model.batch.size - 1, 0
+    for pos in range(len(prompt), len(prompt) + tokens):
+        start = time.perf_counter()
+        token = chain.sample(model.context, row)
+        worst = max(worst, time.perf_counter() - start)
+        sampling += time.perf_counter() - start
+        count += 1
+        if model.is_end_of_generation(token):
+            break
+        model.batch.clear()
+        row = model.batch.add(token, pos, 0, True)
+        start = time.perf_counter()
+        assert model.decode() == 0
+        decoding += time.perf_counter() - start
+    entry["tokens"].append(count)
+    entry["sample_ms"].append(1000 * sampling / count)
+    entry["worst_sample_ms"].append(1000 * worst)
+    entry["decode_ms"].append(1000 * decoding / max(1, count - 1))
+    entry["refusals"].append(chain.refusals)
+
+
+def sampler_table(costs: dict[str, Any]) -> str:
+    rows = ["| request | engine | tokens | refusals | sampler ms/token | worst sample ms | "
+            "llama_decode ms/token | grammar compile ms, cold | cached | sampler setup ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    names = list(costs["llama"])
+    for name in names:
+        for engine in ENGINES:
+            c = costs.get(engine, {}).get(name)
+            if c is None:
+                continue
+            med = {k: statistics.median(v) if v else float("nan") for k, v in c.items()}
+            rows.append(f"| {name} | {engine if name != 'free text' else '-'} | "
+                        f"{int(med['tokens'])} | {int(med['refusals'])} | "
+                        f"{med['sample_ms']:.2f} | {med['worst_sample_ms']:.1f} | "
+                        f"{med['decode_ms']:.2f} | {med['compile_cold_ms']:.1f} | "
+                        f"{med['compile_cached_ms']:.2f} | {med['setup_ms']:.1f} |")
+    return "\n".join(rows)
+
+
+def draw_schemas(count: int) -> list[Any]:
+    """`count` schemas of the schema fuzz test's strategy (tests/test_fuzz.py `schemas`), one
+    fixed draw: both engines get the same list."""
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.test_fuzz import schemas
+
+    drawn: list[Any] = []
+
+    @settings(max_examples=count, deadline=None, suppress_health_check=list(HealthCheck),
+              database=None, derandomize=True)
+    @given(schema=schemas)
+    def collect(schema: Any) -> None:
+        drawn.append(schema)
+
+    collect()
+    return drawn
+
+
+async def fuzz(count: int) -> dict[str, Any]:
+    """The schema fuzz test's property, schema by schema, under each engine (alternating):
+    a 200 or a 400, never a 5xx or a stall; a reply that stops validates; one cut by
+    max_tokens is the start of a JSON value. Counts of each outcome, and request times."""
+    import jsonschema
+
+    from chatstream_lite.engine.llama import grammar as grammar_module
+    from tests.conftest import json_prefix
+    from tests.test_fuzz import SCHEMA_NEW_TOKENS, SCHEMA_STALL
+
+    drawn = draw_schemas(count)
+    chat_stream = ChatStream(default_model_path(), n_ctx=512, max_new_tokens=SCHEMA_NEW_TOKENS)
+    runner = web.AppRunner(create_app(chat_stream))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}/v1/chat/completions"
+    results: dict[str, Any] = {e: {"outcomes": {}, "seconds": [], "failures": []}
+                               for e in ENGINES}
+    timeout = aiohttp.ClientTimeout(total=SCHEMA_STALL)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for schema in drawn:
+                for engine in ENGINES:
+                    grammar_module.ENGINE = engine
+                    entry = results[engine]
+                    body = {"messages": [{"role": "user", "content": "Answer in JSON."}],
+                            "temperature": 0, "response_format": {
+                                "type": "json_schema",
+                                "json_schema": {"name": "x", "schema": schema}}}
+                    start = time.monotonic()
+                    try:
+                        async with session.post(url, json=body) as response:
+                            status, payload = response.status, await response.text()
+                    except asyncio.TimeoutError:
+                        status, payload = 0, ""
+                    entry["seconds"].append(time.monotonic() - start)
+                    outcome = _outcome(status, payload, schema, json_prefix, jsonschema)
+                    entry["outcomes"][outcome] = entry["outcomes"].get(outcome, 0) + 1
+                    if outcome not in ("rejected", "stop, valid", "length, a JSON prefix"):
+                        entry["failures"].append({"schema": schema, "outcome": outcome,
+                                                  "reply": payload[:300]})
+    finally:
+        await runner.cleanup()
+    for entry in results.values():
+        entry["passed"] = count - len(entry["failures"])
+    return {"schemas": count, "engines": results}
+
+
+def fuzz_table(outcome: dict[str, Any]) -> str:
+    rows = ["| engine | property held | outcomes | request s, median | worst |",
+            "|---|---:|---|---:|---:|"]
+    for engine, entry in outcome["engines"].items():
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(entry["outcomes"].items()))
+        rows.append(f"| {engine} | {entry['passed']}/{outcome['schemas']} | {kinds} | "
+                    f"{statistics.median(entry['seconds']):.2f} | "
+                    f"{max(entry['seconds']):.1f} |")
+    return "\n".join(rows)
+
+
+def _outcome(status: int, payload: str, schema: Any, json_prefix: Any, jsonschema: Any) -> str:
+    if status == 0:
+        return "stall"
+    if status == 400:
+        return "rejected"
+    if status != 200:
+        return f"status {status}"
+    choice = json.loads(payload)["choices"][0]
+    content = choice["message"]["content"] or ""
+    if choice["finish_reason"] == "stop":
+        try:
+            jsonschema.validate(json.loads(content), schema)
+        except ValueError:
+            return "stop, not JSON"
+        except jsonschema.ValidationError:
+            return "stop, invalid"
+        except jsonschema.SchemaError:
+            return "stop, a schema jsonschema refuses"
+        return "stop, valid"
+    if choice["finish_reason"] == "length":
+        return "length, a JSON prefix" if json_prefix(content) else "length, not JSON"
+    return f"finish {choice['finish_reason']}"
 
 
 def table(results: dict[str, Any], clients: int) -> str:
@@ -208,16 +402,35 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the raw figures here")
     parser.add_argument("--sampler-only", action="store_true",
                         help="time the sampler chain against llama_decode, in-process")
+    parser.add_argument("--fuzz", type=int, default=0, metavar="N",
+                        help="the schema fuzz test's property on N drawn schemas, per engine")
+    parser.add_argument("--compare", action="store_true",
+                        help="all of it in one run, both engines: --sampler-only, the HTTP "
+                             "rates (--story) and --fuzz (120 schemas unless given)")
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
     origin = provenance(argv, "benchmarks.grammar")
+    if args.compare:
+        costs = sampler_cost(args.tokens, args.runs)
+        print(sampler_table(costs))
+        rates = asyncio.run(measure(args.tokens, args.runs, args.clients, args.story))
+        print(table(rates, args.clients))
+        outcome = asyncio.run(fuzz(args.fuzz or 120))
+        print(fuzz_table(outcome))
+        if args.out is not None:
+            args.out.write_text(json.dumps({"provenance": origin, "costs": costs,
+                                            "results": rates, "fuzz": outcome},
+                                           indent=1) + "\n")
+        return
+    if args.fuzz:
+        outcome = asyncio.run(fuzz(args.fuzz))
+        print(fuzz_table(outcome))
+        if args.out is not None:
+            args.out.write_text(json.dumps({"provenance": origin, **outcome}, indent=1) + "\n")
+        return
     if args.sampler_only:
-        costs = sampler_cost(args.tokens)
-        print("| request | tokens | grammar refusals | sampler ms/token | worst sample ms |"
-              " llama_decode ms/token |\n|---|---:|---:|---:|---:|---:|")
-        for name, c in costs.items():
-            print(f"| {name} | {c['tokens']} | {c['refusals']} | {c['sample_ms']:.2f} | "
-                  f"{c['worst_sample_ms']:.1f} | {c['decode_ms']:.2f} |")
+        costs = sampler_cost(args.tokens, args.runs)
+        print(sampler_table(costs))
         if args.out is not None:
             args.out.write_text(json.dumps({"provenance": origin, "costs": costs},
                                            indent=1) + "\n")

@@ -17,6 +17,13 @@ grammar_module = pytest.importorskip("chatstream_lite.engine.llama.grammar")
 json_grammar, MAX_REPETITION = grammar_module.json_grammar, grammar_module.MAX_REPETITION
 
 
+@pytest.fixture(autouse=True)
+def llama_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These bounds are those of llama.cpp's grammar path (kept for comparison until it is
+    deleted: benchmarks/RESULTS.md, "llama.cpp's grammar engine against llguidance")."""
+    monkeypatch.setattr(grammar_module, "ENGINE", "llama")
+
+
 @pytest.mark.parametrize("schema", [
     {"type": "string", "maxLength": 10**12},
     {"type": "string", "minLength": 10**12},

@@ -34,6 +34,14 @@ PROMPT = ("<|im_start|>user\nDescribe a person as JSON with a name and an age."
           "<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.fixture(autouse=True)
+def llama_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's grammar path (llguidance's: tests/test_grammar_llguidance.py)."""
+    from chatstream_lite.engine.llama import grammar
+
+    monkeypatch.setattr(grammar, "ENGINE", "llama")
+
+
 @pytest.fixture(scope="module")
 def model(model_path: str) -> Iterator[Model]:
     # This test's thread owns the model, as the engine thread does in the server.

@@ -122,8 +122,12 @@ def test_what_cannot_be_held_is_refused_with_its_reason(pattern: str, why: str) 
 
 
 @pytest.mark.model
-def test_quotes_backslashes_and_newlines_are_written_as_their_json_escapes() -> None:
-    from chatstream_lite.engine.llama.grammar import json_grammar  # imports llama_cpp
+def test_quotes_backslashes_and_newlines_are_written_as_their_json_escapes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatstream_lite.engine.llama import grammar  # imports llama_cpp
+    from chatstream_lite.engine.llama.grammar import json_grammar
+
+    monkeypatch.setattr(grammar, "ENGINE", "llama")
 
     grammar = json_grammar(json.dumps({"type": "string", "pattern": '^a"\\\\\\n$'}))
     rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines())

@@ -28,6 +28,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    # llama.cpp's samplers OpenAI has no name for (llama-server's `min_p`, `typical_p`,
+    # `repeat_last_n`), at llama-cpp-python's defaults: with temperature 0 they do not matter.
+    min_p: float = 0.05
+    typical_p: float = 1.0           # 1.0 switches the typical sampler off
+    repeat_last_n: int = 64          # tokens the penalties look back at (0: none)
     # A GBNF grammar the reply must follow (`ModelInfo.json_grammar` makes one from a JSON
     # Schema); it is this sequence's alone, so the others in its batch are unaffected.
     grammar: str | None = None

@@ -13,6 +13,7 @@ the engine thread. The grammar sampler itself is built per sequence (sampler.py)
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -21,12 +22,13 @@ from typing import Any, TypeGuard
 import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter
 
+from .guidance import gbnf_grammar, lark_grammar, schema_grammar
 from .pattern import Budget, pattern_rules
 
-__all__ = ["ANY_CHAR", "BOUNDS", "COUNT_KEYWORDS", "EMPTY_RULE", "JSON_CHAR", "JSON_EXCLUDED",
-           "LITERAL_ESCAPE", "LITERAL_ESCAPES", "LITERAL_OR_CLASS", "MAX_GRAMMAR_CHARS",
-           "MAX_GRAMMAR_DEPTH", "MAX_REPETITION", "PARENS", "RECENT_SCHEMAS",
-           "RULE_NAME", "json_grammar"]
+__all__ = ["ANY_CHAR", "BOUNDS", "COUNT_KEYWORDS", "EMPTY_RULE", "ENGINE", "JSON_CHAR",
+           "JSON_EXCLUDED", "LITERAL_ESCAPE", "LITERAL_ESCAPES", "LITERAL_OR_CLASS",
+           "MAX_GRAMMAR_CHARS", "MAX_GRAMMAR_DEPTH", "MAX_REPETITION", "PARENS",
+           "RECENT_SCHEMAS", "RULE_NAME", "Grammars", "json_grammar"]
 
 # llama.cpp parses a grammar recursively, one level per parenthesis, and the converter nests
 # one level per repetition (`maxLength: 100000` nests 100,000 deep): a deep enough grammar
@@ -56,11 +58,50 @@ _recent: OrderedDict[str, str | ValueError] = OrderedDict()
 _recent_lock = threading.Lock()     # json_grammar runs in the request workers' threads
 JSON_EXCLUDED = r'"\\\x7F\x00-\x1F'           # what a JSON string never holds raw
 JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+# Which engine holds replies to a grammar: "llama" (llama.cpp's GBNF sampler, with the
+# conversion and bounds below) or "llguidance" (guidance.py); read at each call, so that
+# benchmarks.grammar can measure both in one process.
+ENGINE = os.environ.get("CHATSTREAM_GRAMMAR_ENGINE", "llama")
 
 
-def json_grammar(schema: str | None) -> str:
-    """GBNF that accepts exactly the JSON text `schema` (a JSON Schema, as text) allows, or
-    any JSON object when it is None. A schema it cannot convert raises `ValueError`.
+class Grammars:
+    """What `ModelInfo.json_grammar` is: called with JSON Schema text (None: any JSON object)
+    it returns the grammar that holds a reply to it; `gbnf` and `lark` take grammar text a
+    request sends. Each raises `ValueError` for what it cannot take (the request's 400).
+    The grammar is in the language of ENGINE's sampler."""
+
+    @property
+    def language(self) -> str:
+        """"llguidance" or "gbnf": what the grammars made here are written in."""
+        return "llguidance" if ENGINE == "llguidance" else "gbnf"
+
+    def __call__(self, schema: str | None) -> str:
+        if ENGINE == "llguidance":
+            return schema_grammar(schema)
+        return _remembered_gbnf(schema)
+
+    def gbnf(self, text: str) -> str:
+        """llama.cpp's GBNF (llama-server's `grammar`), its root rule `root`."""
+        if ENGINE == "llguidance":
+            return gbnf_grammar(text)
+        if len(text) > MAX_GRAMMAR_CHARS or _depth(text) > MAX_GRAMMAR_DEPTH:
+            raise ValueError("the grammar is too large or nests too deeply")
+        _check_parses(text)
+        return text
+
+    def lark(self, text: str) -> str:
+        """llguidance's Lark (tool formats' lazy grammars); only under llguidance."""
+        if ENGINE != "llguidance":
+            raise ValueError("Lark grammars need the llguidance engine")
+        return lark_grammar(text)
+
+
+json_grammar = Grammars()
+
+
+def _remembered_gbnf(schema: str | None) -> str:
+    """GBNF that accepts exactly the JSON text `schema` allows, or any JSON object when it
+    is None.
 
     The last schemas asked for are remembered, refusals included: agents send the same
     tools with every request, and a hostile client the same costly schema."""

@@ -30,14 +30,9 @@ from llama_cpp import _internals
 
 from ...errors import SchemaUnsatisfiable
 from ..sampling import SamplingParams
+from .guidance import Guide, is_guidance
 
-__all__ = ["MIN_P", "PENALTY_LAST_N", "TYPICAL_P", "SamplerChain", "token_logprobs"]
-
-# llama-cpp-python's defaults for what our API does not expose; kept equal so sampled output
-# is comparable with create_chat_completion (with temperature 0 they do not matter).
-MIN_P = 0.05
-TYPICAL_P = 1.0           # 1.0 switches the typical sampler off
-PENALTY_LAST_N = 64       # Llama(last_n_tokens_size=64): tokens the repeat penalty looks back at
+__all__ = ["SamplerChain", "token_logprobs"]
 
 
 class SamplerChain:
@@ -55,23 +50,31 @@ class SamplerChain:
         self._n_vocab = n_vocab
         self._grammar: llama_cpp.llama_sampler_p | None = None
         self.refusals = 0     # picks the grammar refused, each paid with a full-vocabulary pass
+        self._guide: Guide | None = None
         if params.grammar is not None:
             assert vocab is not None, "a grammar needs the model's vocabulary"
-            grammar = llama_cpp.llama_sampler_init_grammar(
-                vocab, params.grammar.encode("utf-8"), b"root")
-            if not grammar:
-                chain.close()
-                raise ValueError("llama.cpp could not parse the grammar")
-            self._grammar = grammar
+            if is_guidance(params.grammar):
+                try:
+                    self._guide = Guide(params.grammar, vocab, n_vocab)
+                except ValueError:
+                    chain.close()
+                    raise
+            else:
+                grammar = llama_cpp.llama_sampler_init_grammar(
+                    vocab, params.grammar.encode("utf-8"), b"root")
+                if not grammar:
+                    chain.close()
+                    raise ValueError("llama.cpp could not parse the grammar")
+                self._grammar = grammar
+                self._one = (llama_cpp.llama_token_data * 1)()
+                self._one_array = llama_cpp.llama_token_data_array(
+                    data=self._one, size=1, selected=-1, sorted=False)
             self._candidates = _internals.LlamaTokenDataArray(n_vocab=n_vocab)
-            self._one = (llama_cpp.llama_token_data * 1)()
-            self._one_array = llama_cpp.llama_token_data_array(
-                data=self._one, size=1, selected=-1, sorted=False)
         if params.logit_bias:
             # First, as llama.cpp's common sampler puts it: a bias of -100 bans a token
             # before any other sampler sees it.
             chain.add_logit_bias(n_vocab, dict(params.logit_bias))
-        chain.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N,
+        chain.add_penalties(n_vocab=n_vocab, penalty_last_n=params.repeat_last_n,
                             penalty_repeat=params.repeat_penalty,
                             penalty_freq=params.frequency_penalty,
                             penalty_present=params.presence_penalty)
@@ -87,9 +90,9 @@ class SamplerChain:
             chain.add_greedy()
         else:
             chain.add_top_k(params.top_k)
-            chain.add_typical(TYPICAL_P, 1)
+            chain.add_typical(params.typical_p, 1)
             chain.add_top_p(params.top_p, 1)
-            chain.add_min_p(MIN_P, 1)
+            chain.add_min_p(params.min_p, 1)
             chain.add_temp(params.temperature)
             chain.add_dist(seed)
 
@@ -100,13 +103,12 @@ class SamplerChain:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx, index),
                                            shape=(self._n_vocab,))
             return int(logits.argmax())
-        if self._grammar is None:
+        if self._grammar is None and self._guide is None:
             return self._chain.sample(context, index)
         return self._sample_with_grammar(context, index)
 
     def _sample_with_grammar(self, context: _internals.LlamaContext, index: int) -> int:
-        grammar, chain = self._grammar, self._chain.sampler
-        assert grammar is not None
+        chain = self._chain.sampler
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx, index),
                                        shape=(self._n_vocab,))
         candidates = self._candidates
@@ -117,7 +119,7 @@ class SamplerChain:
         if not self._allows(token):
             self.refusals += 1
             candidates.copy_logits(logits)
-            llama_cpp.llama_sampler_apply(grammar, everything)
+            self._restrict(candidates)
             llama_cpp.llama_sampler_apply(chain, everything)
             token = int(candidates.candidates_data.id[candidates.candidates.selected])
             if not self._allows(token):
@@ -126,12 +128,26 @@ class SamplerChain:
                 raise SchemaUnsatisfiable(
                     "The reply's JSON Schema (response_format, or a tool's parameters) "
                     "cannot be met: the reply reached a point where it allows nothing more.")
-        llama_cpp.llama_sampler_accept(grammar, token)
+        if self._guide is not None:
+            self._guide.accept(token)
+        else:
+            assert self._grammar is not None
+            llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(chain, token)
         return token
 
+    def _restrict(self, candidates: _internals.LlamaTokenDataArray) -> None:
+        """Every token the grammar does not allow now gets a logit of -inf."""
+        if self._guide is not None:
+            candidates.candidates_data.logit[~self._guide.allowed()] = -np.inf
+        else:
+            assert self._grammar is not None
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(candidates.candidates))
+
     def _allows(self, token: int) -> bool:
         """Whether the grammar, in its present state, lets `token` come next."""
+        if self._guide is not None:
+            return self._guide.allows(token)
         self._one[0] = llama_cpp.llama_token_data(token, 1.0, 0.0)
         self._one_array.size, self._one_array.selected = 1, -1
         assert self._grammar is not None

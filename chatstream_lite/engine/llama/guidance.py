@@ -1,0 +1,265 @@
+"""Constrained decoding on llguidance: grammars compiled under work bounds, off the engine
+thread, and one matcher per sequence.
+
+    >>> grammar = schema_grammar('{"type": "object"}')     # llguidance's grammar text
+    >>> grammar = lark_grammar('start: "yes" | "no"')      # or GBNF: gbnf_grammar(text)
+    >>> matcher = new_matcher(grammar, vocab)               # engine thread: this sequence's
+
+A grammar here is llguidance's own serialized form (JSON text: `{"grammars": [...]}`), what
+`SamplingParams.grammar` carries. Making one checks it: a grammar llguidance cannot serve,
+or one past `LIMITS`, or one whose compilation outlasts `COMPILE_DEADLINE`, raises
+`ValueError` (the request's 400). The check builds the matcher itself when the model's
+tokenizer is known, and keeps it (`RECENT_GRAMMARS` of them): the engine thread then only
+copies it, never compiles. llguidance serves any context-free grammar (an Earley parser:
+left recursion and ambiguity are fine) and bounds each step's work by `LIMITS`, so no
+grammar can stall the engine; what a grammar costs is paid at compile time, here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING
+
+import llama_cpp
+import numpy as np
+from llguidance import LLMatcher, LLParserLimits, LLTokenizer
+from llguidance.gbnf_to_lark import gbnf_to_lark
+from llguidance.llamacpp import lltokenizer_from_vocab
+from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+__all__ = ["ANY_OBJECT", "COMPILE_DEADLINE", "JSON_OPTIONS", "LIMITS", "MAX_GRAMMAR_CHARS",
+           "RECENT_GRAMMARS", "Guide", "gbnf_grammar", "is_guidance", "lark_grammar",
+           "new_matcher", "schema_grammar", "tokenizer_for"]
+
+# llguidance's own defaults, except the grammar size (a 256 KiB request body could otherwise
+# ask for 500,000 symbols) and the error texts, which would echo grammar internals back.
+LIMITS = LLParserLimits(max_grammar_size=200_000, verbose_errors=False)
+# Compiling a grammar (and building its lexer against 49,152 tokens) drops the GIL and is
+# bounded by LIMITS' fuel, but a huge alternation still takes seconds (40,000 alternatives:
+# 3.4 s). A request worker waits this long, then refuses the grammar as too costly.
+COMPILE_DEADLINE = 2.0
+MAX_GRAMMAR_CHARS = 256 * 1024       # grammar text (GBNF, Lark) a request may send
+RECENT_GRAMMARS = 64                 # compiled grammars (and refusals) remembered
+ANY_OBJECT = '{"type": "object"}'
+# JSON as the replies of llama.cpp's converter look (", " and ": "), with no free white space
+# between tokens: a small model left free to write white space can write only that, forever.
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ",
+                                    "key_separator": ": "}
+
+_compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")
+# (kind, text) -> (grammar, its matcher if compiled with a tokenizer), or why not
+_recent: OrderedDict[str, tuple[str, LLMatcher | None] | str] = OrderedDict()
+_matchers: OrderedDict[str, LLMatcher] = OrderedDict()       # grammar -> compiled matcher
+_lock = threading.Lock()
+_tokenizers: dict[int, LLTokenizer] = {}     # by the llama.cpp vocabulary's address
+_tokenizer: LLTokenizer | None = None        # the last model's, for compiling ahead
+
+
+def is_guidance(grammar: str) -> bool:
+    """Whether `grammar` is llguidance's (JSON text) rather than GBNF (rules)."""
+    return grammar.startswith("{")
+
+
+def schema_grammar(schema: str | None) -> str:
+    """The grammar of the JSON text `schema` (a JSON Schema, as text) allows; any JSON object
+    when None. Raises ValueError for a schema llguidance cannot hold."""
+    text = schema if schema is not None else ANY_OBJECT
+    return _compiled("json_schema", text, lambda: _from_schema(text))
+
+
+def lark_grammar(text: str) -> str:
+    """The grammar of a Lark text (llguidance's dialect). Raises ValueError."""
+    _check_size(text)
+    return _compiled("lark", text, lambda: LLMatcher.grammar_from_lark(text))
+
+
+def gbnf_grammar(text: str) -> str:
+    """The grammar of a GBNF text (llama.cpp's), converted to Lark. Raises ValueError."""
+    _check_size(text)
+    return _compiled("gbnf", text, lambda: LLMatcher.grammar_from_lark(_gbnf_to_lark(text)))
+
+
+def _check_size(text: str) -> None:
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise ValueError(f"the grammar is over {MAX_GRAMMAR_CHARS} characters")
+
+
+def _from_schema(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError("the schema is not JSON") from None
+    if not isinstance(value, (dict, bool)):
+        raise ValueError("a JSON Schema is an object (or true/false)")
+    try:
+        grammar: str = LLMatcher.grammar_from_json_schema(json.dumps(value),
+                                                          defaults=JSON_OPTIONS)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(str(error) or "the schema cannot be compiled") from None
+    return grammar
+
+
+def _gbnf_to_lark(text: str) -> str:
+    try:
+        lark: str = gbnf_to_lark(text)
+    except RecursionError:            # the converter recurses once per nesting level
+        raise ValueError("the grammar nests too deeply") from None
+    except Exception as error:  # noqa: BLE001 - the converter's ways of saying "cannot"
+        raise ValueError(f"the grammar does not parse: {error}") from None
+    return lark
+
+
+def _compiled(kind: str, text: str, make: Callable[[], str]) -> str:
+    """The grammar `make` makes of `text`, once llguidance has compiled it within LIMITS,
+    all in a compile thread within COMPILE_DEADLINE; the last ones (refusals too) are
+    remembered, and so is the compiled matcher, for the engine thread. Raises ValueError."""
+    key = f"{kind}\n{text}"
+    with _lock:
+        known = _recent.get(key)
+        if known is not None:
+            _recent.move_to_end(key)
+    if known is None:
+        future = _compiler.submit(_make_and_compile, make, _tokenizer)
+        try:
+            known = future.result(timeout=COMPILE_DEADLINE)
+        except FutureTimeout:
+            known = (f"the grammar takes over {COMPILE_DEADLINE:g} s to compile (too many "
+                     "alternatives or too large a schema)")
+        with _lock:
+            _recent[key] = known
+            while len(_recent) > RECENT_GRAMMARS:
+                _recent.popitem(last=False)
+    if isinstance(known, str):
+        raise ValueError(known)
+    grammar, matcher = known
+    if matcher is not None:
+        _keep(grammar, matcher)
+    return grammar
+
+
+def _make_and_compile(make: Callable[[], str], tokenizer: LLTokenizer | None
+                      ) -> tuple[str, LLMatcher | None] | str:
+    """(the grammar, its matcher) or the error text; with no tokenizer yet, the grammar is
+    only checked (the engine thread builds its first matcher itself)."""
+    try:
+        grammar = make()
+        if not grammar.startswith("{"):   # Lark text: in the JSON form, told from GBNF by it
+            grammar = json.dumps({"grammars": [{"lark_grammar": grammar}]})
+        grammar.encode("utf-8")
+    except UnicodeEncodeError:                  # a lone surrogate in a literal
+        return "the grammar holds text that is not valid Unicode"
+    except ValueError as error:
+        return str(error)
+    if tokenizer is None:
+        refusal = LLMatcher.validate_grammar(grammar, None, limits=LIMITS)
+        return refusal if refusal else (grammar, None)
+    matcher = LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)
+    if matcher.is_error():
+        return matcher.get_error() or "the grammar cannot be compiled"
+    return grammar, matcher
+
+
+def _keep(grammar: str, matcher: LLMatcher) -> None:
+    """Keep `grammar`'s compiled matcher (never consumed: sequences take copies)."""
+    with _lock:
+        _matchers[grammar] = matcher
+        _matchers.move_to_end(grammar)
+        while len(_matchers) > RECENT_GRAMMARS:
+            _matchers.popitem(last=False)
+
+
+def tokenizer_for(vocab: llama_cpp.llama_vocab_p) -> LLTokenizer:
+    """llguidance's view of a llama.cpp vocabulary, built once per model (0.4 s for 49,152
+    tokens) and then used to compile grammars ahead, in the request workers."""
+    global _tokenizer
+    address = ctypes.cast(vocab, ctypes.c_void_p).value or 0
+    with _lock:
+        known = _tokenizers.get(address)
+    if known is None:
+        with warnings.catch_warnings():     # llguidance reads token attributes the old way
+            warnings.simplefilter("ignore", DeprecationWarning)
+            known = lltokenizer_from_vocab(vocab)
+        with _lock:
+            _tokenizers[address] = known
+    _tokenizer = known
+    return known
+
+
+def new_matcher(grammar: str, vocab: llama_cpp.llama_vocab_p) -> LLMatcher:
+    """A fresh matcher of `grammar` for one sequence: a copy of the compiled one (cheap), or
+    compiled here when none is kept. Raises ValueError for a grammar in error."""
+    tokenizer = tokenizer_for(vocab)
+    with _lock:
+        known = _matchers.get(grammar)
+    if known is not None:
+        return known.deep_copy()
+    matcher = LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)
+    if matcher.is_error():
+        raise ValueError(matcher.get_error() or "the grammar cannot be compiled")
+    _keep(grammar, matcher.deep_copy())
+    return matcher
+
+
+_ends: dict[int, NDArray[np.intc]] = {}
+
+
+def _end_tokens(vocab: llama_cpp.llama_vocab_p, n_vocab: int) -> NDArray[np.intc]:
+    """The vocabulary's end-of-generation tokens (found once per model: 49,152 calls)."""
+    address = ctypes.cast(vocab, ctypes.c_void_p).value or 0
+    known = _ends.get(address)
+    if known is None:
+        known = np.array([t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)],
+                         dtype=np.intc)
+        _ends[address] = known
+    return known
+
+
+class Guide:
+    """One sequence's grammar on llguidance, as the sampler uses a grammar: check one token
+    (microseconds), and on a refusal restrict the whole vocabulary (a token mask)."""
+
+    def __init__(self, grammar: str, vocab: llama_cpp.llama_vocab_p, n_vocab: int) -> None:
+        self._matcher = new_matcher(grammar, vocab)
+        self._vocab = vocab
+        self._n_vocab = n_vocab
+        words = (n_vocab + 31) // 32
+        self._mask: NDArray[np.int32] = np.zeros(words, dtype=np.int32)
+        self._eog = _end_tokens(vocab, n_vocab)
+
+    def allows(self, token: int) -> bool:
+        """Whether `token` may come next; an end-of-generation token ends the reply, which
+        the grammar allows only where it is complete."""
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            return bool(self._matcher.is_accepting())
+        return bool(self._matcher.validate_tokens([token]) == 1)
+
+    def allowed(self) -> NDArray[np.bool_]:
+        """Which tokens may come next (a bool per token)."""
+        mask = self._mask
+        self._matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+        bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:self._n_vocab]
+        allowed = bits.astype(bool)
+        if self._matcher.is_accepting():
+            allowed[self._eog] = True
+        else:
+            allowed[self._eog] = False
+        return allowed
+
+    def accept(self, token: int) -> None:
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            return                                  # the reply ends here
+        if not self._matcher.consume_token(token):
+            raise ValueError(self._matcher.get_error() or "the grammar refused a token")
+
+    def close(self) -> None:
+        pass
