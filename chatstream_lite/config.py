@@ -270,6 +270,10 @@ class SessionsConfig(_Checked):
         1000, "with a redis:// store: turns kept in memory while Redis cannot be reached, "
         "written when it answers again (each is one session's history: up to ~20 KB at n-ctx "
         "4096); past it a turn is logged as lost", group=SESSIONS, minimum=1)
+    response_ttl: int = _field(
+        30 * 24 * 3600, "seconds a stored /v1/responses response (store: true) is kept, for "
+        "previous_response_id and GET /v1/responses/ID; the 'memory' store also keeps at most "
+        "--max-sessions of them", group=SESSIONS, minimum=1, metavar="SECONDS")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -59,6 +59,7 @@ CHAT_STREAM_OPTIONS: list[tuple[str, str | None, str, str, Any]] = [
     ("--session-idle-ttl", "60", "60", "session_idle_ttl", 60),
     ("--cookie-secure", None, "1", "cookie_secure", True),
     ("--max-pending-turns", "50", "50", "max_pending_turns", 50),
+    ("--response-ttl", "600", "600", "response_ttl", 600),
     ("--shutdown-grace", "1.5", "1.5", "shutdown_grace", 1.5),
     ("--stall-timeout", "5", "5", "stall_timeout", 5.0),
     ("--body-timeout", "12", "12", "body_timeout", 12.0),

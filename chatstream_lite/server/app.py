@@ -5,7 +5,9 @@
     web.run_app(app)
 
 Routes: `POST /chat_stream`, `POST /clear_context` (ChatStream's API), `POST
-/v1/chat/completions` and `GET /v1/models` (OpenAI's), `GET /health` (200 while the engine
+/v1/chat/completions` and `GET /v1/models` (OpenAI's), `POST /v1/responses`, `GET`/`DELETE
+/v1/responses/{id}` and `GET /v1/responses/{id}/input_items` (OpenAI's Responses API),
+`GET /health` (200 while the engine
 serves, "degraded" without the session store), `GET /ready` (the strict view: 503 while any
 check fails), `GET /metrics`, and the browser chat UI at `GET /` (static files shipped in the
 package, no build step, no CDN).
@@ -28,6 +30,7 @@ from ..errors import ChatStreamError, HTTPProblem
 from .chat_stream import Callback, ChatStream
 from .openai import OpenAIAPI
 from .responses import error_response, openai_error_response
+from .responses_api import ResponsesAPI
 
 __all__ = ["CONTENT_SECURITY_POLICY", "OPENAI_PREFIX", "SECURITY_HEADERS", "STATIC_DIR",
            "create_app", "json_errors", "security_headers"]
@@ -103,6 +106,7 @@ def create_app(chat_stream: ChatStream, callback: Callback | None = None) -> web
     app.router.add_post("/clear_context", clear_context_endpoint)
     app.router.add_get("/history", history_endpoint)
     OpenAIAPI(chat_stream).add_routes(app, OPENAI_PREFIX)
+    ResponsesAPI(chat_stream).add_routes(app, OPENAI_PREFIX)   # stored in the session store
     app.router.add_get("/health", chat_stream.health.handle)
     app.router.add_get("/ready", chat_stream.health.handle_ready)
     app.router.add_get("/metrics", metrics_endpoint)

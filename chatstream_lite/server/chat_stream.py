@@ -38,7 +38,7 @@ from ..engine import Engine, SamplingParams
 from ..engine.mock import MockEngine
 from ..errors import ChatStreamError, SessionStoreUnavailable
 from ..prompt import ChatPrompt
-from ..sessions import MemorySessionStore, MemoryStorage, SessionStore
+from ..sessions import MemoryResponseStore, MemorySessionStore, MemoryStorage, SessionStore
 from .auth import ApiKey
 from .chat_request import parse_chat_request, parse_off_loop, read_body, require_json
 from .conversations import PROMPT_KEY, Conversations
@@ -313,7 +313,8 @@ def open_session_store(sessions: SessionsConfig, given: Redis | SessionStore | N
     if given is None and sessions.session_store == "memory":
         return MemorySessionStore(storage if storage is not None else MemoryStorage(
             max_sessions=sessions.max_sessions, idle_ttl=sessions.session_idle_ttl,
-            secure=secure))
+            secure=secure), MemoryResponseStore(max_responses=sessions.max_sessions,
+                                                ttl=sessions.response_ttl))
     if given is None or _is_redis_client(given):
         # Imported here, not above: a server on the memory store runs without redis.
         try:
@@ -324,7 +325,8 @@ def open_session_store(sessions: SessionsConfig, given: Redis | SessionStore | N
                              "'chatstream_lite[redis]'") from None
         return RedisSessionStore(sessions.session_store if given is None else given,
                                  idle_ttl=sessions.session_idle_ttl, secure=secure,
-                                 max_pending_turns=sessions.max_pending_turns)
+                                 max_pending_turns=sessions.max_pending_turns,
+                                 response_ttl=sessions.response_ttl)
     return cast("SessionStore", given)     # neither a URL nor a Redis client
 
 

@@ -3,6 +3,7 @@
     SessionStore              the protocol: an aiohttp-session storage + per-session locks
     MemorySessionStore        this process (memory.py): bounded, active sessions never evicted
     RedisSessionStore         Redis (redis.py): shared by every replica, cross-replica locks
+    ResponseStore             stored responses of /v1/responses beside them (responses.py)
 
 A new store implements `SessionStore` (see `redis.py` for a complete one). `RedisSessionStore`
 is imported on first use, so that the memory store runs where redis is not installed.
@@ -27,6 +28,7 @@ from .memory import (
     ensure_identity,
     new_session_id,
 )
+from .responses import MemoryResponseStore, ResponseStore, StoredResponse
 
 if TYPE_CHECKING:
     from .redis import RedisSessionStore
@@ -36,12 +38,15 @@ __all__ = [
     "DEFAULT_IDLE_TTL",
     "DEFAULT_MAX_SESSIONS",
     "Locks",
+    "MemoryResponseStore",
     "MemorySessionStore",
     "MemoryStorage",
     "NewSessionLimit",
     "RedisSessionStore",
+    "ResponseStore",
     "SessionLocks",
     "SessionStore",
+    "StoredResponse",
     "TooManySessions",
     "ensure_identity",
     "new_session_id",

@@ -31,6 +31,7 @@ from aiohttp_session import AbstractStorage, Session
 from ..config import DEFAULTS
 from ..errors import ChatStreamError, SessionStoreUnavailable
 from .outbox import LOST_REASONS, OutboxCounts, session_tag
+from .responses import MemoryResponseStore, ResponseStore
 
 __all__ = ["DEFAULT_ACTIVE_WINDOW", "DEFAULT_COOKIE_NAME", "DEFAULT_IDLE_TTL",
            "DEFAULT_MAX_SESSIONS", "DEFAULT_NEW_SESSION_BURST",
@@ -268,6 +269,11 @@ class SessionStore(Protocol):
     @property
     def locks(self) -> Locks: ...
 
+    @property
+    def responses(self) -> ResponseStore:
+        """Stored responses (`/v1/responses`), on the same backend as the histories."""
+        ...
+
     async def healthy(self) -> bool:
         """True when requests that need a session can be served now."""
         ...
@@ -312,9 +318,11 @@ class MemorySessionStore:
 
     kind = "memory"
 
-    def __init__(self, storage: AbstractStorage) -> None:
+    def __init__(self, storage: AbstractStorage,
+                 responses: ResponseStore | None = None) -> None:
         self.storage = storage
         self.locks = SessionLocks()
+        self.responses = responses if responses is not None else MemoryResponseStore()
         self._lost = 0
 
     def __str__(self) -> str:

@@ -42,10 +42,11 @@ from redis.exceptions import LockNotOwnedError, RedisError
 from ..errors import SessionStoreUnavailable
 from .memory import DEFAULT_COOKIE_NAME, DEFAULT_IDLE_TTL, ensure_identity, new_session_id
 from .outbox import DEFAULT_MAX_PENDING_TURNS, Outbox, OutboxCounts, session_tag
+from .responses import DEFAULT_RESPONSE_TTL, StoredResponse
 
 __all__ = ["CLOSE_TIMEOUT", "DEFAULT_LOCK_TTL", "DEFAULT_SOCKET_TIMEOUT", "LOADED_KEY",
-           "LOCK_KEY_PREFIX", "WRITE_LATE_SCRIPT", "connect", "RedisSessionLocks",
-           "RedisSessionStorage", "RedisSessionStore"]
+           "LOCK_KEY_PREFIX", "RESPONSE_KEY_PREFIX", "WRITE_LATE_SCRIPT", "connect",
+           "RedisResponseStore", "RedisSessionLocks", "RedisSessionStorage", "RedisSessionStore"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ DEFAULT_LOCK_TTL = 15.0
 # Session data lives at "<cookie name>_<id>" (RedisStorage's layout); locks under another
 # prefix so that no cookie value can name a lock key.
 LOCK_KEY_PREFIX = "CHATSTREAM_LOCK_"
+# Stored responses (/v1/responses, `store: true`): a prefix no cookie value or lock can name.
+RESPONSE_KEY_PREFIX = "CHATSTREAM_RESPONSE_"
 # Seconds a stopping server gives the outbox's last try (a frozen Redis costs one socket
 # timeout of them), before it logs what it still owes as lost.
 CLOSE_TIMEOUT = 5.0
@@ -307,6 +310,40 @@ class RedisSessionLocks:
             await self.release(session_id)
 
 
+class RedisResponseStore:
+    """`ResponseStore` in Redis: one key per response, written once with the retention as its
+    expiry, so every replica continues any stored conversation and Redis forgets old ones."""
+
+    def __init__(self, client: Redis, *, ttl: int = DEFAULT_RESPONSE_TTL) -> None:
+        if ttl < 1:
+            raise ValueError("ttl must be positive")
+        self._client = client
+        self.ttl = ttl
+
+    async def put(self, stored: StoredResponse) -> None:
+        try:
+            await self._client.set(RESPONSE_KEY_PREFIX + stored.response_id, stored.encode(),
+                                   ex=self.ttl)
+        except RedisError as error:
+            raise _unavailable("store a response", error) from error
+
+    async def get(self, response_id: str, owner: str) -> StoredResponse | None:
+        try:
+            text = await self._client.get(RESPONSE_KEY_PREFIX + response_id)
+        except RedisError as error:
+            raise _unavailable("read a response", error) from error
+        stored = StoredResponse.decode(response_id, text) if text is not None else None
+        return stored if stored is not None and stored.owned_by(owner) else None
+
+    async def delete(self, response_id: str, owner: str) -> bool:
+        if await self.get(response_id, owner) is None:
+            return False
+        try:
+            return bool(await self._client.delete(RESPONSE_KEY_PREFIX + response_id))
+        except RedisError as error:
+            raise _unavailable("delete a response", error) from error
+
+
 class RedisSessionStore:
     """The `SessionStore` for several replicas: history and locks in one Redis.
 
@@ -315,7 +352,8 @@ class RedisSessionStore:
 
     `redis` is a URL or your own `redis.asyncio.Redis` client (TLS, auth, sentinel: yours to
     configure; keep `decode_responses` off, give it socket timeouts). `max_pending_turns`:
-    how many finished turns this replica keeps in memory while Redis is away (outbox.py).
+    how many finished turns this replica keeps in memory while Redis is away (outbox.py);
+    `response_ttl`: seconds a stored response (`/v1/responses`) is kept.
     """
 
     kind = "redis"
@@ -329,6 +367,7 @@ class RedisSessionStore:
         lock_ttl: float = DEFAULT_LOCK_TTL,
         cookie_name: str = DEFAULT_COOKIE_NAME,
         max_pending_turns: int = DEFAULT_MAX_PENDING_TURNS,
+        response_ttl: int = DEFAULT_RESPONSE_TTL,
     ) -> None:
         self.client = connect(redis) if isinstance(redis, str) else redis
         if self.client.connection_pool.connection_kwargs.get("decode_responses"):
@@ -339,6 +378,7 @@ class RedisSessionStore:
                                            idle_ttl=idle_ttl, secure=secure,
                                            outbox=self.outbox)
         self.locks = RedisSessionLocks(self.client, ttl=lock_ttl, outbox=self.outbox)
+        self.responses = RedisResponseStore(self.client, ttl=response_ttl)
 
     def __str__(self) -> str:
         options = self.client.connection_pool.connection_kwargs
