@@ -135,7 +135,9 @@ def test_end_of_generation_and_stop_strings_end_the_reply_without_showing_the_st
     scheduler.take(seq, 5, b"Hello <|im", False)
     scheduler.take(seq, 6, b"_end|> more", False)
     assert "".join(e.text for e in _of(events, job) if isinstance(e, Piece)) == "Hello "
-    assert _of(events, job)[-1] == Finished("stop", True, 1, 2, 0.0, 0.0)
+    # The stop string that ended it is named (Anthropic's stop_reason "stop_sequence").
+    assert _of(events, job)[-1] == Finished("stop", True, 1, 2, 0.0, 0.0,
+                                            stop_sequence="<|im_end|>")
 
 
 def test_a_character_split_between_tokens_is_never_sent_in_halves() -> None:

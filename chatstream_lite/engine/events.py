@@ -54,6 +54,9 @@ class Finished:
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
     choices: tuple[FinishReason, ...] = ()   # each choice's own reason, when n > 1
+    # The stop string that ended a one-choice reply ("stop"), None for the end-of-generation
+    # token: Anthropic's `stop_sequence` tells a client's own stop strings from an end of turn.
+    stop_sequence: str | None = None
 
 
 @dataclass(frozen=True)

@@ -366,7 +366,9 @@ class Scheduler:
         first = "cancelled" if job.cancelled else reasons[0]
         self.emit(job, Finished(first, True, len(seq.prompt), choices.generated,
                                 prompt_done - seq.started, now - prompt_done,
-                                reasons if len(reasons) > 1 else ()))
+                                reasons if len(reasons) > 1 else (),
+                                seq.text.matched if first == "stop" and len(reasons) == 1
+                                else None))
 
     def fail(self, seq: Sequence, error: BaseException, *, clear_slot: bool = False) -> None:
         """`seq` failed, and with it its job: its other choices leave too."""

@@ -20,6 +20,7 @@ class TextAssembler:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self._stops = stops
         self._held = ""
+        self.matched: str | None = None   # the stop string that ended the reply, once seen
 
     def add(self, data: bytes) -> tuple[str, bool]:
         """The text that is safe to send now, and whether a stop string was reached."""
@@ -29,7 +30,9 @@ class TextAssembler:
             return out, False
         hits = [i for i in (self._held.find(s) for s in self._stops) if i >= 0]
         if hits:
-            out, self._held = self._held[: min(hits)], ""
+            at = min(hits)
+            self.matched = next(s for s in self._stops if self._held.find(s) == at)
+            out, self._held = self._held[:at], ""
             return out, True
         keep = max((_overlap(self._held, s) for s in self._stops), default=0)
         cut = len(self._held) - keep
