@@ -42,7 +42,9 @@ SEED_LIMIT = 2**32                      # llama.cpp seeds are uint32
 # Path prefixes the API key guards: every path whose handler checks it (the chat routes,
 # /v1/*, /metrics); "open chat" leaves the page's chat routes open.
 DEFAULT_API_KEY_PATHS = ("/",)
-OPEN_CHAT_API_KEY_PATHS = ("/v1/", "/metrics")
+# The OpenAI routes without their /v1 prefix (as llama-server serves them) are as guarded.
+OPEN_CHAT_API_KEY_PATHS = ("/v1/", "/metrics", "/chat/completions", "/completions", "/models",
+                           "/embeddings")
 
 _METADATA_KEY = "chatstream_lite.option"
 
@@ -288,8 +290,9 @@ class AccessConfig(_Checked):
     """Who may call what."""
 
     api_key: str | None = field(default=None, repr=False, metadata=option(
-        "require 'Authorization: Bearer KEY' on /chat_stream, /clear_context, /history, "
-        "/v1/* and /metrics (/health and the page stay open; the page asks for the key); "
+        "require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on /chat_stream, "
+        "/clear_context, /history, /v1/* and /metrics (/health and the page stay open; "
+        "the page asks for the key); "
         "prefer the variable: a flag shows in `ps`", group=ACCESS, nonempty=True,
         secret=True, metavar="KEY", shown_default="none"))
     api_key_paths: tuple[str, ...] = _field(

@@ -69,6 +69,7 @@ def check_limits(messages: PromptInput, *, max_messages: int, max_chars: int) ->
     total = sum(message_chars(m) for m in messages)
     if isinstance(messages, Conversation):
         total += sum(len(json.dumps(t, ensure_ascii=False)) for t in messages.tools)
+        total += len(json.dumps(messages.template_kwargs, ensure_ascii=False))
     if total > max_chars:
         raise PayloadTooLarge(f"The messages hold {total} characters; this server takes at "
                               f"most {max_chars} per request (max_input_chars).")
@@ -108,9 +109,11 @@ def prepare(messages: list[Message], template: ChatTemplate, tokenizer: Tokenize
     """
     _check_text(messages)
     tools = messages.tools if isinstance(messages, Conversation) else None
+    kwargs = messages.template_kwargs if isinstance(messages, Conversation) else None
     continue_final = messages[-1]["role"] == "assistant"
     encoder = _Encoder(messages, tokenizer, cancelled)
-    layout = template.layout(messages, tools=tools, continue_final=continue_final)
+    layout = template.layout(messages, tools=tools, continue_final=continue_final,
+                             template_kwargs=kwargs)
     if not layout.exact:
         return _fit_whole(messages, template, encoder, layout, budget=budget,
                           drop_oldest=drop_oldest, stops=stops)
@@ -133,7 +136,7 @@ def prepare(messages: list[Message], template: ChatTemplate, tokenizer: Tokenize
         dropped = more
         kept = [*range(first), *range(first + dropped, len(messages))]
         kept_layout = template.layout([messages[i] for i in kept], tools=tools,
-                                      continue_final=continue_final)
+                                      continue_final=continue_final, template_kwargs=kwargs)
         tokens = encoder.encode(kept_layout.parts, kept)
         if len(tokens) <= budget:
             return Prompt(tokens, dropped, stops)
@@ -163,6 +166,7 @@ def _fit_whole(messages: list[Message], template: ChatTemplate, encoder: _Encode
     share = max(0, len(tokens) - sum(contents)) // max(1, count)
     costs = [n + share for n in contents]
     tools = messages.tools if isinstance(messages, Conversation) else None
+    kwargs = messages.template_kwargs if isinstance(messages, Conversation) else None
     continue_final = messages[-1]["role"] == "assistant"
     first = 1 if messages[0]["role"] == "system" else 0
     excess = len(tokens) - budget
@@ -173,8 +177,8 @@ def _fit_whole(messages: list[Message], template: ChatTemplate, encoder: _Encode
             break
         dropped = more
         kept = [*messages[:first], *messages[first + dropped:]]
-        tokens = encoder.whole(template.layout(kept, tools=tools,
-                                               continue_final=continue_final))
+        tokens = encoder.whole(template.layout(kept, tools=tools, continue_final=continue_final,
+                                               template_kwargs=kwargs))
         if len(tokens) <= budget:
             return Prompt(tokens, dropped, stops)
         excess = len(tokens) - budget

@@ -39,8 +39,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import TemplateRefused
 
-__all__ = ["ChatTemplate", "Conversation", "Data", "Layout", "Message", "message_chars", "Part",
-           "RenderedPrompt", "Role"]
+__all__ = ["RESERVED_VARIABLES", "ChatTemplate", "Conversation", "Data", "Layout", "Message",
+           "message_chars", "Part", "RenderedPrompt", "Role"]
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -64,13 +64,22 @@ class Message(_Message, total=False):
 class Conversation(list[Message]):
     """Messages, and the tool definitions (OpenAI's `tools`) that the chat template renders
     with them: function calling with a template that knows tools. A plain list has none.
+    `template_kwargs` are more variables for the template (`{"enable_thinking": False}`).
 
         >>> Conversation(messages, tools=[{"type": "function", "function": {...}}])
     """
 
-    def __init__(self, messages: list[Message], tools: list[dict[str, Any]]) -> None:
+    def __init__(self, messages: list[Message], tools: list[dict[str, Any]],
+                 template_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__(messages)
         self.tools = tools
+        self.template_kwargs = template_kwargs or {}
+
+
+# The variables a template is rendered with: a request's template kwargs may not replace them.
+RESERVED_VARIABLES = frozenset({
+    "messages", "tools", "eos_token", "bos_token", "raise_exception", "add_generation_prompt",
+    "functions", "function_call", "tool_choice", "strftime_now"})
 
 
 def message_chars(message: Message) -> int:
@@ -249,10 +258,14 @@ class ChatTemplate:
             self._template.environment.parse(self.source))
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                tools: list[dict[str, Any]] | None = None) -> str:
+                tools: list[dict[str, Any]] | None = None,
+                template_kwargs: dict[str, Any] | None = None) -> str:
+        # A request's variables first: the template's own cannot be replaced by them.
+        extra = {k: v for k, v in (template_kwargs or {}).items()
+                 if k not in RESERVED_VARIABLES}
         try:
             return self._template.render(
-                messages=messages, eos_token=self.eos_token, bos_token=self.bos_token,
+                **extra, messages=messages, eos_token=self.eos_token, bos_token=self.bos_token,
                 raise_exception=_raise_exception, add_generation_prompt=add_generation_prompt,
                 functions=None, function_call=None, tools=tools or None, tool_choice=None,
                 strftime_now=_strftime_now)
@@ -265,23 +278,50 @@ class ChatTemplate:
                 f"The model's chat template cannot render this conversation: {error}") from None
 
     def render(self, messages: list[Message], *, add_generation_prompt: bool = True,
-               tools: list[dict[str, Any]] | None = None) -> RenderedPrompt:
-        text = self._render([dict(m) for m in messages], add_generation_prompt, tools)
+               tools: list[dict[str, Any]] | None = None,
+               template_kwargs: dict[str, Any] | None = None) -> RenderedPrompt:
+        text = self._render([dict(m) for m in messages], add_generation_prompt, tools,
+                            template_kwargs)
         return RenderedPrompt(text, [self.eos_token] if self.eos_token else [])
+
+    def generation_prompt(self, template_kwargs: dict[str, Any] | None = None) -> str:
+        """The text the template writes to open the assistant's reply (after a user turn):
+        what tells whether it opens a thinking section itself. '' when it cannot tell."""
+        if not template_kwargs:
+            return self._plain_generation_prompt
+        return self._generation_prompt(template_kwargs)
+
+    @functools.cached_property
+    def _plain_generation_prompt(self) -> str:
+        return self._generation_prompt(None)
+
+    def _generation_prompt(self, template_kwargs: dict[str, Any] | None) -> str:
+        probe: list[dict[str, Any]] = [{"role": "user", "content": "\ue003"}]
+        try:
+            text = self._render(probe, True, None, template_kwargs)
+        except TemplateRefused:
+            return ""
+        at = text.rfind("\ue003")
+        return text[at + 1:] if at >= 0 else ""
 
     def layout(self, messages: list[Message], *, add_generation_prompt: bool = True,
                tools: list[dict[str, Any]] | None = None,
-               continue_final: bool = False) -> Layout:
+               continue_final: bool = False,
+               template_kwargs: dict[str, Any] | None = None) -> Layout:
         """The rendering as template text, message indices (where each content goes) and
         other request text. `continue_final`: the last message, the assistant's, is the
-        start of the reply; the rendering ends with its content."""
+        start of the reply; the rendering ends with its content. `template_kwargs` are
+        request data like the contents: their strings are marked, never control tokens."""
         if continue_final:
             add_generation_prompt = False
         marks = _Marks()
         marked = [marks.message(i, m) for i, m in enumerate(messages)]
         marked_tools = [marks.tool(t) for t in tools] if tools else None
-        marked_text = self._render(marked, add_generation_prompt, marked_tools)
-        text = self._render([dict(m) for m in messages], add_generation_prompt, tools)
+        # The variables' names are the template's; their values (strings in them) are data.
+        marked_kwargs = {k: marks.value(v) for k, v in (template_kwargs or {}).items()}
+        marked_text = self._render(marked, add_generation_prompt, marked_tools, marked_kwargs)
+        text = self._render([dict(m) for m in messages], add_generation_prompt, tools,
+                            template_kwargs)
         parts, exact = _align(marked_text, text, messages, marks.texts)
         if continue_final:
             parts, text = _cut_after_last(parts, text, messages, exact)

@@ -5,9 +5,10 @@
     web.run_app(app)
 
 Routes: `POST /chat_stream`, `POST /clear_context` (ChatStream's API), `POST
-/v1/chat/completions` and `GET /v1/models` (OpenAI's), `POST /v1/responses`, `GET`/`DELETE
-/v1/responses/{id}` and `GET /v1/responses/{id}/input_items` (OpenAI's Responses API),
-`GET /health` (200 while the engine
+/v1/chat/completions`, `/v1/completions` and `GET /v1/models` (OpenAI's; also without `/v1`,
+as llama-server serves them), `POST /v1/messages` and `/v1/messages/count_tokens`
+(Anthropic's), `POST /v1/responses`, `GET`/`DELETE /v1/responses/{id}` and
+`GET /v1/responses/{id}/input_items` (OpenAI's Responses API), `GET /health` (200 while the engine
 serves, "degraded" without the session store), `GET /ready` (the strict view: 503 while any
 check fails), `GET /metrics`, and the browser chat UI at `GET /` (static files shipped in the
 package, no build step, no CDN).
@@ -27,16 +28,22 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..errors import ChatStreamError, HTTPProblem
+from .anthropic import AnthropicAPI
+from .anthropic.framing import anthropic_error_response
 from .chat_stream import Callback, ChatStream
 from .openai import OpenAIAPI
 from .responses import error_response, openai_error_response
 from .responses_api import ResponsesAPI
 
-__all__ = ["CONTENT_SECURITY_POLICY", "OPENAI_PREFIX", "SECURITY_HEADERS", "STATIC_DIR",
-           "create_app", "json_errors", "security_headers"]
+__all__ = ["ANTHROPIC_PATH", "CONTENT_SECURITY_POLICY", "OPENAI_PREFIX", "SECURITY_HEADERS",
+           "STATIC_DIR", "UNPREFIXED_OPENAI_PATHS", "create_app", "json_errors",
+           "security_headers"]
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 OPENAI_PREFIX = "/v1"
+ANTHROPIC_PATH = "/v1/messages"
+# llama-server serves its OpenAI routes without /v1 too: clients whose base URL lacks it work.
+UNPREFIXED_OPENAI_PATHS = ("/chat/completions", "/completions", "/models", "/embeddings")
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
@@ -61,7 +68,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         problem = HTTPProblem(
             exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason,
             {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
-        if request.path.startswith(OPENAI_PREFIX + "/"):
+        if request.path == ANTHROPIC_PATH or request.path.startswith(ANTHROPIC_PATH + "/"):
+            return anthropic_error_response(problem)
+        if request.path.startswith(OPENAI_PREFIX + "/") or request.path in UNPREFIXED_OPENAI_PATHS:
             return openai_error_response(problem)
         return error_response(problem)
 
@@ -106,6 +115,8 @@ def create_app(chat_stream: ChatStream, callback: Callback | None = None) -> web
     app.router.add_post("/clear_context", clear_context_endpoint)
     app.router.add_get("/history", history_endpoint)
     OpenAIAPI(chat_stream).add_routes(app, OPENAI_PREFIX)
+    OpenAIAPI(chat_stream).add_routes(app, "")        # /chat/completions, /completions, /models
+    AnthropicAPI(chat_stream).add_routes(app, OPENAI_PREFIX)
     ResponsesAPI(chat_stream).add_routes(app, OPENAI_PREFIX)   # stored in the session store
     app.router.add_get("/health", chat_stream.health.handle)
     app.router.add_get("/ready", chat_stream.health.handle_ready)

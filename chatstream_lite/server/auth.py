@@ -1,5 +1,5 @@
-"""The optional API key: `Authorization: Bearer KEY` on everything that reaches the model or
-shows the server's state.
+"""The optional API key: `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`) on
+everything that reaches the model or shows the server's state.
 
     api_key = ApiKey("s3cret")                  # ChatStream(api_key=..., api_key_paths=...)
     api_key = ApiKey("s3cret", OPEN_CHAT_API_KEY_PATHS)    # --api-key-open-chat
@@ -14,7 +14,9 @@ every path), so an app that mounts them elsewhere is guarded too; `protect` narr
 some path prefixes, e.g. `OPEN_CHAT_API_KEY_PATHS` to let the browser page's chat routes
 through.
 
-The comparison is constant-time (`hmac.compare_digest`) so timing does not leak the key.
+Either header is accepted on every guarded path, as llama-server does: the `anthropic` client
+sends `x-api-key`, the `openai` client `Authorization`. The comparisons are constant-time
+(`hmac.compare_digest`) so timing does not leak the key.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from aiohttp import hdrs, web
 from ..config import DEFAULT_API_KEY_PATHS
 from ..errors import Unauthorized
 
-__all__ = ["ApiKey"]
+__all__ = ["X_API_KEY", "ApiKey"]
+
+X_API_KEY = "x-api-key"      # Anthropic's header
 
 
 class ApiKey:
@@ -35,6 +39,7 @@ class ApiKey:
         if key is not None and not key:
             raise ValueError("the API key must not be empty")
         self._expected = f"Bearer {key}".encode() if key else None
+        self._key = key.encode() if key else None
         self.protect = tuple(protect)
 
     def protects(self, path: str) -> bool:
@@ -44,7 +49,13 @@ class ApiKey:
         if not self.protects(request.path):
             return
         assert self._expected is not None
+        assert self._key is not None
         given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, self._expected):
+        given_key = request.headers.get(X_API_KEY, "").encode("utf-8", "surrogateescape")
+        # Both compared, whichever is sent: no timing tells which header was tried.
+        bearer_ok = hmac.compare_digest(given, self._expected)
+        key_ok = hmac.compare_digest(given_key, self._key)
+        if not (bearer_ok or key_ok):
             raise Unauthorized(
-                "Missing or wrong API key: send the header 'Authorization: Bearer <key>'.")
+                "Missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                "(or 'x-api-key: <key>').")

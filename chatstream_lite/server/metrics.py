@@ -32,8 +32,10 @@ from ..sessions import SessionStore
 from ..status import StreamStatus
 from .exchange import Exchange
 
-__all__ = ["REJECTED", "TOKEN_BUCKETS", "TTFT_BUCKETS", "Metrics"]
+__all__ = ["ENDPOINTS", "REJECTED", "TOKEN_BUCKETS", "TTFT_BUCKETS", "Metrics"]
 
+# Every endpoint that serves through serve_exchange, by its name in the `endpoint` label.
+ENDPOINTS = ("chat_stream", "chat_completions", "completions", "messages")
 REJECTED = "rejected"   # the `status` of a refused request, beside the four callback statuses
 
 # From a fast GPU's few milliseconds to a long queue wait on a CPU.
@@ -123,7 +125,7 @@ class Metrics:
             ["endpoint"], buckets=TOKEN_BUCKETS, registry=self.registry)
         self.registry.register(_EngineTime(admission))
         # Every series exists from the start, so a dashboard shows 0 rather than nothing.
-        for endpoint in ("chat_stream", "chat_completions", "completions"):
+        for endpoint in ENDPOINTS:
             for status in (*StreamStatus, REJECTED):
                 self.requests.labels(endpoint, str(status))
 

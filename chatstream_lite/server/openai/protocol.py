@@ -15,6 +15,7 @@ parameter we do not implement is refused rather than ignored (silently ignoring
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
@@ -22,9 +23,10 @@ from pydantic import ConfigDict, Field, field_validator
 
 from ...engine import Message, ModelInfo, PlainPrompt, PromptInput, SamplingParams
 from ...engine.prepare import check_message_count
-from ...engine.template import Role
+from ...engine.template import RESERVED_VARIABLES, Conversation, Role
 from ...errors import BadRequest
 from ..chat_request import parse_json_object
+from ..reasoning import opens_thinking
 from ..request_model import RequestModel, SamplingFields, validate
 from .tools import ToolPlan, check_tool_history, message_tool_fields, parse_tools, tool_format
 
@@ -36,6 +38,9 @@ MAX_TOKENS_ASKED = 2**31 - 1      # what max_tokens may ask for; the server's ca
 MAX_TOP_LOGPROBS = 20             # OpenAI's limit (chat); the legacy endpoint's is 5, we take 20
 MAX_LOGIT_BIAS = 300              # tokens one request may bias (OpenAI: 300)
 MAX_CHOICES = 128
+MAX_TEMPLATE_KWARGS = 32          # chat_template_kwargs: variables, and their JSON text
+MAX_TEMPLATE_KWARGS_CHARS = 16 * 1024
+TEMPLATE_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # Accepted and ignored; and accepted only at the value that asks for nothing.
 IGNORED = {"model", "user"}
 TEXT_NEUTRAL: dict[str, Any] = {"best_of": 1, "echo": False, "suffix": ""}
@@ -50,6 +55,9 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     tools: ToolPlan | None = None   # set when the reply may call a tool
+    # The prompt ends inside a thinking section (its template, or a prefill, opened it): the
+    # reply starts as reasoning (server/reasoning.py).
+    reasoning_opened: bool = False
 
     @property
     def chat(self) -> bool:
@@ -151,6 +159,26 @@ class ChatCompletionRequest(_Common):
     tools: Any = None                 # tools.py: their rules depend on the model's grammar
     tool_choice: Any = None
     parallel_tool_calls: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None   # llama-server's, vLLM's
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """More variables for the chat template (`{"enable_thinking": false}`): data, as
+        message contents are (engine/template.py marks every string in them), under names
+        that cannot replace the template's own variables."""
+        if value is None:
+            return None
+        if len(value) > MAX_TEMPLATE_KWARGS or len(json.dumps(
+                value, ensure_ascii=False)) > MAX_TEMPLATE_KWARGS_CHARS:
+            raise ValueError(f"'chat_template_kwargs' must hold at most {MAX_TEMPLATE_KWARGS} "
+                             f"variables, {MAX_TEMPLATE_KWARGS_CHARS} characters of JSON.")
+        for name in value:
+            if not TEMPLATE_VARIABLE.fullmatch(name) or name in RESERVED_VARIABLES:
+                raise ValueError(f"'chat_template_kwargs' cannot set {name!r}: a variable is "
+                                 "a name of letters, digits and underscores, and not one the "
+                                 "server sets (messages, tools, bos_token, ...).")
+        return value
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -178,7 +206,12 @@ class ChatCompletionRequest(_Common):
             raise BadRequest("A last assistant message (prefill) cannot be continued under "
                              "tools or a response_format: the reply must start a JSON value.",
                              param="messages")
-        return CompletionRequest(messages, params, stream, include_usage, plan)
+        kwargs = self.chat_template_kwargs
+        if kwargs:
+            tools = messages.tools if isinstance(messages, Conversation) else []
+            messages = Conversation(messages, tools, kwargs)
+        return CompletionRequest(messages, params, stream, include_usage, plan,
+                                 _reasoning_opened(messages, model, kwargs))
 
     def _messages(self, system_prompt: str | None) -> list[Message]:
         """The conversation as the engine takes it: leading system/developer messages merged
@@ -375,6 +408,15 @@ def _response_format(value: dict[str, Any] | None, model: ModelInfo | None) -> s
     except ValueError as error:
         raise BadRequest(f"'response_format.json_schema.schema' is not supported: {error}",
                          param="response_format.json_schema.schema") from None
+
+
+def _reasoning_opened(messages: list[Message], model: ModelInfo | None,
+                      kwargs: dict[str, Any] | None) -> bool:
+    """Whether the reply starts inside a thinking section: a prefill that opened one, or a
+    template whose generation prompt does (DeepSeek-R1's)."""
+    if messages[-1]["role"] == "assistant":
+        return opens_thinking(messages[-1]["content"])
+    return model is not None and opens_thinking(model.chat_template.generation_prompt(kwargs))
 
 
 def _logprobs_supported(name: str, model: ModelInfo | None) -> None:
