@@ -35,6 +35,7 @@ from ..errors import (
     QueueTimeout,
     ServiceUnavailable,
 )
+from .embeddings import EmbedJob
 from .events import Failed, Finished
 from .job import Job, PlainPrompt, Prompt, PromptInput
 from .prepare import check_limits, prepare, prepare_plain
@@ -61,6 +62,7 @@ class Admission:
         self.draining = False
         self._waiting: deque[Job] = deque()     # admitted: being prepared, or prepared
         self._running: set[Job] = set()         # handed to the engine
+        self._embedding: set[EmbedJob] = set()  # embeddings handed to the engine
         self._queue_wait = QueueWait[Job](limits.max_queue_wait, self._expire)
         self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-prepare")
         self._idle = asyncio.Event()
@@ -125,6 +127,43 @@ class Admission:
         future.add_done_callback(
             lambda done: loop.call_soon_threadsafe(self._prepared, job, done))
         return job
+
+    def submit_embeddings(self, inputs: list[list[int]]
+                          ) -> tuple[EmbedJob, asyncio.Future[list[list[float]]]]:
+        """Admit an embeddings request (token ids per input) or raise as `submit` does. It
+        takes one place of the same bound while it runs, but no generation slot: the engine
+        reads it between generation steps. The future gives the vectors; `job.cancel()`
+        (the client left) stops it before its next batch."""
+        engine = self.engine
+        if self.draining:
+            raise ServiceUnavailable("The server is shutting down.")
+        if engine.failure is not None:
+            raise self._dead(engine.failure)
+        if not engine.ready or engine.model_info is None:
+            raise ServiceUnavailable(self._not_ready())
+        if _places(self._running) + _places(self._waiting) + len(self._embedding) + 1 > \
+                engine.capacity + self.max_queue_size:
+            raise QueueFull(
+                f"The server is busy: {len(self._running) + len(self._embedding)} running and "
+                f"{len(self._waiting)} waiting (max_queue_size={self.max_queue_size}).")
+        future: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
+
+        def done(outcome: list[list[float]] | BaseException) -> None:
+            self._embedding.discard(job)
+            if not self._waiting and not self._running and not self._embedding:
+                self._idle.set()
+            if future.done():
+                return
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        job = EmbedJob(inputs, done)
+        self._embedding.add(job)
+        self._idle.clear()
+        engine.embed(job)
+        return job, future
 
     def _not_ready(self) -> str:
         # The llama.cpp engine reports its load; the others just are not ready yet.
@@ -195,7 +234,7 @@ class Admission:
         """On the loop: `job` had its last event; its place goes to the next one."""
         self._remove(job)
         self._running.discard(job)
-        if not self._waiting and not self._running:
+        if not self._waiting and not self._running and not self._embedding:
             self._idle.set()
         self._start_waiting()
 

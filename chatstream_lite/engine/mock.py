@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 
 from ..config import DEFAULTS, EngineConfig, MockConfig
+from .embeddings import EmbedJob, normalized
 from .events import Failed, Finished, FinishReason, Piece, Started
 from .faults import Faults
 from .job import Job, PlainPrompt, PromptInput
@@ -26,8 +27,8 @@ from .protocol import Died, EngineStats, ModelInfo
 from .sampling import SamplingParams
 from .template import ChatTemplate
 
-__all__ = ["CHATML", "DEFAULT_DELAY", "DEFAULT_TEXT", "MODEL_NAME", "MockEngine", "MockTokenizer",
-           "split_tokens"]
+__all__ = ["CHATML", "DEFAULT_DELAY", "DEFAULT_TEXT", "MOCK_EMBEDDING_WIDTH", "MODEL_NAME",
+           "MockEngine", "MockTokenizer", "split_tokens"]
 
 DEFAULT_DELAY = DEFAULTS.mock.mock_delay   # seconds per word: about a small model's pace on a CPU
 MODEL_NAME = "mock"
@@ -61,6 +62,9 @@ def split_tokens(text: str) -> list[str]:
 
 
 _SPECIAL = re.compile(r"(<\|[a-z_]+\|>)")
+
+
+MOCK_EMBEDDING_WIDTH = 64
 
 
 class MockTokenizer:
@@ -110,7 +114,8 @@ class MockEngine:
 
     async def start(self, died: Died) -> ModelInfo:
         self.model_info = ModelInfo(Path(MODEL_NAME), MODEL_NAME, self.n_ctx, False,
-                                    self._template, MockTokenizer())
+                                    self._template, MockTokenizer(), n_embd=MOCK_EMBEDDING_WIDTH,
+                                    max_embedding_tokens=min(self.n_ctx, 512))
         self._started = True
         return self.model_info
 
@@ -122,6 +127,13 @@ class MockEngine:
 
     def run(self, job: Job) -> None:
         self._running[job] = asyncio.create_task(self._run(job))
+
+    def embed(self, job: EmbedJob) -> None:
+        """Vectors from a checksum of each input's tokens: the same input, the same vector;
+        no meaning in them (front-end work only)."""
+        vectors = [normalized([((zlib.crc32(repr((tokens, i)).encode()) % 2001) - 1000) / 1000
+                               for i in range(MOCK_EMBEDDING_WIDTH)]) for tokens in job.inputs]
+        asyncio.get_running_loop().call_soon(job.on_done, vectors)
 
     async def _run(self, job: Job) -> None:
         try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .embeddings import EmbedJob
 from .faults import Faults
 from .job import Job
 from .prepare import Tokenizer
@@ -41,6 +42,8 @@ class ModelInfo:
     add_bos: bool = False        # a plain-text prompt starts with the BOS token
     logprobs: bool = False       # can report token log-probabilities (`SamplingParams.logprobs`)
     max_choices: int = 1         # the most choices one job may ask for (`SamplingParams.n`)
+    n_embd: int = 0              # an embedding's width (0: this engine has no embeddings)
+    max_embedding_tokens: int = 0   # tokens one embeddings input may hold
 
 
 @dataclass
@@ -93,3 +96,7 @@ class Engine(Protocol):
 
     def run(self, job: Job) -> None:
         """On the loop: serve a prepared job (`job.prompt` is set) alongside the others."""
+
+    def embed(self, job: EmbedJob) -> None:
+        """On the loop: read `job`'s embeddings (`model_info.n_embd` wide) beside the jobs
+        that run; `job.on_done` is called on the loop with the vectors or an error."""

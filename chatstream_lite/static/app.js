@@ -114,11 +114,54 @@ function timed(bubble, render) {
   if (follow) scrollDown();
 }
 
+// A reasoning model's reply opens with its thinking (`<think>...</think>`): that part is
+// shown apart, above the answer, as plain text in a box that starts collapsed; only the
+// answer is rendered as Markdown. A reply cut inside its thinking is all thinking.
+const THINK_START = "<think>";
+const THINK_END = "</think>";
+
+function splitThinking(raw, streaming) {
+  const start = raw.trimStart();
+  if (!start.startsWith(THINK_START)) {
+    if (streaming && start && THINK_START.startsWith(start)) return { thinking: null, answer: "" };
+    return { thinking: null, answer: raw };
+  }
+  const end = start.indexOf(THINK_END);
+  if (end < 0) return { thinking: start.slice(THINK_START.length), answer: "" };
+  return { thinking: start.slice(THINK_START.length, end).trim(),
+           answer: start.slice(end + THINK_END.length).trimStart() };
+}
+
+function showThinking(bubble, thinking) {
+  let box = bubble.querySelector(":scope > details.thinking");
+  if (thinking === null) {
+    if (box) box.remove();
+    return;
+  }
+  if (!box) {
+    box = document.createElement("details");          // closed until the reader opens it
+    box.className = "thinking";
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking";
+    const text = document.createElement("div");
+    text.className = "thinking-text";
+    box.append(summary, text);
+    bubble.prepend(box);
+  }
+  box.querySelector(".thinking-text").textContent = thinking;   // the model's words, as text
+}
+
+function answerOf(bubble) {
+  const { thinking, answer } = splitThinking(bubble.raw, bubble.classList.contains("streaming"));
+  showThinking(bubble, thinking);
+  return answer;
+}
+
 function paintTail(bubble) {
   bubble.frame = 0;
   let links = false;
   timed(bubble, (body) => {
-    const tokens = markdown.lexer(bubble.raw);
+    const tokens = markdown.lexer(answerOf(bubble));
     const blocks = bubble.blocks;
     let same = 0;
     while (same < blocks.length && same < tokens.length && blocks[same].raw === tokens[same].raw) {
@@ -142,7 +185,7 @@ function setReply(bubble, text) {
   bubble.blocks = [];
   if (bubble.frame) cancelAnimationFrame(bubble.frame);
   bubble.frame = 0;
-  timed(bubble, (body) => body.replaceChildren(renderMarkdown(text)));
+  timed(bubble, (body) => body.replaceChildren(renderMarkdown(answerOf(bubble))));
 }
 
 function appendToReply(bubble, piece) {
@@ -485,7 +528,7 @@ ui.stop.addEventListener("click", () => controller?.abort());
 ui.regenerate.addEventListener("click", regenerate);
 ui.clear.addEventListener("click", clearChat);
 
-window.chatstreamLite = { renderMarkdown, renderStats };
+window.chatstreamLite = { renderMarkdown, renderStats, splitThinking };
 
 setBusy(false);
 watchHealth();

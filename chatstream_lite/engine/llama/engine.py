@@ -29,6 +29,7 @@ import llama_cpp
 
 from ...config import DEFAULTS, EngineConfig
 from ...model_file import resolve_model_path
+from ..embeddings import EmbedJob, plan_batch
 from ..events import Event, Failed
 from ..faults import Faults
 from ..job import Job
@@ -36,6 +37,7 @@ from ..kv_slots import KVSlots
 from ..protocol import Died, EngineStats, ModelInfo
 from ..scheduler import SampleTokens, Scheduler, Sequence
 from ..template import ChatTemplate
+from .embedder import Embedder
 from .grammar import json_grammar
 from .kernel_check import CheckResult, run_check, settle
 from .kernels import KernelPolicy, Machine, choose
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 
 # What /health's load_progress says once the weights are read and the context is being made.
 WEIGHTS_READ = 0.99
+# Sequences one embeddings batch may hold (several short inputs read in one llama_decode).
+EMBEDDING_SEQUENCES = 32
 class LlamaEngine:
     """Runs up to `config.num_of_concurrent_executions` jobs together on one thread that owns
     the model. `ModelNotFound` when `config.model` is not a file (or, None, the embedded model
@@ -77,6 +81,10 @@ class LlamaEngine:
         self._runner: Runner | None = None
         self._outbox: list[tuple[Job, Event]] = []   # the thread's events since the last flush
         self._inbox: deque[Job] = deque()            # loop -> thread: jobs to start
+        self._embed_inbox: deque[EmbedJob] = deque()  # loop -> thread: embeddings to read
+        self._embedding: deque[EmbedJob] = deque()    # the thread's: read in turn
+        self._embedded: list[tuple[EmbedJob, list[list[float]] | BaseException]] = []
+        self._embedder: Embedder | None = None
         self._work = threading.Event()               # wakes the idle thread
         self._serving: asyncio.Future[None] | None = None
         self._stopping = False                       # the thread exits once idle
@@ -103,6 +111,11 @@ class LlamaEngine:
         self._inbox.append(job)
         self._work.set()
 
+    def embed(self, job: EmbedJob) -> None:
+        """On the loop: read `job`'s embeddings between generation steps."""
+        self._embed_inbox.append(job)
+        self._work.set()
+
     async def close(self) -> None:
         """Let the thread cancel what it holds and stop, then close the model there."""
         self._closing = True
@@ -126,9 +139,12 @@ class LlamaEngine:
         if self._died is not None:
             self._died(self.failure)    # type: ignore[arg-type]
 
-    def _deliver(self, events: list[tuple[Job, Event]]) -> None:
+    def _deliver(self, events: list[tuple[Job, Event]],
+                 embedded: list[tuple[EmbedJob, list[list[float]] | BaseException]]) -> None:
         for job, event in events:
             job.deliver(event)
+        for embed_job, outcome in embedded:
+            embed_job.on_done(outcome)
 
     # -- on the thread --------------------------------------------------------------------
     def _load(self) -> ModelInfo:
@@ -157,6 +173,14 @@ class LlamaEngine:
                                 eos_token=model.token_text(model.eos_token))
         self._model = model
         self._runner = Runner(model)
+        # Every input is read whole in one batch: up to n_batch tokens (embedder.py).
+        try:
+            self._embedder = Embedder(model, n_tokens=model.batch.capacity,
+                                      n_seq=EMBEDDING_SEQUENCES, n_threads=self.threads,
+                                      verbose=cfg.verbose)
+        except Exception:
+            model.close()
+            raise
         slots = KVSlots(model, model.n_seq, exact=cfg.deterministic)
         self._scheduler = Scheduler(slots, n_batch=model.batch.capacity,
                                     emit=self._post, stats=self.stats, faults=self.faults,
@@ -165,7 +189,9 @@ class LlamaEngine:
         self.load_progress = 1.0
         return ModelInfo(self.model_path, name, model.n_ctx, gpu, template, model.vocabulary,
                          model.n_vocab, json_grammar, model.add_bos, logprobs=True,
-                         max_choices=cfg.num_of_concurrent_executions)
+                         max_choices=cfg.num_of_concurrent_executions,
+                         n_embd=self._embedder.n_embd,
+                         max_embedding_tokens=self._embedder.n_tokens)
 
     def _choose_kernels(self) -> KernelPolicy:
         """Extra buffer types on or off (kernels.py), checked in a child first where asked."""
@@ -200,6 +226,9 @@ class LlamaEngine:
             self.faults.during_load(fraction)
 
     def _unload(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self._model is not None:
             self._model.close()
             self._model = None
@@ -209,11 +238,12 @@ class LlamaEngine:
 
     def _flush(self) -> None:
         """The one place where the executor thread hands something to the event loop."""
-        if self._outbox:
+        if self._outbox or self._embedded:
             assert self._loop is not None
             began = time.perf_counter()
             events, self._outbox = self._outbox, []
-            self._loop.call_soon_threadsafe(self._deliver, events)
+            embedded, self._embedded = self._embedded, []
+            self._loop.call_soon_threadsafe(self._deliver, events, embedded)
             self.stats.handoff_seconds += time.perf_counter() - began
 
     def _serve(self) -> None:
@@ -228,17 +258,23 @@ class LlamaEngine:
                     seq = scheduler.admit(self._inbox.popleft())
                     if seq is not None:
                         self._attach(scheduler, runner, seq)
+                while self._embed_inbox:
+                    self._embedding.append(self._embed_inbox.popleft())
                 if self._stopping:
                     for seq in list(scheduler.sequences):
                         scheduler.finish(seq, "cancelled")
+                    self._end_embeddings(ConnectionAbortedError("the server is stopping"))
                 self._flush()
-                if scheduler.active:
+                if scheduler.active or self._embedding:
                     began = time.perf_counter()
-                    self._step(scheduler, runner)
+                    if scheduler.active:
+                        self._step(scheduler, runner)
+                    # At most one embeddings batch between two generation steps.
+                    self._embed_step()
                     self.stats.step_seconds += time.perf_counter() - began
                     self.last_progress = time.monotonic()
                     continue
-                if self._stopping and not self._inbox:
+                if self._stopping and not self._inbox and not self._embed_inbox:
                     return
                 # A job handed over after the inbox check set the event already: no lost wakeup.
                 self._work.wait()
@@ -249,8 +285,42 @@ class LlamaEngine:
             scheduler.fail_everything(error)
             while self._inbox:
                 self._post(self._inbox.popleft(), Failed(error))
+            self._embedding.extend(self._embed_inbox)
+            self._embed_inbox.clear()
+            self._end_embeddings(error)
             self._flush()
             raise
+
+    def _embed_step(self) -> None:
+        """Read the next embeddings batch (embeddings.py's plan), and end the jobs it
+        completes; a cancelled job ends without more batches."""
+        pending, embedder = self._embedding, self._embedder
+        assert embedder is not None
+        rows = plan_batch(pending, embedder.n_tokens, embedder.n_seq)
+        if rows:
+            began = time.perf_counter()
+            try:
+                vectors = embedder.embed([job.inputs[index] for job, index in rows])
+            except Exception as error:  # noqa: BLE001 - that batch's jobs fail; the engine goes on
+                for job in {job for job, _ in rows}:
+                    job.cancel()
+                    self._embedded.append((job, error))
+                vectors = []
+            for (job, index), vector in zip(rows, vectors, strict=False):
+                job.vectors[index] = vector
+            self.stats.decode_seconds += time.perf_counter() - began
+        for job in list(pending):
+            if job.cancelled or job.done:
+                pending.remove(job)
+                if job.done and not job.cancelled:
+                    self._embedded.append((job, [v for v in job.vectors if v is not None]))
+                elif not any(done is job for done, _ in self._embedded):
+                    self._embedded.append((job, ConnectionAbortedError("cancelled")))
+        self._flush()
+
+    def _end_embeddings(self, error: BaseException) -> None:
+        while self._embedding:
+            self._embedded.append((self._embedding.popleft(), error))
 
     @staticmethod
     def _attach(scheduler: Scheduler, runner: Runner, seq: Sequence) -> None:

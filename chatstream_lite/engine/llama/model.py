@@ -193,6 +193,11 @@ class Model:
         self.context.close()
         self._model.close()
 
+    @property
+    def llama_model(self) -> _internals.LlamaModel:
+        """The weights, for another context on them (embedder.py)."""
+        return self._model
+
     # -- vocabulary ---------------------------------------------------------------------------
     def piece(self, token: int) -> bytes:
         """The bytes of one generated token (control tokens give b""), as `Llama.detokenize`."""

@@ -5,7 +5,9 @@
 
 Both give a choice the shape OpenAI's clients parse: a chat message (`/v1/chat/completions`)
 or plain text (`/v1/completions`), with its logprobs when asked for, and errors in OpenAI's
-error shape. The generic protocol they implement is server/framing.py's `Framing`.
+error shape. The generic protocol they implement is server/framing.py's `Framing`. A chat
+reply's thinking section (server/reasoning.py) goes in `message.reasoning_content` (streamed
+as `delta.reasoning_content`), as llama-server and vLLM give it, never in `content`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from aiohttp_sse import EventSourceResponse
 from ...engine import Finished, FinishReason, Piece, Started, TokenLogprob
 from ...errors import ChatStreamError, GenerationFailed
 from ..framing import Outcome
+from ..reasoning import ReasoningSplitter, split_reasoning
 from ..responses import openai_error_response
 from .protocol import CompletionRequest
 from .tool_formats import ToolCall, read_reply
@@ -152,17 +155,35 @@ class JSONBody(_Completion):
             "created": self.created,
             "model": self.model,
             "system_fingerprint": self.fingerprint,
-            "choices": [self.choice(i, "".join(self._texts[i]), reasons[i], whole=True,
-                                    logprobs=self._tokens[i]) for i in range(self.n)],
+            "choices": [self._whole(i, reasons[i]) for i in range(self.n)],
             "usage": self.usage(exchange.usage.prompt_tokens,
                                 exchange.usage.completion_tokens),
         }, dumps=dumps)
+
+
+    def _whole(self, index: int, reason: str) -> dict[str, Any]:
+        text = "".join(self._texts[index])
+        if not self.chat:
+            return self.choice(index, text, reason, whole=True, logprobs=self._tokens[index])
+        reasoning, content = split_reasoning(text, opened=self.completion.reasoning_opened)
+        choice = self.choice(index, content, reason, whole=True, logprobs=self._tokens[index])
+        if reasoning is not None:
+            choice["message"]["reasoning_content"] = reasoning
+        return choice
 
 
 class EventStream(_Completion):
     """`stream: true`: `chat.completion.chunk` events, then `data: [DONE]`."""
 
     response: EventSourceResponse | None = None
+
+    def __init__(self, request: web.Request, served: ServedModel,
+                 completion: CompletionRequest) -> None:
+        super().__init__(request, served, completion)
+        self._splitters = [ReasoningSplitter(opened=completion.reasoning_opened)
+                           for _ in range(self.n)] if self.chat else []
+        # The logprobs of text a splitter holds back go out with the text that releases it.
+        self._held_logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.n)]
 
     @property
     def headers_sent(self) -> bool:
@@ -176,9 +197,40 @@ class EventStream(_Completion):
                 await self._chunk(self.choice(index, None, None, first=True))
 
     async def send(self, piece: Piece) -> None:
-        await self._chunk(self.choice(piece.choice, piece.text, None, logprobs=piece.logprobs))
+        if not self.chat:
+            await self._content(piece.choice, piece.text, piece.logprobs)
+            return
+        reasoning, content = self._splitters[piece.choice].feed(piece.text)
+        held = self._held_logprobs[piece.choice]
+        held.extend(piece.logprobs)
+        if reasoning or content:
+            logprobs, held[:] = tuple(held), []
+            await self._split(piece.choice, reasoning, content, logprobs)
+
+    async def _split(self, index: int, reasoning: str, content: str,
+                     logprobs: Sequence[TokenLogprob]) -> None:
+        """A piece's thinking as a `reasoning_content` delta, its answer as `content`; its
+        logprobs go with the last of them."""
+        if reasoning:
+            delta = {"reasoning_content": reasoning}
+            await self._chunk({"index": index, "delta": delta, "logprobs": self._logprobs(
+                index, logprobs) if self.with_logprobs and logprobs and not content else None,
+                "finish_reason": None})
+        if content:
+            await self._content(index, content, logprobs)
+
+    async def _content(self, index: int, text: str, logprobs: Sequence[TokenLogprob]) -> None:
+        await self._chunk(self.choice(index, text, None, logprobs=logprobs))
+
+    async def _end_reasoning(self) -> None:
+        """What the splitters held back, at the end of the reply."""
+        for index, splitter in enumerate(self._splitters):
+            reasoning, content = splitter.finish()
+            logprobs, self._held_logprobs[index] = tuple(self._held_logprobs[index]), []
+            await self._split(index, reasoning, content, logprobs)
 
     async def close(self, finished: Finished) -> None:
+        await self._end_reasoning()
         for index, reason in enumerate(_finish_reasons(finished, self.n)):
             await self._chunk(self.choice(index, None, reason))
         if self.completion.include_usage:
@@ -283,15 +335,16 @@ class ToolCallsStream(EventStream):
         self.decoder = plan.decoder()
         self.called = False
 
-    async def send(self, piece: Piece) -> None:
-        shown = self.decoder.feed(piece.text)   # one choice, no logprobs (protocol.py)
+    async def _content(self, index: int, text: str, logprobs: Sequence[TokenLogprob]) -> None:
+        shown = self.decoder.feed(text)   # one choice, no logprobs (protocol.py)
         if shown:
-            await super().send(Piece(shown))
+            await super()._content(index, shown, ())
 
     async def close(self, finished: Finished) -> None:
+        await self._end_reasoning()     # the answer after a thinking section is read for calls
         end = self.decoder.finish(cut=finished.reason == "length")
         if end.content:
-            await super().send(Piece(end.content))
+            await super()._content(0, end.content, ())
         for index, call in enumerate(end.calls):
             head = {"index": index, "id": call.id, "type": "function",
                     "function": {"name": call.name, "arguments": ""}}

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible API: `POST /v1/chat/completions`, `POST /v1/completions` and
-`GET /v1/models`.
+"""The OpenAI-compatible API: `POST /v1/chat/completions`, `POST /v1/completions`,
+`POST /v1/embeddings` and `GET /v1/models`.
 
     OpenAIAPI(runtime).add_routes(app)          # create_app() does this, on ChatStream's runtime
 
@@ -31,6 +31,8 @@ from ..chat_request import parse_off_loop, read_body
 from ..handler import Accepted, serve_exchange
 from ..responses import openai_error_response
 from ..runtime import Runtime
+from .embeddings import ENDPOINT as EMBEDDINGS_ENDPOINT
+from .embeddings import handle_embeddings
 from .framing import EventStream, JSONBody, ServedModel, ToolCallsBody, ToolCallsStream
 from .protocol import CompletionRequest, parse_completion_request, parse_text_completion_request
 
@@ -61,6 +63,7 @@ class OpenAIAPI:
         app.router.add_post(f"{prefix}/chat/completions", self.handle_chat_completions)
         app.router.add_post(f"{prefix}/completions", self.handle_completions)
         app.router.add_get(f"{prefix}/models", self.handle_models)
+        app.router.add_post(f"{prefix}/embeddings", self.handle_embeddings)
 
     def served_model(self) -> ServedModel:
         """The model's id (the `--served-model-name` alias, else the file's stem) and the
@@ -81,6 +84,15 @@ class OpenAIAPI:
             "id": served.name, "object": "model", "created": int(info.path.stat().st_mtime)
             if info.path.is_file() else 0, "owned_by": "chatstream_lite",
         }]})
+
+    async def handle_embeddings(self, request: web.Request) -> web.Response:
+        """`POST /v1/embeddings` (embeddings.py): the model's name is the served one."""
+        try:
+            name = self.served_model().name
+        except ChatStreamError as error:
+            self.runtime.request_rejected(EMBEDDINGS_ENDPOINT, error)
+            return openai_error_response(error)
+        return await handle_embeddings(self.runtime, request, name)
 
     async def _body(self, request: web.Request) -> bytes:
         self.runtime.api_key.check(request)
