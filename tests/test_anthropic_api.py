@@ -311,13 +311,14 @@ async def test_openai_routes_answer_without_the_v1_prefix(server: Server) -> Non
         text = await bare.completions.create(model="x", prompt="Once upon", max_tokens=4,
                                              temperature=0)
         models = await bare.models.list()
+        vectors = await bare.embeddings.create(model="x", input="Hi", encoding_format="float")
     async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused",
                            max_retries=0) as prefixed:
         same = await prefixed.chat.completions.create(
             model="x", max_tokens=4, messages=[{"role": "user", "content": "Hi"}],
             temperature=0)
     assert chat.choices[0].message.content == same.choices[0].message.content
-    assert text.choices[0].text and models.data
+    assert text.choices[0].text and models.data and vectors.data[0].embedding
     async with aiohttp.ClientSession() as session:   # OpenAI's error shape there too
         async with session.get(server.url + "/chat/completions") as response:
             assert response.status == 405
