@@ -270,9 +270,6 @@ async def test_schemas_the_grammar_cannot_hold_are_400s(client: AsyncOpenAI) -> 
     cases: list[tuple[Any, str]] = [
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}},
          "response_format.json_schema.schema"),
-        ({"type": "json_schema", "json_schema": {
-            "name": "x", "schema": {"type": "string", "maxLength": 100_000}}},
-         "response_format.json_schema.schema"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
          "response_format.json_schema"),
         # A 100-byte body that would have the converter write out 10^12 rules.
@@ -298,6 +295,13 @@ async def test_schemas_the_grammar_cannot_hold_are_400s(client: AsyncOpenAI) -> 
             await client.chat.completions.create(model="x", messages=QUESTION,
                                                  response_format=response_format)
         assert caught.value.response.json()["error"]["param"] == param, response_format
+    # A long bound is no cost on llguidance (one lexer state, not a rule per character): it
+    # was a 400 on llama.cpp's grammar, whose parser refused 1,000 levels of nesting.
+    served = await client.chat.completions.create(
+        model="x", messages=QUESTION, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "string", "maxLength": 100_000}}})
+    assert json_prefix(served.choices[0].message.content or "")
 
 
 # Values JSON writes with a backslash: a quote, a backslash, a newline, a NUL. The converter
@@ -435,3 +439,83 @@ def test_the_json_prefix_check_takes_the_start_of_any_json_value() -> None:
                '-.', 'True', '1 2']
     assert [text for text in cut if not json_prefix(text)] == []
     assert [text for text in refused if json_prefix(text)] == []
+
+
+# -- llama-server's request extensions: grammar, json_schema, its samplers -------------------
+YES_NO = 'root ::= answer "."\nanswer ::= "Yes" | "No"'
+
+
+async def test_a_gbnf_grammar_in_extra_body_holds_chat_and_completions(
+        client: AsyncOpenAI) -> None:
+    chat = await client.chat.completions.create(
+        model="x", messages=QUESTION, temperature=0, extra_body={"grammar": YES_NO})
+    text = await client.completions.create(model="x", prompt="Is Paris in France?",
+                                           max_tokens=8, temperature=0,
+                                           extra_body={"grammar": YES_NO})
+    assert chat.choices[0].message.content in ("Yes.", "No.")
+    assert chat.choices[0].finish_reason == "stop"
+    assert text.choices[0].text in ("Yes.", "No.") and text.choices[0].finish_reason == "stop"
+    # Left recursion: llama.cpp's own GBNF engine refuses it; llguidance serves it.
+    recursive = await client.chat.completions.create(
+        model="x", messages=QUESTION, max_tokens=6, temperature=0,
+        extra_body={"grammar": 'root ::= "a" | root "b"'})
+    assert re.fullmatch("ab*", recursive.choices[0].message.content or ""), recursive
+
+
+async def test_a_top_level_json_schema_in_extra_body_validates(client: AsyncOpenAI) -> None:
+    chat = await client.chat.completions.create(
+        model="x", messages=DESCRIBE, temperature=0, extra_body={"json_schema": CITY})
+    text = await client.completions.create(
+        model="x", prompt="Paris as JSON: ", max_tokens=MAX_NEW_TOKENS, temperature=0,
+        extra_body={"json_schema": CITY})
+    assert chat.choices[0].finish_reason == text.choices[0].finish_reason == "stop"
+    for reply in (chat.choices[0].message.content or "", text.choices[0].text):
+        jsonschema.validate(json.loads(reply), CITY)
+
+
+async def test_hostile_grammars_are_400s_naming_grammar_and_the_server_goes_on(
+        client: AsyncOpenAI) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"grammar": "root ::= missing"}, "grammar"),
+        ({"grammar": 'root ::= "a'}, "grammar"),
+        ({"grammar": "root ::= " + "(" * 5000 + '"a"' + ")" * 5000}, "grammar"),
+        ({"grammar": 12}, "grammar"),
+        ({"grammar": "root ::= \"a\"", "json_schema": CITY}, "grammar"),
+        ({"grammar": "root ::= \"a\"", "response_format": {"type": "json_object"}},
+         "grammar"),
+        ({"json_schema": {"type": "string", "pattern": "^(a)\\1$"}}, "json_schema"),
+        ({"json_schema": [1]}, "json_schema"),
+    ]
+    for extra, param in cases:
+        body = dict(extra)
+        response_format = body.pop("response_format", None)
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model="x", messages=QUESTION, max_tokens=2, extra_body=body,
+                **({"response_format": response_format} if response_format else {}))
+        assert caught.value.response.json()["error"]["param"] == param, extra
+    ok = await client.chat.completions.create(model="x", messages=QUESTION, max_tokens=2)
+    assert ok.choices[0].message.role == "assistant"
+
+
+async def test_llama_servers_sampling_options_are_taken_and_checked(
+        client: AsyncOpenAI) -> None:
+    options = {"min_p": 0.1, "typical_p": 0.9, "repeat_last_n": -1, "n_probs": 2,
+               "cache_prompt": True}
+    reply = await client.chat.completions.create(
+        model="x", messages=QUESTION, max_tokens=4, temperature=0.8, seed=1,
+        extra_body=options)
+    text = await client.completions.create(model="x", prompt="Once upon a time",
+                                           max_tokens=4, temperature=0.8, seed=1,
+                                           extra_body=options)
+    assert reply.choices[0].message.content and text.choices[0].text
+    # n_probs is llama-server's top_logprobs: the alternatives come in OpenAI's shape.
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert all(len(entry.top_logprobs) == 2 for entry in logprobs.content)
+    for name, value in (("min_p", 1.5), ("typical_p", -0.1), ("repeat_last_n", -2),
+                        ("n_probs", 1000), ("cache_prompt", "yes"), ("min_p", "0.1")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model="x", messages=QUESTION, max_tokens=2,
+                                                 extra_body={name: value})
+        assert caught.value.response.json()["error"]["param"] == name, (name, value)

@@ -58,10 +58,12 @@ _recent: OrderedDict[str, str | ValueError] = OrderedDict()
 _recent_lock = threading.Lock()     # json_grammar runs in the request workers' threads
 JSON_EXCLUDED = r'"\\\x7F\x00-\x1F'           # what a JSON string never holds raw
 JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
-# Which engine holds replies to a grammar: "llama" (llama.cpp's GBNF sampler, with the
-# conversion and bounds below) or "llguidance" (guidance.py); read at each call, so that
-# benchmarks.grammar can measure both in one process.
-ENGINE = os.environ.get("CHATSTREAM_GRAMMAR_ENGINE", "llama")
+# Which engine holds replies to a grammar: "llguidance" (guidance.py: faster per token and
+# to compile, and it passes the schema fuzz test: benchmarks/RESULTS.md, "Constrained
+# decoding: llama.cpp's grammar engine against llguidance") or "llama" (llama.cpp's GBNF
+# sampler, with the conversion and bounds below, kept until it is deleted); read at each
+# call, so that benchmarks.grammar can measure both in one process.
+ENGINE = os.environ.get("CHATSTREAM_GRAMMAR_ENGINE", "llguidance")
 
 
 class Grammars:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
 __all__ = ["ANY_OBJECT", "COMPILE_DEADLINE", "JSON_OPTIONS", "LIMITS", "MAX_GRAMMAR_CHARS",
+           "MAX_INTEGER",
            "RECENT_GRAMMARS", "Guide", "gbnf_grammar", "is_guidance", "lark_grammar",
            "new_matcher", "schema_grammar", "tokenizer_for"]
 
@@ -51,6 +52,7 @@ COMPILE_DEADLINE = 2.0
 MAX_GRAMMAR_CHARS = 256 * 1024       # grammar text (GBNF, Lark) a request may send
 RECENT_GRAMMARS = 64                 # compiled grammars (and refusals) remembered
 ANY_OBJECT = '{"type": "object"}'
+MAX_INTEGER = 10**16 - 1             # an integer without bounds: 16 digits, as llama.cpp's
 # JSON as the replies of llama.cpp's converter look (", " and ": "), with no free white space
 # between tokens: a small model left free to write white space can write only that, forever.
 JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ",
@@ -101,12 +103,34 @@ def _from_schema(text: str) -> str:
         raise ValueError("the schema is not JSON") from None
     if not isinstance(value, (dict, bool)):
         raise ValueError("a JSON Schema is an object (or true/false)")
+    _bound_integers(value)
     try:
         grammar: str = LLMatcher.grammar_from_json_schema(json.dumps(value),
                                                           defaults=JSON_OPTIONS)
     except (ValueError, RecursionError) as error:
         raise ValueError(str(error) or "the schema cannot be compiled") from None
     return grammar
+
+
+def _bound_integers(schema: object) -> None:
+    """Give every integer without bounds llama.cpp's converter's: at most 16 digits. Left
+    unbounded, a small model can write digits until max_tokens (SmolLM2 did, describing
+    Paris's population); the replies that remain still validate."""
+    stack = [schema]
+    while stack:                                    # no recursion: any nesting is fine here
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+            if not {"maximum", "exclusiveMaximum"} & node.keys():
+                node["maximum"] = MAX_INTEGER
+            if not {"minimum", "exclusiveMinimum"} & node.keys():
+                node["minimum"] = -MAX_INTEGER
+        stack.extend(node.values())
 
 
 def _gbnf_to_lark(text: str) -> str:

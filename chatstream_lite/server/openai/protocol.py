@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
@@ -38,6 +39,8 @@ MAX_TOKENS_ASKED = 2**31 - 1      # what max_tokens may ask for; the server's ca
 MAX_TOP_LOGPROBS = 20             # OpenAI's limit (chat); the legacy endpoint's is 5, we take 20
 MAX_LOGIT_BIAS = 300              # tokens one request may bias (OpenAI: 300)
 MAX_CHOICES = 128
+MAX_GRAMMAR_TEXT = 256 * 1024     # llama-server's `grammar`: GBNF text
+MAX_REPEAT_LAST_N = 1 << 20       # tokens the penalties may look back at (-1: the context)
 MAX_TEMPLATE_KWARGS = 32          # chat_template_kwargs: variables, and their JSON text
 MAX_TEMPLATE_KWARGS_CHARS = 16 * 1024
 TEMPLATE_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -77,6 +80,54 @@ class _Common(SamplingFields):
     stop: str | list[str] | None = None
     logit_bias: dict[str, Any] | None = None
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    # llama-server's extensions, which llama.cpp's clients send: a grammar (GBNF text, or a
+    # JSON Schema at the top level) and the samplers OpenAI has no name for.
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR_TEXT)
+    json_schema: dict[str, Any] | None = None
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    typical_p: float | None = Field(None, ge=0.0, le=1.0)
+    repeat_last_n: int | None = Field(None, ge=-1, le=MAX_REPEAT_LAST_N)   # -1: the context
+    n_probs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Accepted, and what it asks is always done: a conversation's cells stay cached (its
+    # session's, or the prefix cache's) whatever the request says.
+    cache_prompt: bool | None = None
+
+    def _llama_server(self, params: SamplingParams, model: ModelInfo | None
+                      ) -> SamplingParams:
+        """`params` with llama-server's extensions applied: its samplers, `n_probs` as
+        logprobs (when the request did not ask for them by OpenAI's names), and the grammar
+        `grammar` or `json_schema` holds the reply to."""
+        changes: dict[str, Any] = {name: value for name in ("min_p", "typical_p")
+                                   if (value := getattr(self, name)) is not None}
+        if self.repeat_last_n is not None:
+            changes["repeat_last_n"] = self.repeat_last_n if self.repeat_last_n >= 0 else (
+                model.n_ctx if model is not None else MAX_REPEAT_LAST_N)
+        if self.n_probs and params.logprobs is None:
+            _logprobs_supported("n_probs", model)
+            changes["logprobs"] = self.n_probs
+        params = replace(params, **changes)
+        if self.grammar is None and self.json_schema is None:
+            return params
+        name = "grammar" if self.grammar is not None else "json_schema"
+        if self.grammar is not None and self.json_schema is not None:
+            raise BadRequest("'grammar' and 'json_schema' cannot be combined.", param=name)
+        if params.grammar is not None:
+            raise BadRequest(f"'{name}' cannot be combined with 'response_format'.",
+                             param=name)
+        maker = model.json_grammar if model is not None else None
+        # The llama.cpp engine's maker also takes GBNF (engine/llama/grammar.py `Grammars`).
+        gbnf: Callable[[str], str] | None = getattr(maker, "gbnf", None)
+        if maker is None or (self.grammar is not None and gbnf is None):
+            raise BadRequest("This engine cannot constrain replies to a grammar.", param=name)
+        try:
+            if self.grammar is not None:
+                assert gbnf is not None
+                grammar = gbnf(self.grammar)
+            else:
+                grammar = maker(json.dumps(self.json_schema))
+        except ValueError as error:
+            raise BadRequest(f"'{name}' is not supported: {error}", param=name) from None
+        return replace(params, grammar=grammar)
 
     def _stream(self) -> tuple[bool, bool]:
         """`stream`, and whether a last chunk carries the usage."""
@@ -201,6 +252,7 @@ class ChatCompletionRequest(_Common):
         grammar = _response_format(self.response_format, model)
         if grammar is not None:
             params = replace(params, grammar=grammar)
+        params = self._llama_server(params, model)
         messages, params, plan = self._with_tools(messages, params, model)
         if messages[-1]["role"] == "assistant" and params.grammar is not None:
             raise BadRequest("A last assistant message (prefill) cannot be continued under "
@@ -316,7 +368,7 @@ class TextCompletionRequest(_Common):
         params = self._params(defaults, model.n_vocab if model else 0)
         if self.logprobs is not None:
             _logprobs_supported("logprobs", model)
-        params = replace(params, logprobs=self.logprobs)
+        params = self._llama_server(replace(params, logprobs=self.logprobs), model)
         return CompletionRequest(PlainPrompt(cast(str, self.prompt)), params, stream,
                                  include_usage)
 

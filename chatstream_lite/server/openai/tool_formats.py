@@ -34,13 +34,13 @@ from typing import Any, Literal, Protocol
 
 from ...engine.template import ChatTemplate, Conversation, Message
 
-__all__ = ["GENERIC", "MAX_HEAD", "RESPOND_IN_JSON", "RESPOND_WITH_CALL", "TOOLS_INTRO", "Choice",
-           "HermesFormat", "JSONGrammar", "Llama3Format", "MistralFormat", "read_reply",
-           "Reply", "ReplyDecoder", "Tool", "tool_format", "ToolCall", "ToolFormat",
-           "ToolRequest"]
+__all__ = ["GENERIC", "LARK_JSON_STYLE", "MAX_HEAD", "RESPOND_IN_JSON", "RESPOND_WITH_CALL",
+           "TOOLS_INTRO", "Choice", "HermesFormat", "JSONGrammar", "Llama3Format",
+           "MistralFormat", "read_reply", "Reply", "ReplyDecoder", "Tool", "tool_format",
+           "ToolCall", "ToolFormat", "ToolRequest"]
 
 Choice = Literal["auto", "required", "none"]
-JSONGrammar = Callable[[str | None], str]     # JSON Schema text -> GBNF (ModelInfo's)
+JSONGrammar = Callable[[str | None], str]     # JSON Schema text -> grammar (ModelInfo's)
 
 # llama-server's words (common/chat.cpp, and minja's tool polyfill).
 RESPOND_IN_JSON = ("Respond in JSON format, either with `{call}` (a request to call tools) or "
@@ -231,11 +231,26 @@ class HermesFormat(ToolFormat):
         return _native(messages, asked)
 
     def grammar(self, asked: ToolRequest, json_grammar: JSONGrammar) -> str | None:
-        if asked.choice != "required" and asked.name is None:
-            return None
         calls = [_call_schema(t, "arguments") for t in asked.callable]
-        json_rules = json_grammar(json.dumps(calls[0] if len(calls) == 1
-                                             else {"anyOf": calls}))
+        if not calls:
+            return None
+        one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        lark = _lark(json_grammar)
+        forced = asked.choice == "required" or asked.name is not None
+        if lark is not None:
+            # A call is `<tool_call>`, JSON, `</tool_call>`. With "auto" any text may come
+            # first (text that never holds the marker), and the grammar holds the reply from
+            # the marker on: the lazy grammar llama-server triggers on the same marker.
+            call = f'call: "\\n" {_lark_json(one)} "\\n</tool_call>"\n'
+            more = ' ("\\n<tool_call>" call)*' if asked.parallel else ""
+            if forced:
+                return lark(f'start: "<tool_call>" call{more}\n{call}')
+            return lark(f"start: TEXT | opener call{more}\n{call}"
+                        "opener[lazy]: /(.|\\n)*<tool_call>/\n"
+                        "TEXT: /(.|\\n)*/ & ~/(.|\\n)*<tool_call>(.|\\n)*/\n")
+        if not forced:
+            return None             # llama.cpp's own grammars: "auto" stays free
+        json_rules = json_grammar(json.dumps(one))
         call = "hermes-tool-call"
         block = f'"<tool_call>\\n" {call} "\\n</tool_call>"'
         root = f'root ::= {block} ("\\n" {block})*' if asked.parallel else f"root ::= {block}"
@@ -262,13 +277,26 @@ class Llama3Format(ToolFormat):
     name = "llama3"
     opener = "{"
     key = "parameters"
+    control_opener = False      # a call opens with a control token (Mistral's [TOOL_CALLS])
 
     def messages(self, messages: list[Message], asked: ToolRequest) -> list[Message]:
         return _native(messages, asked)
 
     def grammar(self, asked: ToolRequest, json_grammar: JSONGrammar) -> str | None:
-        if asked.choice != "required" and asked.name is None:
+        if not asked.callable:
             return None
+        lark = _lark(json_grammar)
+        if asked.choice != "required" and asked.name is None:
+            if lark is None or self.control_opener:
+                # llama.cpp's own grammars: "auto" stays free. So does Mistral's: its calls
+                # open with a control token, which a text grammar would forbid.
+                return None
+            # "auto": a reply that opens as a call (its first character) is held to one;
+            # any other is text, free (the decoder reads it the same way).
+            opener = json.dumps(self.opener)
+            return lark(f"start: TEXT | {_lark_json(self._schema(asked))}\n"
+                        f"TEXT: /[^{re.escape(self.opener)}\\s](.|\\n)*/\n"
+                        f"// a reply opening with {opener} is a call\n")
         return json_grammar(json.dumps(self._schema(asked)))
 
     def _schema(self, asked: ToolRequest) -> dict[str, Any]:
@@ -293,6 +321,7 @@ class MistralFormat(Llama3Format):
     name = "mistral"
     opener = "["
     key = "arguments"
+    control_opener = True
 
     def new_id(self) -> str:
         return uuid.uuid4().hex[:9]     # Mistral's templates check for 9 characters
@@ -563,6 +592,25 @@ def _result_text(message: Message, names: dict[str, str]) -> str:
     if "tool_call_id" in message:
         result["tool_call_id"] = message["tool_call_id"]
     return json.dumps({"tool_response": result}, indent=2, ensure_ascii=False)
+
+
+# JSON inside a Lark grammar, written as the JSON Schema grammars are (engine/llama/guidance.py
+# JSON_OPTIONS): ", " and ": ", no free white space for a small model to loop in.
+LARK_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _lark(json_grammar: JSONGrammar) -> Callable[[str], str] | None:
+    """The maker's Lark compiler where its grammars are llguidance's (engine/llama/grammar.py
+    `Grammars`); None where they are llama.cpp's GBNF."""
+    if getattr(json_grammar, "language", None) != "llguidance":
+        return None
+    lark: Callable[[str], str] | None = getattr(json_grammar, "lark", None)
+    return lark
+
+
+def _lark_json(schema: dict[str, Any]) -> str:
+    """`schema` as an inline JSON Schema of a Lark grammar (llguidance's `%json`)."""
+    return "%json " + json.dumps({**schema, "x-guidance": LARK_JSON_STYLE})
 
 
 _RULE_NAME = re.compile(r"[A-Za-z0-9-]+")
