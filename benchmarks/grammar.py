@@ -195,7 +195,7 @@ def sampler_cost(tokens: int, rounds: int) -> dict[str, Any]:
         "<|im_start|>user\n" + MESSAGES[0]["content"] + "<|im_end|>\n<|im_start|>assistant\n",
         special=True)
     start = time.perf_counter()
-    guidance.tokenizer_for(model.vocab)
+    guidance.vocabulary(model.path or default_model_path())
     results: dict[str, Any] = {"tokenizer_s": time.perf_counter() - start}
     try:
         cases = [("free text", None), *schema_cases()]
@@ -218,7 +218,8 @@ def sampler_cost(tokens: int, rounds: int) -> dict[str, Any]:
                     begin = time.perf_counter()
                     chain = SamplerChain(SamplingParams(temperature=0.0, repeat_penalty=1.0,
                                                         grammar=grammar),
-                                         model.n_vocab, model.vocab)
+                                         model.n_vocab, model.vocab,
+                                         guidance=model.guidance_vocab)
                     entry["setup_ms"].append(1000 * (time.perf_counter() - begin))
                     _generate(model, prompt, chain, tokens, entry)
                     chain.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -41,7 +43,7 @@ def model(model_path: str) -> Iterator[Model]:
     # This test's thread owns the model, as the engine thread does in the server.
     loaded = Model.load(model_path, n_ctx=512, n_batch=256, n_seq=1, n_gpu_layers=0,
                         n_threads=len(os.sched_getaffinity(0)), verbose=False)
-    guidance.tokenizer_for(loaded.vocab)       # as the first grammar request does
+    guidance.vocabulary(model_path)        # as the first grammar request does
     yield loaded
     loaded.close()
 
@@ -80,8 +82,8 @@ def test_the_fast_path_picks_what_the_whole_mask_picks(model: Model, kind: str) 
         prompt = PROMPT.replace("Describe a person as JSON with a name and an age.",
                                 "Write <tool_call> and then the time in Paris as JSON.")
     fast = SamplerChain(SamplingParams(temperature=0.0, repeat_penalty=1.0, grammar=grammar),
-                        model.n_vocab, model.vocab)
-    slow = guidance.Guide(grammar, model.vocab, model.n_vocab)
+                        model.n_vocab, model.vocab, guidance=model.guidance_vocab)
+    slow = guidance.Guide(grammar, model.guidance_vocab())
     tokens = model.vocabulary.tokenize(prompt, special=True)
     model.forget(0)
     model.batch.clear()
@@ -116,7 +118,7 @@ def test_the_lazy_hermes_grammar_leaves_text_free_and_holds_a_call(model: Model)
     assert grammar is not None
 
     def allows(text: str) -> bool:
-        guide = guidance.Guide(grammar, model.vocab, model.n_vocab)
+        guide = guidance.Guide(grammar, model.guidance_vocab())
         for token in model.vocabulary.tokenize(text, special=False):
             if not guide.allows(token):
                 return False
@@ -145,7 +147,7 @@ def test_hostile_gbnf_is_refused_at_once(model: Model, text: str, message: str) 
 def test_left_recursion_is_served_and_a_huge_alternation_is_bounded(model: Model) -> None:
     # llama.cpp's own GBNF engine refuses left recursion; llguidance's Earley parser serves it.
     grammar = guidance.gbnf_grammar('root ::= "a" | root "b"')
-    guide = guidance.Guide(grammar, model.vocab, model.n_vocab)
+    guide = guidance.Guide(grammar, model.guidance_vocab())
     for token in model.vocabulary.tokenize("abbb", special=False):
         assert guide.allows(token)
         guide.accept(token)
@@ -158,3 +160,45 @@ def test_left_recursion_is_served_and_a_huge_alternation_is_bounded(model: Model
     except ValueError as error:
         assert "to compile" in str(error) or "too" in str(error), error
     assert time.monotonic() - start < guidance.COMPILE_DEADLINE + 3.0
+
+
+# One process, as the suite and a server that reloads are: a model loads, a grammar is
+# compiled and kept, the model closes, another loads, a grammar is compiled ahead (before
+# the new model has asked for its vocabulary) and both are served. Run in a child so that a
+# crash is this test's failure, not the suite's end.
+ACROSS_MODELS = """
+import json, sys
+from chatstream_lite.engine.llama import guidance
+from chatstream_lite.engine.llama.model import Model
+
+def load():
+    return Model.load(sys.argv[1], n_ctx=256, n_batch=64, n_seq=1, n_gpu_layers=0,
+                      n_threads=1, verbose=False)
+
+first = load()
+kept = guidance.schema_grammar(json.dumps({"type": "object"}))
+guidance.Guide(kept, first.guidance_vocab()).allowed()
+kept = guidance.schema_grammar(json.dumps({"type": "object"}))   # compiled, kept
+first.close()
+litter = [bytearray(4096) for _ in range(20_000)]   # the freed memory, written over
+second = load()
+ahead = guidance.schema_grammar(json.dumps({"properties": {"b": {"type": "integer"}}}))
+for grammar in (kept, ahead):
+    guide = guidance.Guide(grammar, second.guidance_vocab())
+    for token in second.vocabulary.tokenize('{"b": 12', special=False):
+        assert guide.allowed()[token] and guide.allows(token)
+        guide.accept(token)
+second.close()
+print("served")
+"""
+
+
+def test_grammars_kept_across_a_models_close_are_served_by_the_next(model_path: str) -> None:
+    # CI died here (exit 139: SIGSEGV in unsafe_compute_mask_ptr, in test_fuzz): llguidance's
+    # tokenizer was built on the engine's model, and matchers kept (and compiled ahead) with
+    # it called llama.cpp's tokenizer through a vocabulary an earlier module had freed.
+    # Before the fix this child died with SIGSEGV (-11).
+    child = subprocess.run([sys.executable, "-c", ACROSS_MODELS, model_path],
+                           capture_output=True, text=True, timeout=100)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    assert child.stdout.strip().endswith("served")

@@ -3,13 +3,14 @@ thread, and one matcher per sequence.
 
     >>> grammar = schema_grammar('{"type": "object"}')     # llguidance's grammar text
     >>> grammar = lark_grammar('start: "yes" | "no"')      # or GBNF: gbnf_grammar(text)
-    >>> matcher = new_matcher(grammar, vocab)               # engine thread: this sequence's
+    >>> vocab = vocabulary(model_path)                      # kept for the process
+    >>> guide = Guide(grammar, vocab)                       # engine thread: this sequence's
 
 A grammar here is llguidance's own serialized form (JSON text: `{"grammars": [...]}`), what
 `SamplingParams.grammar` carries. Making one checks it: a grammar llguidance cannot serve,
 or one past `LIMITS`, or one whose compilation outlasts `COMPILE_DEADLINE`, raises
 `ValueError` (the request's 400). The check builds the matcher itself when the model's
-tokenizer is known, and keeps it (`RECENT_GRAMMARS` of them): the engine thread then only
+vocabulary is known, and keeps it (`RECENT_GRAMMARS` of them): the engine thread then only
 copies it, never compiles. llguidance serves any context-free grammar (an Earley parser:
 left recursion and ambiguity are fine) and bounds each step's work by `LIMITS`, so no
 grammar can stall the engine; what a grammar costs is paid at compile time, here.
@@ -17,8 +18,8 @@ grammar can stall the engine; what a grammar costs is paid at compile time, here
 
 from __future__ import annotations
 
-import ctypes
 import json
+import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -38,9 +39,8 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
 __all__ = ["ANY_OBJECT", "COMPILE_DEADLINE", "JSON_OPTIONS", "LIMITS", "MAX_GRAMMAR_CHARS",
-           "MAX_INTEGER",
-           "RECENT_GRAMMARS", "Guide", "gbnf_grammar", "is_guidance", "lark_grammar",
-           "new_matcher", "schema_grammar", "tokenizer_for"]
+           "MAX_INTEGER", "RECENT_GRAMMARS", "Guide", "Vocab", "gbnf_grammar", "is_guidance",
+           "lark_grammar", "new_matcher", "schema_grammar", "vocabulary"]
 
 # llguidance's own defaults, except the grammar size (a 256 KiB request body could otherwise
 # ask for 500,000 symbols) and the error texts, which would echo grammar internals back.
@@ -59,12 +59,60 @@ JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separato
                                     "key_separator": ": "}
 
 _compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")
-# (kind, text) -> (grammar, its matcher if compiled with a tokenizer), or why not
-_recent: OrderedDict[str, tuple[str, LLMatcher | None] | str] = OrderedDict()
-_matchers: OrderedDict[str, LLMatcher] = OrderedDict()       # grammar -> compiled matcher
+# (kind, text) -> (grammar, its matcher if compiled with a vocabulary), or why not
+_recent: OrderedDict[str, tuple[str, LLMatcher | None, Vocab | None] | str] = OrderedDict()
+_matchers: OrderedDict[tuple[str, str], LLMatcher] = OrderedDict()   # (file, grammar) ->
 _lock = threading.Lock()
-_tokenizers: dict[int, LLTokenizer] = {}     # by the llama.cpp vocabulary's address
-_tokenizer: LLTokenizer | None = None        # the last model's, for compiling ahead
+_building = threading.Lock()
+_vocabularies: dict[str, Vocab] = {}         # by the GGUF file's path, for the process
+_current: Vocab | None = None                # the last model's, for compiling ahead
+
+
+class Vocab:
+    """A GGUF file's vocabulary as llguidance sees it, loaded on its own (llama.cpp's
+    `vocab_only`) and kept for the life of the process.
+
+    llguidance's tokenizer calls llama.cpp's tokenizer through the vocabulary's address,
+    and every compiled matcher (kept, copied, built in a compile thread) holds that
+    tokenizer. Built on the engine's model, they outlived it: a server closes its model,
+    tests load and close one per module, and a matcher kept across that computed its next
+    mask through a freed vocabulary (SIGSEGV in `unsafe_compute_mask_ptr`, in CI). A
+    vocabulary of its own, never freed, has no such end: a few MB per model file."""
+
+    def __init__(self, path: str) -> None:
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(path.encode("utf-8"), params)
+        if not model:
+            raise ValueError(f"llama.cpp could not read the vocabulary of {path}")
+        self.path = path
+        self._model = model                       # never freed: see the class's comment
+        self.vocab: llama_cpp.llama_vocab_p = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        with warnings.catch_warnings():     # llguidance reads token attributes the old way
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.tokenizer: LLTokenizer = lltokenizer_from_vocab(self.vocab)
+        # The end-of-generation tokens (found once: 49,152 calls).
+        self.ends: NDArray[np.intc] = np.array(
+            [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)],
+            dtype=np.intc)
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+
+def vocabulary(path: str | os.PathLike[str]) -> Vocab:
+    """The kept vocabulary of the GGUF file at `path` (built once per file: 0.4 s for 49,152
+    tokens); grammars are compiled ahead against the last one asked for, in the request
+    workers. Raises ValueError where llama.cpp cannot read the file."""
+    global _current
+    key = os.fspath(path)
+    with _building:                         # one build per file, however many ask at once
+        known = _vocabularies.get(key)
+        if known is None:
+            known = _vocabularies[key] = Vocab(key)
+    _current = known
+    return known
 
 
 def is_guidance(grammar: str) -> bool:
@@ -153,7 +201,7 @@ def _compiled(kind: str, text: str, make: Callable[[], str]) -> str:
         if known is not None:
             _recent.move_to_end(key)
     if known is None:
-        future = _compiler.submit(_make_and_compile, make, _tokenizer)
+        future = _compiler.submit(_make_and_compile, make, _current)
         try:
             known = future.result(timeout=COMPILE_DEADLINE)
         except FutureTimeout:
@@ -165,16 +213,17 @@ def _compiled(kind: str, text: str, make: Callable[[], str]) -> str:
                 _recent.popitem(last=False)
     if isinstance(known, str):
         raise ValueError(known)
-    grammar, matcher = known
-    if matcher is not None:
-        _keep(grammar, matcher)
+    grammar, matcher, vocab = known
+    if matcher is not None and vocab is not None:
+        _keep(vocab, grammar, matcher)
     return grammar
 
 
-def _make_and_compile(make: Callable[[], str], tokenizer: LLTokenizer | None
-                      ) -> tuple[str, LLMatcher | None] | str:
-    """(the grammar, its matcher) or the error text; with no tokenizer yet, the grammar is
-    only checked (the engine thread builds its first matcher itself)."""
+def _make_and_compile(make: Callable[[], str], vocab: Vocab | None
+                      ) -> tuple[str, LLMatcher | None, Vocab | None] | str:
+    """(the grammar, its matcher, the vocabulary it is for) or the error text; with no
+    vocabulary yet, the grammar is only checked (the engine thread builds its first matcher
+    itself)."""
     try:
         grammar = make()
         if not grammar.startswith("{"):   # Lark text: in the JSON form, told from GBNF by it
@@ -184,106 +233,68 @@ def _make_and_compile(make: Callable[[], str], tokenizer: LLTokenizer | None
         return "the grammar holds text that is not valid Unicode"
     except ValueError as error:
         return str(error)
-    if tokenizer is None:
+    if vocab is None:
         refusal = LLMatcher.validate_grammar(grammar, None, limits=LIMITS)
-        return refusal if refusal else (grammar, None)
-    matcher = LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)
+        return refusal if refusal else (grammar, None, None)
+    matcher = LLMatcher(vocab.tokenizer, grammar, log_level=0, limits=LIMITS)
     if matcher.is_error():
         return matcher.get_error() or "the grammar cannot be compiled"
-    return grammar, matcher
+    return grammar, matcher, vocab
 
 
-def _keep(grammar: str, matcher: LLMatcher) -> None:
-    """Keep `grammar`'s compiled matcher (never consumed: sequences take copies)."""
+def _keep(vocab: Vocab, grammar: str, matcher: LLMatcher) -> None:
+    """Keep `grammar`'s compiled matcher for `vocab` (never consumed: sequences take
+    copies). Keyed by the file too: a matcher's masks are as wide as its vocabulary."""
+    key = (vocab.path, grammar)
     with _lock:
-        _matchers[grammar] = matcher
-        _matchers.move_to_end(grammar)
+        _matchers[key] = matcher
+        _matchers.move_to_end(key)
         while len(_matchers) > RECENT_GRAMMARS:
             _matchers.popitem(last=False)
 
 
-def tokenizer_for(vocab: llama_cpp.llama_vocab_p) -> LLTokenizer:
-    """llguidance's view of a llama.cpp vocabulary, built once per model (0.4 s for 49,152
-    tokens) and then used to compile grammars ahead, in the request workers."""
-    global _tokenizer
-    address = ctypes.cast(vocab, ctypes.c_void_p).value or 0
-    with _lock:
-        known = _tokenizers.get(address)
-    if known is None:
-        with warnings.catch_warnings():     # llguidance reads token attributes the old way
-            warnings.simplefilter("ignore", DeprecationWarning)
-            known = lltokenizer_from_vocab(vocab)
-        with _lock:
-            _tokenizers[address] = known
-    _tokenizer = known
-    return known
-
-
-def new_matcher(grammar: str, vocab: llama_cpp.llama_vocab_p) -> LLMatcher:
+def new_matcher(grammar: str, vocab: Vocab) -> LLMatcher:
     """A fresh matcher of `grammar` for one sequence: a copy of the compiled one (cheap), or
     compiled here when none is kept. Raises ValueError for a grammar in error."""
-    tokenizer = tokenizer_for(vocab)
     with _lock:
-        known = _matchers.get(grammar)
+        known = _matchers.get((vocab.path, grammar))
     if known is not None:
         return known.deep_copy()
-    matcher = LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)
+    matcher = LLMatcher(vocab.tokenizer, grammar, log_level=0, limits=LIMITS)
     if matcher.is_error():
         raise ValueError(matcher.get_error() or "the grammar cannot be compiled")
-    _keep(grammar, matcher.deep_copy())
+    _keep(vocab, grammar, matcher.deep_copy())
     return matcher
-
-
-_ends: dict[int, NDArray[np.intc]] = {}
-
-
-def _end_tokens(vocab: llama_cpp.llama_vocab_p, n_vocab: int) -> NDArray[np.intc]:
-    """The vocabulary's end-of-generation tokens (found once per model: 49,152 calls)."""
-    address = ctypes.cast(vocab, ctypes.c_void_p).value or 0
-    known = _ends.get(address)
-    if known is None:
-        known = np.array([t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)],
-                         dtype=np.intc)
-        _ends[address] = known
-    return known
 
 
 class Guide:
     """One sequence's grammar on llguidance, as the sampler uses a grammar: check one token
     (microseconds), and on a refusal restrict the whole vocabulary (a token mask)."""
 
-    def __init__(self, grammar: str, vocab: llama_cpp.llama_vocab_p, n_vocab: int) -> None:
+    def __init__(self, grammar: str, vocab: Vocab) -> None:
         self._matcher = new_matcher(grammar, vocab)
         self._vocab = vocab
-        self._n_vocab = n_vocab
-        words = (n_vocab + 31) // 32
-        self._mask: NDArray[np.int32] = np.zeros(words, dtype=np.int32)
-        self._eog = _end_tokens(vocab, n_vocab)
+        self._mask: NDArray[np.int32] = np.zeros((vocab.n_vocab + 31) // 32, dtype=np.int32)
 
     def allows(self, token: int) -> bool:
         """Whether `token` may come next; an end-of-generation token ends the reply, which
         the grammar allows only where it is complete."""
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if self._vocab.is_end(token):
             return bool(self._matcher.is_accepting())
         return bool(self._matcher.validate_tokens([token]) == 1)
 
     def allowed(self) -> NDArray[np.bool_]:
         """Which tokens may come next (a bool per token)."""
         mask = self._mask
+        # Exactly the matcher's width: its vocabulary is the one the mask was sized by.
         self._matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
-        bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:self._n_vocab]
+        bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:self._vocab.n_vocab]
         allowed = bits.astype(bool)
-        if self._matcher.is_accepting():
-            allowed[self._eog] = True
-        else:
-            allowed[self._eog] = False
+        allowed[self._vocab.ends] = bool(self._matcher.is_accepting())
         return allowed
 
     def accept(self, token: int) -> None:
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if self._vocab.is_end(token):
             return                                  # the reply ends here
         if not self._matcher.consume_token(token):
             raise ValueError(self._matcher.get_error() or "the grammar refused a token")
-
-    def close(self) -> None:
-        pass

@@ -31,6 +31,7 @@ from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
 
 from ...errors import StartupError
+from . import guidance
 from .kernels import Machine, choose
 
 __all__ = ["FLASH_ATTN", "MAX_STATE_COPY_BYTES", "STATE_COPY_CELL_COST", "Batch", "Model",
@@ -120,8 +121,9 @@ class Model:
     """One GGUF model with one llama.cpp context of `n_seq` sequences of `n_ctx` KV cells each."""
 
     def __init__(self, model: _internals.LlamaModel, context: _internals.LlamaContext,
-                 n_batch: int, n_gpu_layers: int = 0) -> None:
+                 n_batch: int, n_gpu_layers: int = 0, path: Path | None = None) -> None:
         self._model = model
+        self.path = path
         self.context = context
         self.metadata = model.metadata()
         self.n_ctx = llama_cpp.llama_n_ctx_seq(context.ctx)   # per sequence
@@ -186,12 +188,19 @@ class Model:
         except Exception:
             model.close()
             raise
-        return cls(model, context, n_batch, n_gpu_layers)
+        return cls(model, context, n_batch, n_gpu_layers, path)
 
     def close(self) -> None:
         self.batch.close()
         self.context.close()
         self._model.close()
+
+    def guidance_vocab(self) -> guidance.Vocab:
+        """This model file's vocabulary for llguidance, loaded apart and kept for the process
+        (guidance.Vocab says why: never this model's own, which `close` frees)."""
+        if self.path is None:
+            raise ValueError("llguidance needs the model's file")
+        return guidance.vocabulary(self.path)
 
     @property
     def llama_model(self) -> _internals.LlamaModel:

@@ -33,7 +33,7 @@ class Runner:
     def attach(self, seq: Sequence) -> None:
         """Give a new sequence its own sampler chain (its penalties and random state)."""
         seq.sampler = SamplerChain(seq.job.params, self.model.n_vocab, self.model.vocab,
-                                   choice=seq.choice)
+                                   choice=seq.choice, guidance=self.model.guidance_vocab)
 
     def decode_chunk(self, chunk: Chunk) -> int:
         """Decode prompt tokens `chunk.start:end` of one sequence; returns the last row."""

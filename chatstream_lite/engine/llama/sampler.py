@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import math
 import random
+from collections.abc import Callable
 
 import llama_cpp
 import numpy as np
@@ -30,7 +31,7 @@ from llama_cpp import _internals
 
 from ...errors import SchemaUnsatisfiable
 from ..sampling import SamplingParams
-from .guidance import Guide, is_guidance
+from .guidance import Guide, Vocab, is_guidance
 
 __all__ = ["SamplerChain", "token_logprobs"]
 
@@ -39,7 +40,10 @@ class SamplerChain:
     """A llama.cpp sampler chain for one sequence; not thread-safe (the engine thread owns it)."""
 
     def __init__(self, params: SamplingParams, n_vocab: int,
-                 vocab: llama_cpp.llama_vocab_p | None = None, *, choice: int = 0) -> None:
+                 vocab: llama_cpp.llama_vocab_p | None = None, *, choice: int = 0,
+                 guidance: Callable[[], Vocab] | None = None) -> None:
+        """`vocab`: the model's, for a grammar in llama.cpp's GBNF; `guidance`: gives the
+        model file's kept vocabulary (guidance.vocabulary), for one of llguidance's."""
         # A seeded request's choices count up from its seed: each differs, all repeat.
         seed = (params.seed + choice) % 2**32 if params.seed is not None else \
             random.getrandbits(32)
@@ -52,14 +56,15 @@ class SamplerChain:
         self.refusals = 0     # picks the grammar refused, each paid with a full-vocabulary pass
         self._guide: Guide | None = None
         if params.grammar is not None:
-            assert vocab is not None, "a grammar needs the model's vocabulary"
             if is_guidance(params.grammar):
+                assert guidance is not None, "llguidance needs the model file's vocabulary"
                 try:
-                    self._guide = Guide(params.grammar, vocab, n_vocab)
+                    self._guide = Guide(params.grammar, guidance())
                 except ValueError:
                     chain.close()
                     raise
             else:
+                assert vocab is not None, "a grammar needs the model's vocabulary"
                 grammar = llama_cpp.llama_sampler_init_grammar(
                     vocab, params.grammar.encode("utf-8"), b"root")
                 if not grammar:
