@@ -31,7 +31,7 @@ from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
 
 from ...errors import StartupError
-from . import guidance
+from .guidance import Vocab, vocabulary
 from .kernels import Machine, choose
 
 __all__ = ["FLASH_ATTN", "MAX_STATE_COPY_BYTES", "STATE_COPY_CELL_COST", "Batch", "Model",
@@ -195,12 +195,12 @@ class Model:
         self.context.close()
         self._model.close()
 
-    def guidance_vocab(self) -> guidance.Vocab:
+    def guidance_vocab(self) -> Vocab:
         """This model file's vocabulary for llguidance, loaded apart and kept for the process
         (guidance.Vocab says why: never this model's own, which `close` frees)."""
         if self.path is None:
             raise ValueError("llguidance needs the model's file")
-        return guidance.vocabulary(self.path)
+        return vocabulary(self.path)
 
     @property
     def llama_model(self) -> _internals.LlamaModel:
