@@ -201,9 +201,11 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("a tool schema the grammar cannot hold", {"model": "x", "max_tokens": 4, "messages": ASK,
                                                "tools": [{"name": "f", "input_schema": {
                                                    "type": "object", "properties": {"a": {
-                                                       "type": "string",
-                                                       "minLength": 100_000}}}}]},
+                                                       "not": {"type": "string"}}}}}]},
      "input_schema"),
+    # A list where a block's type goes was a TypeError (a 500): [] cannot be looked up in a set.
+    ("a block whose type is a list", {"model": "x", "max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": [], "text": "hi"}]}]}, "content"),
     ("a named tool that is not offered", {"model": "x", "max_tokens": 4, "messages": ASK,
                                           "tools": [WEATHER],
                                           "tool_choice": {"type": "tool", "name": "nope"}},

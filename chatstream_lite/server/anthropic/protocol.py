@@ -103,7 +103,7 @@ class Message(RequestModel):
         if isinstance(value, list):
             for block in value:
                 kind = block.get("type") if isinstance(block, dict) else None
-                if kind in UNSUPPORTED_BLOCKS:
+                if isinstance(kind, str) and kind in UNSUPPORTED_BLOCKS:   # [] is unhashable
                     raise ValueError(f"Content blocks of type {kind!r} are not supported "
                                      "(text, tool_use, tool_result and thinking are).")
         return value

@@ -177,9 +177,10 @@ class ResponsesRequest(SamplingFields):
                 raise BadRequest(f"'input[{index}]' must be an item object.",
                                  param=f"input[{index}]")
             kind = data.get("type", "message" if "role" in data else None)
-            if kind not in _ITEM_MODELS:
+            if not isinstance(kind, str) or kind not in _ITEM_MODELS:   # [] is unhashable
+                given = f" (not {kind!r})" if isinstance(kind, str) and len(kind) <= 40 else ""
                 raise BadRequest(f"'input[{index}].type' must be one of {', '.join(ITEM_TYPES)}"
-                                 f" (not {kind!r}).", param=f"input[{index}].type")
+                                 f"{given}.", param=f"input[{index}].type")
             item = validate(_ITEM_MODELS[kind], data, where=where)
             items.append(_item_json(item))
         return items
