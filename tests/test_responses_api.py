@@ -632,3 +632,12 @@ def test_arbitrary_json_at_responses_never_gets_a_5xx(model_path: str) -> None:
         running.close()
     assert seen["rejected"] > 40 and seen["accepted"] >= 3, seen
     assert min(seen[kind] for kind in ("list", "dict", "big", "surrogate", "huge")) > 2, seen
+
+
+async def test_metrics_have_the_responses_and_embeddings_series_from_the_start(
+        server: Server) -> None:
+    before = await scrape(server)
+    for endpoint in (ENDPOINT, "embeddings"):
+        for status in ("success", "rejected", "client_disconnected_while_streaming"):
+            assert ("chatstream_requests_total", frozenset({("endpoint", endpoint),
+                                                            ("status", status)})) in before

@@ -35,7 +35,8 @@ from .exchange import Exchange
 __all__ = ["ENDPOINTS", "REJECTED", "TOKEN_BUCKETS", "TTFT_BUCKETS", "Metrics"]
 
 # Every endpoint that serves through serve_exchange, by its name in the `endpoint` label.
-ENDPOINTS = ("chat_stream", "chat_completions", "completions", "messages")
+ENDPOINTS = ("chat_stream", "chat_completions", "completions", "messages", "responses",
+             "embeddings")
 REJECTED = "rejected"   # the `status` of a refused request, beside the four callback statuses
 
 # From a fast GPU's few milliseconds to a long queue wait on a CPU.
