@@ -82,7 +82,7 @@ def test_the_fast_path_picks_what_the_whole_mask_picks(model: Model, kind: str) 
         prompt = PROMPT.replace("Describe a person as JSON with a name and an age.",
                                 "Write <tool_call> and then the time in Paris as JSON.")
     fast = SamplerChain(SamplingParams(temperature=0.0, repeat_penalty=1.0, grammar=grammar),
-                        model.n_vocab, model.vocab, guidance=model.guidance_vocab)
+                        model.n_vocab, model.guidance_vocab)
     slow = guidance.Guide(grammar, model.guidance_vocab())
     tokens = model.vocabulary.tokenize(prompt, special=True)
     model.forget(0)
@@ -202,3 +202,24 @@ def test_grammars_kept_across_a_models_close_are_served_by_the_next(model_path: 
                            capture_output=True, text=True, timeout=100)
     assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
     assert child.stdout.strip().endswith("served")
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "maxLength": 10**12},
+    {"type": "string", "minLength": 10**12},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 10**12},
+    {"type": "object", "properties": {"a": {"type": "array", "maxItems": 1e300}}},
+    {"type": "string", "minLength": -5},
+    {"type": "string", "pattern": "^(.?){5000}$"},
+])
+def test_a_huge_count_compiles_or_is_refused_at_once(model: Model, schema: object) -> None:
+    # llama.cpp's converter wrote one rule per repetition (10^12 nested rules: hours and
+    # terabytes) and had to be bounded by hand; llguidance holds a count as a number.
+    start = time.monotonic()
+    try:
+        guide = guidance.Guide(guidance.schema_grammar(json.dumps(schema)),
+                               model.guidance_vocab())
+        assert guide.allowed().any()
+    except ValueError as error:
+        assert str(error)
+    assert time.monotonic() - start < guidance.COMPILE_DEADLINE + 1.0

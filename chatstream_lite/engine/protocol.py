@@ -24,7 +24,19 @@ from .job import Job
 from .prepare import Tokenizer
 from .template import ChatTemplate
 
-__all__ = ["Died", "Engine", "EngineStats", "ModelInfo"]
+__all__ = ["Died", "Engine", "EngineStats", "Grammars", "ModelInfo"]
+
+
+class Grammars(Protocol):
+    """What makes the grammars a reply is held to (engine/llama/grammar.py): JSON Schema text
+    (None: any JSON object), llama.cpp's GBNF and llguidance's Lark, each to a grammar for
+    `SamplingParams.grammar`; each raises ValueError for what it cannot take."""
+
+    def __call__(self, schema: str | None) -> str: ...
+
+    def gbnf(self, text: str) -> str: ...
+
+    def lark(self, text: str) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -36,9 +48,10 @@ class ModelInfo:
     chat_template: ChatTemplate
     tokenizer: Tokenizer         # thread-safe: preparation runs in its own worker
     n_vocab: int = 0             # token ids are 0 .. n_vocab-1 (0: unknown, e.g. the mock)
-    # JSON Schema text (None: any JSON object) -> a grammar for `SamplingParams.grammar`;
-    # raises ValueError for a schema it cannot take. None: this engine has no grammars.
-    json_grammar: Callable[[str | None], str] | None = None
+    # Called with JSON Schema text (None: any JSON object): a grammar for
+    # `SamplingParams.grammar`; raises ValueError for a schema it cannot take. None: this
+    # engine has no grammars.
+    json_grammar: Grammars | None = None
     add_bos: bool = False        # a plain-text prompt starts with the BOS token
     logprobs: bool = False       # can report token log-probabilities (`SamplingParams.logprobs`)
     max_choices: int = 1         # the most choices one job may ask for (`SamplingParams.n`)

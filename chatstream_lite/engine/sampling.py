@@ -33,8 +33,9 @@ class SamplingParams:
     min_p: float = 0.05
     typical_p: float = 1.0           # 1.0 switches the typical sampler off
     repeat_last_n: int = 64          # tokens the penalties look back at (0: none)
-    # A GBNF grammar the reply must follow (`ModelInfo.json_grammar` makes one from a JSON
-    # Schema); it is this sequence's alone, so the others in its batch are unaffected.
+    # The grammar the reply must follow, in llguidance's serialized form (`ModelInfo.json_grammar`
+    # makes one from a JSON Schema, GBNF or Lark); this sequence's alone, so the others in
+    # its batch are unaffected.
     grammar: str | None = None
     # Report each token's log-probability with this many alternatives (None: do not).
     logprobs: int | None = None

@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
 __all__ = ["ANY_OBJECT", "COMPILE_DEADLINE", "JSON_OPTIONS", "LIMITS", "MAX_GRAMMAR_CHARS",
-           "MAX_INTEGER", "RECENT_GRAMMARS", "Guide", "Vocab", "gbnf_grammar", "is_guidance",
-           "lark_grammar", "new_matcher", "schema_grammar", "vocabulary"]
+           "MAX_INTEGER", "RECENT_GRAMMARS", "Guide", "Vocab", "gbnf_grammar", "lark_grammar",
+           "new_matcher", "schema_grammar", "vocabulary"]
 
 # llguidance's own defaults, except the grammar size (a 256 KiB request body could otherwise
 # ask for 500,000 symbols) and the error texts, which would echo grammar internals back.
@@ -113,11 +113,6 @@ def vocabulary(path: str | os.PathLike[str]) -> Vocab:
             known = _vocabularies[key] = Vocab(key)
     _current = known
     return known
-
-
-def is_guidance(grammar: str) -> bool:
-    """Whether `grammar` is llguidance's (JSON text) rather than GBNF (rules)."""
-    return grammar.startswith("{")
 
 
 def schema_grammar(schema: str | None) -> str:

@@ -130,7 +130,6 @@ class Model:
         self.n_seq = llama_cpp.llama_n_seq_max(context.ctx)
         self.n_vocab = model.n_vocab()
         self.batch = Batch(n_batch)
-        self.vocab = model.vocab                  # llama.cpp's, for the grammar sampler
         self._vocab = model.vocab
         self.vocabulary = Vocabulary(model)
         self._memory = context.memory

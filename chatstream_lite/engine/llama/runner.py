@@ -32,8 +32,8 @@ class Runner:
 
     def attach(self, seq: Sequence) -> None:
         """Give a new sequence its own sampler chain (its penalties and random state)."""
-        seq.sampler = SamplerChain(seq.job.params, self.model.n_vocab, self.model.vocab,
-                                   choice=seq.choice, guidance=self.model.guidance_vocab)
+        seq.sampler = SamplerChain(seq.job.params, self.model.n_vocab,
+                                   self.model.guidance_vocab, choice=seq.choice)
 
     def decode_chunk(self, chunk: Chunk) -> int:
         """Decode prompt tokens `chunk.start:end` of one sequence; returns the last row."""

@@ -9,11 +9,11 @@ same defaults), so a reply sampled here equals one from `create_chat_completion`
 same settings and seed. Each running sequence has its own chain: its repeat-penalty history
 and its random state belong to that request alone.
 
-A grammar is kept beside the chain, not in it, and used as llama.cpp's common sampler does:
-the chain picks a token from the unconstrained logits, the grammar checks that one token,
-and only when it refuses is the grammar applied to the whole vocabulary and the pick made
-again. Applying a JSON grammar to 49,152 candidates costs ~50 ms per token on 2 cores (five
-times the decode); checking one costs microseconds, and most picks pass. Greedy picks are
+A grammar (llguidance's, guidance.py) is kept beside the chain, not in it, and used as
+llama.cpp's common sampler uses one: the chain picks a token from the unconstrained logits,
+the grammar checks that one token, and only when it refuses does it mask the whole
+vocabulary and the pick is made again. Checking one token costs microseconds, and most
+picks pass. Greedy picks are
 the same either way (the best token the grammar allows); sampled ones follow the same
 distribution (a rejected draw is redrawn from the allowed tokens alone).
 """
@@ -31,7 +31,7 @@ from llama_cpp import _internals
 
 from ...errors import SchemaUnsatisfiable
 from ..sampling import SamplingParams
-from .guidance import Guide, Vocab, is_guidance
+from .guidance import Guide, Vocab
 
 __all__ = ["SamplerChain", "token_logprobs"]
 
@@ -40,10 +40,9 @@ class SamplerChain:
     """A llama.cpp sampler chain for one sequence; not thread-safe (the engine thread owns it)."""
 
     def __init__(self, params: SamplingParams, n_vocab: int,
-                 vocab: llama_cpp.llama_vocab_p | None = None, *, choice: int = 0,
-                 guidance: Callable[[], Vocab] | None = None) -> None:
-        """`vocab`: the model's, for a grammar in llama.cpp's GBNF; `guidance`: gives the
-        model file's kept vocabulary (guidance.vocabulary), for one of llguidance's."""
+                 guidance: Callable[[], Vocab] | None = None, *, choice: int = 0) -> None:
+        """`guidance`: gives the model file's kept vocabulary (guidance.vocabulary), which a
+        grammar (llguidance's, as SamplingParams.grammar carries it) is compiled against."""
         # A seeded request's choices count up from its seed: each differs, all repeat.
         seed = (params.seed + choice) % 2**32 if params.seed is not None else \
             random.getrandbits(32)
@@ -52,28 +51,15 @@ class SamplerChain:
         chain = _internals.LlamaSampler()
         self._chain = chain
         self._n_vocab = n_vocab
-        self._grammar: llama_cpp.llama_sampler_p | None = None
         self.refusals = 0     # picks the grammar refused, each paid with a full-vocabulary pass
         self._guide: Guide | None = None
         if params.grammar is not None:
-            if is_guidance(params.grammar):
-                assert guidance is not None, "llguidance needs the model file's vocabulary"
-                try:
-                    self._guide = Guide(params.grammar, guidance())
-                except ValueError:
-                    chain.close()
-                    raise
-            else:
-                assert vocab is not None, "a grammar needs the model's vocabulary"
-                grammar = llama_cpp.llama_sampler_init_grammar(
-                    vocab, params.grammar.encode("utf-8"), b"root")
-                if not grammar:
-                    chain.close()
-                    raise ValueError("llama.cpp could not parse the grammar")
-                self._grammar = grammar
-                self._one = (llama_cpp.llama_token_data * 1)()
-                self._one_array = llama_cpp.llama_token_data_array(
-                    data=self._one, size=1, selected=-1, sorted=False)
+            assert guidance is not None, "a grammar needs the model file's vocabulary"
+            try:
+                self._guide = Guide(params.grammar, guidance())
+            except ValueError:
+                chain.close()
+                raise
             self._candidates = _internals.LlamaTokenDataArray(n_vocab=n_vocab)
         if params.logit_bias:
             # First, as llama.cpp's common sampler puts it: a bias of -100 bans a token
@@ -108,12 +94,13 @@ class SamplerChain:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx, index),
                                            shape=(self._n_vocab,))
             return int(logits.argmax())
-        if self._grammar is None and self._guide is None:
+        if self._guide is None:
             return self._chain.sample(context, index)
         return self._sample_with_grammar(context, index)
 
     def _sample_with_grammar(self, context: _internals.LlamaContext, index: int) -> int:
-        chain = self._chain.sampler
+        chain, guide = self._chain.sampler, self._guide
+        assert guide is not None
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx, index),
                                        shape=(self._n_vocab,))
         candidates = self._candidates
@@ -121,49 +108,25 @@ class SamplerChain:
         everything = ctypes.byref(candidates.candidates)
         llama_cpp.llama_sampler_apply(chain, everything)
         token = int(candidates.candidates_data.id[candidates.candidates.selected])
-        if not self._allows(token):
+        if not guide.allows(token):
             self.refusals += 1
             candidates.copy_logits(logits)
-            self._restrict(candidates)
+            # Every token the grammar does not allow now gets a logit of -inf.
+            candidates.candidates_data.logit[~guide.allowed()] = -np.inf
             llama_cpp.llama_sampler_apply(chain, everything)
             token = int(candidates.candidates_data.id[candidates.candidates.selected])
-            if not self._allows(token):
-                # The grammar allows nothing here (no token, not even the end): llama.cpp
-                # would throw from inside `accept`, through C, and abort the process.
+            if not guide.allows(token):
+                # The grammar allows nothing here (no token, not even the end): a reply
+                # cannot go on, and accepting a refused token would put the matcher in error.
                 raise SchemaUnsatisfiable(
                     "The reply's JSON Schema (response_format, or a tool's parameters) "
                     "cannot be met: the reply reached a point where it allows nothing more.")
-        if self._guide is not None:
-            self._guide.accept(token)
-        else:
-            assert self._grammar is not None
-            llama_cpp.llama_sampler_accept(self._grammar, token)
+        guide.accept(token)
         llama_cpp.llama_sampler_accept(chain, token)
         return token
 
-    def _restrict(self, candidates: _internals.LlamaTokenDataArray) -> None:
-        """Every token the grammar does not allow now gets a logit of -inf."""
-        if self._guide is not None:
-            candidates.candidates_data.logit[~self._guide.allowed()] = -np.inf
-        else:
-            assert self._grammar is not None
-            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(candidates.candidates))
-
-    def _allows(self, token: int) -> bool:
-        """Whether the grammar, in its present state, lets `token` come next."""
-        if self._guide is not None:
-            return self._guide.allows(token)
-        self._one[0] = llama_cpp.llama_token_data(token, 1.0, 0.0)
-        self._one_array.size, self._one_array.selected = 1, -1
-        assert self._grammar is not None
-        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
-        return not math.isinf(self._one[0].logit)
-
     def close(self) -> None:
         self._chain.close()
-        if self._grammar is not None:
-            llama_cpp.llama_sampler_free(self._grammar)
-            self._grammar = None
 
 
 def token_logprobs(context: _internals.LlamaContext, index: int, n_vocab: int, token: int,

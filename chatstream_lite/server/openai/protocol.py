@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
@@ -115,14 +114,11 @@ class _Common(SamplingFields):
             raise BadRequest(f"'{name}' cannot be combined with 'response_format'.",
                              param=name)
         maker = model.json_grammar if model is not None else None
-        # The llama.cpp engine's maker also takes GBNF (engine/llama/grammar.py `Grammars`).
-        gbnf: Callable[[str], str] | None = getattr(maker, "gbnf", None)
-        if maker is None or (self.grammar is not None and gbnf is None):
+        if maker is None:
             raise BadRequest("This engine cannot constrain replies to a grammar.", param=name)
         try:
             if self.grammar is not None:
-                assert gbnf is not None
-                grammar = gbnf(self.grammar)
+                grammar = maker.gbnf(self.grammar)
             else:
                 grammar = maker(json.dumps(self.json_schema))
         except ValueError as error:

@@ -28,10 +28,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from ...engine.protocol import Grammars
 from ...engine.template import ChatTemplate, Conversation, Message
 
 __all__ = ["GENERIC", "LARK_JSON_STYLE", "MAX_HEAD", "RESPOND_IN_JSON", "RESPOND_WITH_CALL",
@@ -40,7 +40,7 @@ __all__ = ["GENERIC", "LARK_JSON_STYLE", "MAX_HEAD", "RESPOND_IN_JSON", "RESPOND
            "ToolCall", "ToolFormat", "ToolRequest"]
 
 Choice = Literal["auto", "required", "none"]
-JSONGrammar = Callable[[str | None], str]     # JSON Schema text -> grammar (ModelInfo's)
+JSONGrammar = Grammars     # ModelInfo.json_grammar: JSON Schema or Lark text -> a grammar
 
 # llama-server's words (common/chat.cpp, and minja's tool polyfill).
 RESPOND_IN_JSON = ("Respond in JSON format, either with `{call}` (a request to call tools) or "
@@ -158,8 +158,8 @@ class ToolFormat:
 
     # -- the grammar --------------------------------------------------------------------------
     def grammar(self, asked: ToolRequest, json_grammar: JSONGrammar) -> str | None:
-        """GBNF for the reply (`json_grammar` turns JSON Schema text into GBNF); None when
-        it is free. Raises ValueError for a schema the grammar cannot hold."""
+        """The grammar for the reply (`json_grammar` makes it of JSON Schema or Lark text);
+        None when it is free. Raises ValueError for a schema the grammar cannot hold."""
         if not asked.callable:
             return None
         calls = [_call_schema(t, "arguments") for t in asked.callable]
@@ -235,26 +235,17 @@ class HermesFormat(ToolFormat):
         if not calls:
             return None
         one = calls[0] if len(calls) == 1 else {"anyOf": calls}
-        lark = _lark(json_grammar)
         forced = asked.choice == "required" or asked.name is not None
-        if lark is not None:
-            # A call is `<tool_call>`, JSON, `</tool_call>`. With "auto" any text may come
-            # first (text that never holds the marker), and the grammar holds the reply from
-            # the marker on: the lazy grammar llama-server triggers on the same marker.
-            call = f'call: "\\n" {_lark_json(one)} "\\n</tool_call>"\n'
-            more = ' ("\\n<tool_call>" call)*' if asked.parallel else ""
-            if forced:
-                return lark(f'start: "<tool_call>" call{more}\n{call}')
-            return lark(f"start: TEXT | opener call{more}\n{call}"
-                        "opener[lazy]: /(.|\\n)*<tool_call>/\n"
-                        "TEXT: /(.|\\n)*/ & ~/(.|\\n)*<tool_call>(.|\\n)*/\n")
-        if not forced:
-            return None             # llama.cpp's own grammars: "auto" stays free
-        json_rules = json_grammar(json.dumps(one))
-        call = "hermes-tool-call"
-        block = f'"<tool_call>\\n" {call} "\\n</tool_call>"'
-        root = f'root ::= {block} ("\\n" {block})*' if asked.parallel else f"root ::= {block}"
-        return f"{_rename_root(json_rules, call)}\n{root}\n"
+        # A call is `<tool_call>`, JSON, `</tool_call>`. With "auto" any text may come first
+        # (text that never holds the marker), and the grammar holds the reply from the
+        # marker on: the lazy grammar llama-server triggers on the same marker.
+        call = f'call: "\\n" {_lark_json(one)} "\\n</tool_call>"\n'
+        more = ' ("\\n<tool_call>" call)*' if asked.parallel else ""
+        if forced:
+            return json_grammar.lark(f'start: "<tool_call>" call{more}\n{call}')
+        return json_grammar.lark(f"start: TEXT | opener call{more}\n{call}"
+                                 "opener[lazy]: /(.|\\n)*<tool_call>/\n"
+                                 "TEXT: /(.|\\n)*/ & ~/(.|\\n)*<tool_call>(.|\\n)*/\n")
 
     def decoder(self, asked: ToolRequest) -> ReplyDecoder:
         return _MarkerDecoder(self, asked, self.start)
@@ -285,18 +276,17 @@ class Llama3Format(ToolFormat):
     def grammar(self, asked: ToolRequest, json_grammar: JSONGrammar) -> str | None:
         if not asked.callable:
             return None
-        lark = _lark(json_grammar)
         if asked.choice != "required" and asked.name is None:
-            if lark is None or self.control_opener:
-                # llama.cpp's own grammars: "auto" stays free. So does Mistral's: its calls
-                # open with a control token, which a text grammar would forbid.
+            if self.control_opener:
+                # Mistral's "auto" stays free: its calls open with a control token, which
+                # a text grammar would forbid.
                 return None
             # "auto": a reply that opens as a call (its first character) is held to one;
             # any other is text, free (the decoder reads it the same way).
             opener = json.dumps(self.opener)
-            return lark(f"start: TEXT | {_lark_json(self._schema(asked))}\n"
-                        f"TEXT: /[^{re.escape(self.opener)}\\s](.|\\n)*/\n"
-                        f"// a reply opening with {opener} is a call\n")
+            return json_grammar.lark(f"start: TEXT | {_lark_json(self._schema(asked))}\n"
+                                     f"TEXT: /[^{re.escape(self.opener)}\\s](.|\\n)*/\n"
+                                     f"// a reply opening with {opener} is a call\n")
         return json_grammar(json.dumps(self._schema(asked)))
 
     def _schema(self, asked: ToolRequest) -> dict[str, Any]:
@@ -599,46 +589,6 @@ def _result_text(message: Message, names: dict[str, str]) -> str:
 LARK_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def _lark(json_grammar: JSONGrammar) -> Callable[[str], str] | None:
-    """The maker's Lark compiler where its grammars are llguidance's (engine/llama/grammar.py
-    `Grammars`); None where they are llama.cpp's GBNF."""
-    if getattr(json_grammar, "language", None) != "llguidance":
-        return None
-    lark: Callable[[str], str] | None = getattr(json_grammar, "lark", None)
-    return lark
-
-
 def _lark_json(schema: dict[str, Any]) -> str:
     """`schema` as an inline JSON Schema of a Lark grammar (llguidance's `%json`)."""
     return "%json " + json.dumps({**schema, "x-guidance": LARK_JSON_STYLE})
-
-
-_RULE_NAME = re.compile(r"[A-Za-z0-9-]+")
-
-
-def _rename_root(grammar: str, name: str) -> str:
-    """`grammar` with its `root` rule (and every reference to it) renamed to `name`, outside
-    its string literals and character classes, so another root can wrap it."""
-    if re.search(rf"^{re.escape(name)} ::=", grammar, re.MULTILINE):
-        raise ValueError(f"the schema's grammar already has a rule named {name}")
-    out: list[str] = []
-    i = 0
-    while i < len(grammar):
-        char = grammar[i]
-        if char in "\"[":
-            close = '"' if char == '"' else "]"
-            j = i + 1
-            while j < len(grammar) and grammar[j] != close:
-                j += 2 if grammar[j] == "\\" else 1
-            out.append(grammar[i:j + 1])
-            i = j + 1
-            continue
-        match = _RULE_NAME.match(grammar, i)
-        if match:
-            word = match.group()
-            out.append(name if word == "root" else word)
-            i = match.end()
-            continue
-        out.append(char)
-        i += 1
-    return "".join(out)
