@@ -283,6 +283,13 @@ async def test_schemas_the_grammar_cannot_hold_are_400s(client: AsyncOpenAI) -> 
           for pattern in (r"^(a)\1$", r"^(?=a)b$", r"^\bx$", r"^[z-a]$", r"^x[z-a]$")),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": []}}},
          "response_format.json_schema.schema"),
+        # A backreference in a branch no reply can take (minItems above maxItems): llguidance
+        # compiles a branch only when a reply reaches it, so this was served (the schema
+        # fuzz test's draw found it), the same pattern elsewhere refused.
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": [
+            {"type": "object"}, {"type": "array", "minItems": 1, "maxItems": 0, "items": {
+                "type": "string", "pattern": r"^(a|\1)$"}}]}}},
+         "response_format.json_schema.schema"),
         # Bounds no value meets: found before the model is asked.
         *(({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
            "response_format.json_schema.schema")

@@ -147,6 +147,7 @@ def _from_schema(text: str) -> str:
     if not isinstance(value, (dict, bool)):
         raise ValueError("a JSON Schema is an object (or true/false)")
     _bound_integers(value)
+    _check_patterns(value)
     try:
         grammar: str = LLMatcher.grammar_from_json_schema(json.dumps(value),
                                                           defaults=JSON_OPTIONS)
@@ -174,6 +175,50 @@ def _bound_integers(schema: object) -> None:
             if not {"minimum", "exclusiveMinimum"} & node.keys():
                 node["minimum"] = -MAX_INTEGER
         stack.extend(node.values())
+
+
+# Keywords whose values are data, not schemas: a "pattern" key inside them is not a regex.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# Keywords whose values map names (or, for patternProperties, regexes) to schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                          "dependentSchemas"})
+
+
+def _check_patterns(schema: object) -> None:
+    """Refuse a regex llguidance cannot read (a backreference, a lookaround) wherever it
+    sits: llguidance compiles a branch only when a reply reaches it, so one in a branch no
+    reply can take (an array with minItems 1 and maxItems 0) was served, and the same regex
+    elsewhere refused. Each distinct regex is checked once (~0.04 ms)."""
+    seen: set[str] = set()
+    stack = [schema]
+    while stack:                                    # no recursion: any nesting is fine here
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in _DATA_KEYWORDS:
+                continue
+            regexes: list[object] = []
+            if key == "pattern":
+                regexes = [value]
+            elif key in _SCHEMA_MAPS and isinstance(value, dict):
+                if key == "patternProperties":
+                    regexes = list(value)
+                stack.extend(value.values())
+                continue
+            for regex in regexes:
+                if isinstance(regex, str) and regex not in seen:
+                    seen.add(regex)
+                    refusal = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(
+                        json.dumps({"type": "string", "pattern": regex})), None)
+                    if refusal:
+                        raise ValueError(f"the pattern {regex[:80]!r} cannot be held: "
+                                         f"{refusal.strip().splitlines()[-1]}")
+            if key != "pattern":
+                stack.append(value)
 
 
 def _gbnf_to_lark(text: str) -> str:
