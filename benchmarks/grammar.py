@@ -135,7 +135,8 @@ ENGINES = ("llguidance",)
 
 
 def schema_cases() -> list[tuple[str, Any]]:
-    """(name, what makes its grammar): a JSON Schema text, or a forced tool call's request."""
+    """(name, what makes its grammar): a JSON Schema text, a forced tool call's request, or
+    ("hermes", a request) for the Hermes format's grammar."""
     from chatstream_lite.server.openai.tool_formats import Tool, ToolRequest
 
     cases: list[tuple[str, Any]] = []
@@ -148,8 +149,13 @@ def schema_cases() -> list[tuple[str, Any]]:
         # with the tool-describing system turn a real request has).
         cases.append((f"forced tool call ({story_name})",
                       ToolRequest((Tool("tell_story", schema),), "required", "tell_story")))
-    # Patterns llama.cpp's grammar engine could read in many ways at once (before
-    # pattern.py, one sampling step under these took 0.6 s, 44 s and over 5 minutes).
+        # tool_choice "auto" under a Hermes template: the lazy grammar lets text through
+        # until `<tool_call>`; on this plain prompt the model writes no call, so this is
+        # what "auto" costs a reply that calls no tool.
+        cases.append((f"hermes auto, no call ({story_name})",
+                      ("hermes", ToolRequest((Tool("tell_story", schema),), "auto"))))
+    # Patterns llama.cpp's grammar engine could read in many ways at once (one sampling step
+    # under these took 0.6 s, 44 s and over 5 minutes there, before its regex automaton).
     for pattern in AMBIGUOUS_PATTERNS:
         cases.append((f"pattern {pattern}", json.dumps({"type": "string", "pattern": pattern})))
     return cases
@@ -158,10 +164,14 @@ def schema_cases() -> list[tuple[str, Any]]:
 def make_grammar(engine: str, source: Any) -> str:
     """The grammar `source` asks for, made by `engine`'s path (as a request worker makes it)."""
     from chatstream_lite.engine.llama import grammar as grammar_module
-    from chatstream_lite.server.openai.tool_formats import ToolFormat
+    from chatstream_lite.server.openai.tool_formats import HermesFormat, ToolFormat
 
     if isinstance(source, str):
         return grammar_module.json_grammar(source)
+    if isinstance(source, tuple):                  # ("hermes", its request)
+        made = HermesFormat().grammar(source[1], grammar_module.json_grammar)
+        assert made is not None
+        return made
     made = ToolFormat().grammar(source, grammar_module.json_grammar)
     assert made is not None
     return made
