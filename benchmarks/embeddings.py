@@ -4,7 +4,7 @@
 
 Two servers on the same model (the embedded SmolLM2 by default), each as a process:
 chatstream_lite (`python -m chatstream_lite`: embeddings from a second llama.cpp context on
-the engine thread, mean pooling, one batch between two generation steps) and llama-server
+the engine thread, mean pooling, sharing the thread's time with generation) and llama-server
 `--embeddings --pooling mean` (its own batching of embedding requests). In each round, in an
 order that alternates between rounds:
 

@@ -7,8 +7,9 @@
 Embeddings do not go through the generation scheduler's plan: they are read by a second
 llama.cpp context on the same weights (mean pooling, its own few KV cells, cleared after
 each batch), so they hold no generation slot and no KV cells of a conversation. The engine
-thread runs at most one embeddings batch between two generation steps, so a running stream
-waits at most one batch (up to `capacity` tokens) longer for its next token.
+thread shares its time between them and generation: after a batch, the running streams get
+as long before the next one, so a stream waits at most one batch (up to `capacity` tokens)
+for its next token and keeps about half its rate beside a flood of embeddings.
 """
 
 from __future__ import annotations

@@ -85,6 +85,7 @@ class LlamaEngine:
         self._embedding: deque[EmbedJob] = deque()    # the thread's: read in turn
         self._embedded: list[tuple[EmbedJob, list[list[float]] | BaseException]] = []
         self._embedder: Embedder | None = None
+        self._generation_owed = 0.0   # seconds of generation due before the next embeddings
         self._work = threading.Event()               # wakes the idle thread
         self._serving: asyncio.Future[None] | None = None
         self._stopping = False                       # the thread exits once idle
@@ -269,8 +270,15 @@ class LlamaEngine:
                     began = time.perf_counter()
                     if scheduler.active:
                         self._step(scheduler, runner)
-                    # At most one embeddings batch between two generation steps.
-                    self._embed_step()
+                        self._generation_owed -= time.perf_counter() - began
+                    # Embeddings and generation share the thread by time: after a batch of
+                    # embeddings, the streams get as long before the next one (a batch of
+                    # 512 tokens is ~2 s on 2 cores; one between every two steps left a
+                    # stream 1/15 of its rate beside a flood of them: RESULTS, Embeddings).
+                    if self._embedding and (not scheduler.active or self._generation_owed <= 0):
+                        embedding = time.perf_counter()
+                        self._embed_step()
+                        self._generation_owed = time.perf_counter() - embedding
                     self.stats.step_seconds += time.perf_counter() - began
                     self.last_progress = time.monotonic()
                     continue
