@@ -35,6 +35,7 @@ from chatstream_lite.engine.llama.kernels import load_llama
 
 if TYPE_CHECKING:
     import redis
+    from openai import AsyncOpenAI
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
 ROOT = Path(__file__).resolve().parent.parent
@@ -535,3 +536,12 @@ def _loads(text: str) -> Any:
         return json.loads(text, parse_constant=_no_constant)
     except ValueError:
         return _INVALID
+
+
+@pytest.fixture
+async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
+    """The official `openai` client on the module's `server` fixture (its /v1 routes)."""
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c

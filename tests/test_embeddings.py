@@ -39,11 +39,6 @@ async def server(model_path: str) -> AsyncIterator[Server]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
-    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
 
 def _cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))   # both L2-normalized

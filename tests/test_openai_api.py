@@ -51,11 +51,6 @@ def no_hook(server: Server) -> None:
     server.chat_stream.engine.faults.before_token = None
 
 
-@pytest_asyncio.fixture
-async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
-    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
 
 def _more(after: dict, before: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
     """How much a metric grew between two scrapes."""

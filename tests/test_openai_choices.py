@@ -37,11 +37,6 @@ async def server(model_path: str) -> AsyncIterator[Server]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
-    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
 
 def fresh_question() -> list[dict[str, str]]:
     """A prompt no slot holds yet, so that every token of it is either read or copied."""

@@ -48,11 +48,6 @@ async def server(model_path: str) -> AsyncIterator[Server]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
-    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
 
 async def _stream_text(client: AsyncOpenAI, **kwargs: Any) -> tuple[str, str | None]:
     """A streamed reply's text and its finish reason."""

@@ -64,11 +64,6 @@ async def server(model_path: str) -> AsyncIterator[Server]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
-    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
 
 @pytest.fixture(scope="module")
 def vocabulary(model_path: str) -> Iterator[Any]:

@@ -133,11 +133,6 @@ async def server(model_path: str) -> AsyncIterator[Server]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
-    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
 
 def _swap(server: Server, source: str) -> Any:
     engine = server.chat_stream.engine

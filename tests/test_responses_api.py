@@ -64,11 +64,6 @@ async def server(model_path: str) -> AsyncIterator[Server]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
-    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
 
 # -- replies -------------------------------------------------------------------------------------
 async def test_a_reply_is_a_response_with_a_message_item_and_usage(client: AsyncOpenAI) -> None:

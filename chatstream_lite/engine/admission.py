@@ -39,7 +39,7 @@ from .embeddings import EmbedJob
 from .events import Failed, Finished
 from .job import Job, PlainPrompt, Prompt, PromptInput
 from .prepare import check_limits, prepare, prepare_plain
-from .protocol import Engine
+from .protocol import Engine, ModelInfo
 from .queue_wait import QueueWait
 from .sampling import SamplingParams
 
@@ -86,17 +86,11 @@ class Admission:
         """Admit a job or raise: `ServiceUnavailable` (not ready, draining, dead), `QueueFull`,
         or the request's own error when it is too big to prepare (`check_limits`).
         `messages` is a conversation, or a `PlainPrompt` read without the chat template."""
-        engine = self.engine
-        if self.draining:
-            raise ServiceUnavailable("The server is shutting down.")
-        if engine.failure is not None:
-            raise self._dead(engine.failure)
-        if not engine.ready or engine.model_info is None:
-            raise ServiceUnavailable(self._not_ready())
+        engine, info = self._serving()
         check_limits(messages, max_messages=self.max_messages, max_chars=self.max_input_chars)
-        if params.n > min(engine.capacity, engine.model_info.max_choices):
+        if params.n > min(engine.capacity, info.max_choices):
             raise BadRequest(f"n={params.n} is more choices than this server runs at once "
-                             f"({min(engine.capacity, engine.model_info.max_choices)}).",
+                             f"({min(engine.capacity, info.max_choices)}).",
                              param="n")
         if _places(self._running) + _places(self._waiting) + params.n > \
                 engine.capacity + self.max_queue_size:
@@ -110,7 +104,6 @@ class Admission:
         self._idle.clear()
         self._queue_wait.start(job)
         engine.stats.jobs_submitted += 1
-        info = engine.model_info
         budget = info.n_ctx - params.max_new_tokens
         future: Future[Prompt]
         if isinstance(messages, PlainPrompt):
@@ -128,12 +121,9 @@ class Admission:
             lambda done: loop.call_soon_threadsafe(self._prepared, job, done))
         return job
 
-    def submit_embeddings(self, inputs: list[list[int]]
-                          ) -> tuple[EmbedJob, asyncio.Future[list[list[float]]]]:
-        """Admit an embeddings request (token ids per input) or raise as `submit` does. It
-        takes one place of the same bound while it runs, but no generation slot: the engine
-        reads it between generation steps. The future gives the vectors; `job.cancel()`
-        (the client left) stops it before its next batch."""
+    def _serving(self) -> tuple[Engine, ModelInfo]:
+        """The engine and its model, when it can take a request; else `ServiceUnavailable`
+        saying why."""
         engine = self.engine
         if self.draining:
             raise ServiceUnavailable("The server is shutting down.")
@@ -141,6 +131,15 @@ class Admission:
             raise self._dead(engine.failure)
         if not engine.ready or engine.model_info is None:
             raise ServiceUnavailable(self._not_ready())
+        return engine, engine.model_info
+
+    def submit_embeddings(self, inputs: list[list[int]]
+                          ) -> tuple[EmbedJob, asyncio.Future[list[list[float]]]]:
+        """Admit an embeddings request (token ids per input) or raise as `submit` does. It
+        takes one place of the same bound while it runs, but no generation slot: the engine
+        reads it between generation steps. The future gives the vectors; `job.cancel()`
+        (the client left) stops it before its next batch."""
+        engine, _ = self._serving()
         if _places(self._running) + _places(self._waiting) + len(self._embedding) + 1 > \
                 engine.capacity + self.max_queue_size:
             raise QueueFull(

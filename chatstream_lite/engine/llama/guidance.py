@@ -23,10 +23,10 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
@@ -156,32 +156,34 @@ def _from_schema(text: str) -> str:
     return grammar
 
 
+# Keywords whose values are data, not schemas: a "type" or "pattern" inside them is data.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _objects(schema: object) -> Iterator[dict[str, Any]]:
+    """Every JSON object in a schema, the values of data keywords left out; no recursion,
+    so any nesting is fine here."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            yield node
+            stack.extend(value for key, value in node.items() if key not in _DATA_KEYWORDS)
+
+
 def _bound_integers(schema: object) -> None:
     """Give every integer without bounds llama.cpp's converter's: at most 16 digits. Left
     unbounded, a small model can write digits until max_tokens (SmolLM2 did, describing
     Paris's population); the replies that remain still validate."""
-    stack = [schema]
-    while stack:                                    # no recursion: any nesting is fine here
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
+    for node in _objects(schema):
         kind = node.get("type")
         if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
             if not {"maximum", "exclusiveMaximum"} & node.keys():
                 node["maximum"] = MAX_INTEGER
             if not {"minimum", "exclusiveMinimum"} & node.keys():
                 node["minimum"] = -MAX_INTEGER
-        stack.extend(node.values())
-
-
-# Keywords whose values are data, not schemas: a "pattern" key inside them is not a regex.
-_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
-# Keywords whose values map names (or, for patternProperties, regexes) to schemas.
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions",
-                          "dependentSchemas"})
 
 
 def _check_patterns(schema: object) -> None:
@@ -190,35 +192,18 @@ def _check_patterns(schema: object) -> None:
     reply can take (an array with minItems 1 and maxItems 0) was served, and the same regex
     elsewhere refused. Each distinct regex is checked once (~0.04 ms)."""
     seen: set[str] = set()
-    stack = [schema]
-    while stack:                                    # no recursion: any nesting is fine here
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        for key, value in node.items():
-            if key in _DATA_KEYWORDS:
-                continue
-            regexes: list[object] = []
-            if key == "pattern":
-                regexes = [value]
-            elif key in _SCHEMA_MAPS and isinstance(value, dict):
-                if key == "patternProperties":
-                    regexes = list(value)
-                stack.extend(value.values())
-                continue
-            for regex in regexes:
-                if isinstance(regex, str) and regex not in seen:
-                    seen.add(regex)
-                    refusal = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(
-                        json.dumps({"type": "string", "pattern": regex})), None)
-                    if refusal:
-                        raise ValueError(f"the pattern {regex[:80]!r} cannot be held: "
-                                         f"{refusal.strip().splitlines()[-1]}")
-            if key != "pattern":
-                stack.append(value)
+    for node in _objects(schema):
+        regexes = [node.get("pattern")]
+        if isinstance(node.get("patternProperties"), dict):
+            regexes.extend(node["patternProperties"])
+        for regex in regexes:
+            if isinstance(regex, str) and regex not in seen:
+                seen.add(regex)
+                refusal = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(
+                    json.dumps({"type": "string", "pattern": regex})), None)
+                if refusal:
+                    raise ValueError(f"the pattern {regex[:80]!r} cannot be held: "
+                                     f"{refusal.strip().splitlines()[-1]}")
 
 
 def _gbnf_to_lark(text: str) -> str:
