@@ -174,6 +174,15 @@ def test_a_batch_takes_whole_inputs_oldest_job_first_within_its_tokens() -> None
     assert plan_batch(pending, capacity=256, max_seqs=8) == []
 
 
+def test_an_input_longer_than_a_smaller_budget_is_read_alone_not_stuck() -> None:
+    # Beside running streams a batch gets a smaller budget than an input may hold: the
+    # input is still read (whole, alone), never left waiting forever.
+    long, short = _job(300), _job(10)
+    pending = deque([long, short])
+    assert [(job is long, index) for job, index in plan_batch(pending, 128, 8)] == [(True, 0)]
+    assert [(job is short, index) for job, index in plan_batch(pending, 128, 8)] == [(True, 0)]
+
+
 def test_a_batch_holds_at_most_max_seqs_inputs_and_skips_cancelled_jobs() -> None:
     gone, kept = _job(1, 1, 1), _job(*[1] * 10)
     gone.cancel()

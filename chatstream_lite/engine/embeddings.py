@@ -8,8 +8,8 @@ Embeddings do not go through the generation scheduler's plan: they are read by a
 llama.cpp context on the same weights (mean pooling, its own few KV cells, cleared after
 each batch), so they hold no generation slot and no KV cells of a conversation. The engine
 thread shares its time between them and generation: after a batch, the running streams get
-as long before the next one, so a stream waits at most one batch (up to `capacity` tokens)
-for its next token and keeps about half its rate beside a flood of embeddings.
+as long before the next one, and beside streams a batch is small, so a stream waits at most
+one batch (up to `capacity` tokens, or one longer input) for its next token.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def plan_batch(pending: deque[EmbedJob], capacity: int, max_seqs: int
     """The inputs of the next batch: whole inputs, oldest job first, while they fit in
     `capacity` tokens and `max_seqs` sequences (a job's inputs in order, so a long request
     does not hold back the ones after it for more than its share). A cancelled job is
-    skipped; every input fits `capacity` on its own (the request was refused otherwise)."""
+    skipped. The first input goes even when it is longer than `capacity` (a smaller budget
+    beside running streams than the longest input the request could hold): alone."""
     rows: list[tuple[EmbedJob, int]] = []
     used = 0
     for job in pending:
@@ -61,7 +62,7 @@ def plan_batch(pending: deque[EmbedJob], capacity: int, max_seqs: int
             continue
         while job.planned < len(job.inputs) and len(rows) < max_seqs:
             size = len(job.inputs[job.planned])
-            if used + size > capacity:
+            if rows and used + size > capacity:
                 return rows
             rows.append((job, job.planned))
             used += size

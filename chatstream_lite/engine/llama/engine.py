@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 WEIGHTS_READ = 0.99
 # Sequences one embeddings batch may hold (several short inputs read in one llama_decode).
 EMBEDDING_SEQUENCES = 32
+# Tokens one embeddings batch may hold while streams run (a longer input is read alone): the
+# longest a stream waits for its next token beside embeddings is one batch, ~0.5 s for 128
+# tokens on 2 cores where a full 512-token batch took 1.6 s (RESULTS, Embeddings).
+EMBEDDING_TOKENS_BESIDE_STREAMS = 128
 class LlamaEngine:
     """Runs up to `config.num_of_concurrent_executions` jobs together on one thread that owns
     the model. `ModelNotFound` when `config.model` is not a file (or, None, the embedded model
@@ -277,7 +281,7 @@ class LlamaEngine:
                     # stream 1/15 of its rate beside a flood of them: RESULTS, Embeddings).
                     if self._embedding and (not scheduler.active or self._generation_owed <= 0):
                         embedding = time.perf_counter()
-                        self._embed_step()
+                        self._embed_step(beside_streams=bool(scheduler.active))
                         self._generation_owed = time.perf_counter() - embedding
                     self.stats.step_seconds += time.perf_counter() - began
                     self.last_progress = time.monotonic()
@@ -299,12 +303,14 @@ class LlamaEngine:
             self._flush()
             raise
 
-    def _embed_step(self) -> None:
-        """Read the next embeddings batch (embeddings.py's plan), and end the jobs it
-        completes; a cancelled job ends without more batches."""
+    def _embed_step(self, *, beside_streams: bool = False) -> None:
+        """Read the next embeddings batch (embeddings.py's plan), a smaller one while streams
+        run, and end the jobs it completes; a cancelled job ends without more batches."""
         pending, embedder = self._embedding, self._embedder
         assert embedder is not None
-        rows = plan_batch(pending, embedder.n_tokens, embedder.n_seq)
+        budget = min(embedder.n_tokens, EMBEDDING_TOKENS_BESIDE_STREAMS) if beside_streams \
+            else embedder.n_tokens
+        rows = plan_batch(pending, budget, embedder.n_seq)
         if rows:
             began = time.perf_counter()
             try:
