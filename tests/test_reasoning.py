@@ -223,6 +223,40 @@ async def test_a_template_that_opens_the_section_makes_the_reply_reasoning(
     assert getattr(message, "reasoning_content", None), message
 
 
+async def test_a_thinking_section_is_a_reasoning_item_on_the_responses_api(
+        server: Server, client: AsyncOpenAI) -> None:
+    # The template opens the section, so the reply starts as thinking: a reasoning item comes
+    # first, streamed as reasoning_text events, and the next turn does not show it again.
+    info = _swap(server, R1)
+    try:
+        whole = await client.responses.create(model="x", input="Hi", max_output_tokens=8,
+                                              temperature=0)
+        events = [event async for event in await client.responses.create(
+            model="x", input="Hi", max_output_tokens=8, temperature=0, stream=True)]
+        kinds = [event.type for event in events]
+        streamed = getattr(events[-1], "response")     # cut by max_output_tokens: incomplete
+        follow = await client.responses.create(model="x", input="And?", max_output_tokens=2,
+                                               previous_response_id=whole.id, temperature=0)
+        given_back = [item.model_dump(exclude_none=True) for item in whole.output]
+        echoed, without = [await client.responses.create(
+            model="x", max_output_tokens=2, temperature=0,
+            input=[{"type": "message", "role": "user", "content": "Hi"}, *items,
+                   {"type": "message", "role": "user", "content": "And?"}])
+            for items in (given_back, [i for i in given_back if i["type"] != "reasoning"])]
+    finally:
+        server.chat_stream.engine.model_info = info
+    first = whole.output[0]
+    assert first.type == "reasoning" and first.content and first.content[0].text, whole.output
+    assert "<think>" not in first.content[0].text
+    assert "response.reasoning_text.delta" in kinds and "response.reasoning_text.done" in kinds
+    assert streamed.output[0].type == "reasoning"
+    assert streamed.output[0].content == first.content
+    # Not shown to the model again: the same prompt with or without the earlier thinking,
+    # given back by the client or continued from the stored conversation.
+    assert follow.usage and echoed.usage and without.usage
+    assert follow.usage.input_tokens == echoed.usage.input_tokens == without.usage.input_tokens
+
+
 # -- the page -------------------------------------------------------------------------------
 THOUGHTFUL = "<think>\nFirst I weigh it.\n</think>\n\nThe **answer** is 42."
 

@@ -280,7 +280,9 @@ async def test_text_format_json_schema_holds_the_reply_to_the_schema(
 # -- hostile input -------------------------------------------------------------------------------
 @pytest.mark.parametrize("body, param", [
     ({"input": []}, "input"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),     # nothing to reply to
+    ({"input": [{"type": "reasoning", "summary": [{"type": "x", "text": "y"}]}]},
+     "input[0].summary[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input[0].content"),
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]},

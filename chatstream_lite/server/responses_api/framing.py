@@ -3,11 +3,13 @@
     framing = ResponseStream(request, turn) if stream else ResponseBody(request, turn)
     exchange = Exchange(request, job, framing, ...)      # server/exchange.py drives it
 
-Shapes are openai-python's `openai/types/responses/`: a `message` output item holding one
+Shapes are openai-python's `openai/types/responses/`: a `reasoning` item first when the reply
+opens a thinking section (server/reasoning.py), a `message` output item holding one
 `output_text` part, a `function_call` item per call (read by openai/tools.py's reader, as
 chat completions reads them), `usage` with `input_tokens`/`output_tokens`. Streamed:
 `response.created`, `response.in_progress`, then per item `response.output_item.added`,
-(`response.content_part.added`, `response.output_text.delta`..., `response.output_text.done`,
+(`response.reasoning_text.delta`..., `response.reasoning_text.done` |
+`response.content_part.added`, `response.output_text.delta`..., `response.output_text.done`,
 `response.content_part.done` | `response.function_call_arguments.delta`/`.done`),
 `response.output_item.done`, and last `response.completed` (`response.incomplete` when
 `max_output_tokens` cut the reply), each with its `sequence_number`. A call goes out once the
@@ -34,6 +36,7 @@ from ..framing import Outcome
 from ..openai.framing import ServedModel, dumps
 from ..openai.protocol import CompletionRequest
 from ..openai.tool_formats import ReplyDecoder, ToolCall
+from ..reasoning import ReasoningSplitter
 from ..responses import openai_error_response
 from .protocol import ResponsesCall, new_id
 
@@ -109,6 +112,12 @@ def _message(item_id: str, text: str, status: str = "completed") -> dict[str, An
             "content": [_text_part(text)] if status == "completed" else []}
 
 
+def _reasoning(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id, "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}] if status == "completed"
+            else []}
+
+
 def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -130,20 +139,30 @@ def _whole(call: ToolCall) -> bool:
 
 
 class _Reply:
-    """A reply's text as it is shown, and its calls once it has ended."""
+    """A reply's thinking (server/reasoning.py) and its text as it is shown, and its calls
+    once it has ended."""
 
     def __init__(self, turn: Turn) -> None:
         plan = turn.completion.tools
         self.decoder: ReplyDecoder | None = plan.decoder() if plan is not None else None
+        self.splitter = ReasoningSplitter(opened=turn.completion.reasoning_opened)
 
-    def feed(self, text: str) -> str:
-        return self.decoder.feed(text) if self.decoder is not None else text
+    def feed(self, text: str) -> tuple[str, str]:
+        """(thinking, shown text) of the next piece; either may be empty."""
+        reasoning, content = self.splitter.feed(text)
+        return reasoning, self._shown(content)
 
-    def finish(self, cut: bool) -> tuple[str, list[ToolCall]]:
+    def finish(self, cut: bool) -> tuple[str, str, list[ToolCall]]:
+        """What was held back: (thinking, shown text, the calls)."""
+        reasoning, content = self.splitter.finish()
+        shown = self._shown(content)
         if self.decoder is None:
-            return "", []
+            return reasoning, shown, []
         end = self.decoder.finish(cut)
-        return end.content, [call for call in end.calls if _whole(call)]
+        return reasoning, shown + end.content, [call for call in end.calls if _whole(call)]
+
+    def _shown(self, content: str) -> str:
+        return self.decoder.feed(content) if self.decoder is not None and content else content
 
 
 def _status(finished: Finished) -> str:
@@ -159,6 +178,7 @@ class ResponseBody:
         self.request = request
         self.turn = turn
         self.reply = _Reply(turn)
+        self.thinking: list[str] = []
         self.texts: list[str] = []
         self.body: dict[str, Any] | None = None
 
@@ -166,12 +186,17 @@ class ResponseBody:
         pass
 
     async def send(self, piece: Piece) -> None:
-        self.texts.append(self.reply.feed(piece.text))
+        reasoning, shown = self.reply.feed(piece.text)
+        self.thinking.append(reasoning)
+        self.texts.append(shown)
 
     async def close(self, finished: Finished) -> None:
-        rest, calls = self.reply.finish(cut=finished.reason == "length")
+        thinking, rest, calls = self.reply.finish(cut=finished.reason == "length")
+        reasoning = "".join(self.thinking) + thinking
         text = "".join(self.texts) + rest
         output: list[dict[str, Any]] = []
+        if reasoning:
+            output.append(_reasoning(new_id("rs"), reasoning))
         if text.strip() or not calls:
             output.append(_message(new_id("msg"), text.strip() if calls else text))
         output.extend(_function_call(call, new_id("fc")) for call in calls)
@@ -202,6 +227,8 @@ class ResponseStream:
         self.output: list[dict[str, Any]] = []
         self.message_id: str | None = None       # the message item open now, if any
         self.text: list[str] = []
+        self.reasoning_id: str | None = None     # the reasoning item open now, if any
+        self.thinking: list[str] = []
 
     @property
     def headers_sent(self) -> bool:
@@ -215,12 +242,16 @@ class ResponseStream:
         await self._event("response.in_progress", {"response": head})
 
     async def send(self, piece: Piece) -> None:
-        shown = self.reply.feed(piece.text)
+        reasoning, shown = self.reply.feed(piece.text)
+        if reasoning:
+            await self._reasoning_delta(reasoning)
         if shown:
             await self._delta(shown)
 
     async def close(self, finished: Finished) -> None:
-        rest, calls = self.reply.finish(cut=finished.reason == "length")
+        thinking, rest, calls = self.reply.finish(cut=finished.reason == "length")
+        if thinking:
+            await self._reasoning_delta(thinking)
         if rest:
             await self._delta(rest)
         if self.message_id is None and not calls:
@@ -246,7 +277,31 @@ class ResponseStream:
         assert self.response is not None
         await self.response.write_eof()
 
+    async def _reasoning_delta(self, text: str) -> None:
+        index = len(self.output)
+        if self.reasoning_id is None:
+            self.reasoning_id = new_id("rs")
+            await self._event("response.output_item.added", {
+                "output_index": index, "item": _reasoning(self.reasoning_id, "", "in_progress")})
+        self.thinking.append(text)
+        await self._event("response.reasoning_text.delta", {
+            "item_id": self.reasoning_id, "output_index": index, "content_index": 0,
+            "delta": text})
+
+    async def _close_reasoning(self) -> None:
+        assert self.reasoning_id is not None
+        index, text = len(self.output), "".join(self.thinking)
+        await self._event("response.reasoning_text.done", {
+            "item_id": self.reasoning_id, "output_index": index, "content_index": 0,
+            "text": text})
+        item = _reasoning(self.reasoning_id, text)
+        await self._event("response.output_item.done", {"output_index": index, "item": item})
+        self.output.append(item)
+        self.reasoning_id = None
+
     async def _delta(self, text: str) -> None:
+        if self.reasoning_id is not None:        # the thinking has ended: its item closes
+            await self._close_reasoning()
         index = len(self.output)
         if self.message_id is None:
             self.message_id = new_id("msg")

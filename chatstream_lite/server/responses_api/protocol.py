@@ -35,7 +35,7 @@ __all__ = ["ITEM_TYPES", "RESPONSE_ID", "FunctionTool", "ResponsesCall", "Respon
 
 # Our ids: a prefix and 256 random bits (64 hex digits); one a client names must look so.
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{64}")
-ITEM_TYPES = ("message", "function_call", "function_call_output")
+ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 MAX_METADATA = 16                    # OpenAI's limits: 16 pairs, 64-char keys, 512-char values
 # Accepted and ignored (one model is served; the rest steer OpenAI's own caches and billing).
 IGNORED = {"model", "user", "prompt_cache_key", "safety_identifier", "service_tier",
@@ -101,11 +101,29 @@ class FunctionCallOutputItem(_Item):
         return output if isinstance(output, str) else "".join(p.text for p in output)
 
 
-Item = MessageItem | FunctionCallItem | FunctionCallOutputItem
-ItemModel = type[MessageItem] | type[FunctionCallItem] | type[FunctionCallOutputItem]
+class ReasoningText(RequestModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(_Item):
+    """A reply's thinking section, as the replies give it back (clients that keep the
+    conversation themselves send it with the next turn). Kept in the stored conversation and
+    listed, never shown to the model again: templates drop an earlier turn's thinking, as
+    Anthropic's API does (`encrypted_content` is ignored: there is none of ours)."""
+
+    type: Literal["reasoning"]
+    summary: list[ReasoningText] = Field(default_factory=list, max_length=64)
+    content: list[ReasoningText] | None = Field(None, max_length=64)
+
+
+Item = MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem
+ItemModel = type[MessageItem] | type[FunctionCallItem] | type[FunctionCallOutputItem] | \
+    type[ReasoningItem]
 _ITEM_MODELS: dict[str, ItemModel] = {
     "message": MessageItem, "function_call": FunctionCallItem,
-    "function_call_output": FunctionCallOutputItem}
+    "function_call_output": FunctionCallOutputItem, "reasoning": ReasoningItem}
 
 
 class FunctionTool(RequestModel):
@@ -190,8 +208,11 @@ class ResponsesRequest(SamplingFields):
         """What the engine runs: `conversation` (the stored items before this request's,
         then its own) said as chat messages, after `instructions` (or the server's system
         prompt)."""
-        body: dict[str, Any] = {"messages": _chat_messages(conversation,
-                                                           self.instructions or system_prompt)}
+        messages = _chat_messages(conversation, self.instructions or system_prompt)
+        if all(message["role"] == "system" for message in messages):
+            raise BadRequest("'input' has nothing to reply to: reasoning items are kept, but "
+                             "not shown to the model again.", param="input")
+        body: dict[str, Any] = {"messages": messages}
         for name in SamplingFields.model_fields:
             if (value := getattr(self, name)) is not None:
                 body[name] = value
@@ -263,6 +284,11 @@ def _item_json(item: Item) -> dict[str, Any]:
                 "status": item.status or "completed",
                 "content": [{"type": part, "text": item.text(),
                              **({"annotations": []} if part == "output_text" else {})}]}
+    if isinstance(item, ReasoningItem):
+        return {"type": "reasoning", "id": item.id or new_id("rs"), "status": item.status,
+                "summary": [{"type": "summary_text", "text": p.text} for p in item.summary],
+                "content": [{"type": "reasoning_text", "text": p.text}
+                            for p in item.content or ()]}
     if isinstance(item, FunctionCallItem):
         return {"type": "function_call", "id": item.id or new_id("fc"), "call_id": item.call_id,
                 "name": item.name, "arguments": item.arguments,
@@ -274,10 +300,13 @@ def _item_json(item: Item) -> dict[str, Any]:
 def _chat_messages(items: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
     """Items (as `_item_json` writes them) as chat messages: an assistant's function calls
     join the assistant message before them (a reply that says something, then calls), a
-    call's output is a `tool` message."""
+    call's output is a `tool` message; a reasoning item is left out (an earlier turn's
+    thinking is not shown to the model again)."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for item in items:
         kind = item["type"]
+        if kind == "reasoning":
+            continue
         if kind == "message":
             text = "".join(part["text"] for part in item["content"])
             messages.append({"role": item["role"], "content": text})
