@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from anthropic import AsyncAnthropic
@@ -221,6 +222,26 @@ async def test_a_template_that_opens_the_section_makes_the_reply_reasoning(
         server.chat_stream.engine.model_info = info
     message = whole.choices[0].message
     assert getattr(message, "reasoning_content", None), message
+
+
+async def test_chat_stream_marks_a_thinking_section_its_template_opened(server: Server) -> None:
+    # The page (and any /chat_stream client) tells thinking from answer by `<think>` in the
+    # text; where the template wrote it into the prompt, the reply alone would show the
+    # thinking as the answer, live and from /history.
+    info = _swap(server, R1)
+    try:
+        jar = aiohttp.CookieJar(unsafe=True)          # the session cookie, on 127.0.0.1
+        async with aiohttp.ClientSession(cookie_jar=jar) as session:
+            async with session.post(server.url + "/chat_stream", json={
+                    "user_input": "Hi", "max_new_tokens": 6, "temperature": 0}) as response:
+                assert response.status == 200
+                text = await response.text()
+            async with session.get(server.url + "/history") as response:
+                history = await response.json()
+    finally:
+        server.chat_stream.engine.model_info = info
+    assert text.startswith("<think>") and len(text) > len("<think>\n"), text
+    assert history["messages"][-1]["content"] == text, history
 
 
 async def test_a_thinking_section_is_a_reasoning_item_on_the_responses_api(

@@ -47,6 +47,7 @@ from .framing import PlainText
 from .handler import Accepted, Callback, serve_exchange
 from .health import CheckResult, Health
 from .metrics import Metrics
+from .reasoning import THINK_START, opens_thinking
 from .responses import error_response
 from .runtime import Runtime
 
@@ -267,8 +268,13 @@ class ChatStream:
             except BaseException:
                 await conversations.release(session_id)
                 raise
+            # Where the template opened a thinking section, the reply is shown and kept
+            # with the `<think>` the model did not write, as a page tells thinking apart.
+            info = self.runtime.model_info
+            opened = THINK_START if info is not None and opens_thinking(
+                info.chat_template.generation_prompt()) else ""
             framing = PlainText(request, lambda response: conversations.save(
-                request, response, session, history))
+                request, response, session, history), prefix=opened)
             released = False
 
             async def release() -> None:
@@ -280,7 +286,7 @@ class ChatStream:
             async def end_turn(exchange: Exchange) -> None:
                 # Before the client sees the end of the reply: its next request, on any
                 # replica, must find this turn stored and the session free (not a 409).
-                settled = conversations.settle(history, turn, exchange)
+                settled = conversations.settle(history, turn, exchange, opened)
                 request[PROMPT_KEY] = settled
                 if framing.response is not None and framing.headers_sent:
                     await conversations.save_streamed(request, framing.response, session, settled)

@@ -131,14 +131,15 @@ class Conversations:
         return turn
 
     @staticmethod
-    def settle(history: ChatPrompt, turn: ChatPrompt, exchange: Exchange) -> ChatPrompt:
+    def settle(history: ChatPrompt, turn: ChatPrompt, exchange: Exchange,
+               prefix: str = "") -> ChatPrompt:
         """What the session keeps: the finished turn (a partial reply after a stop counts),
         or the history unchanged when nothing reached the user or generation failed.
         Dropped oldest turns leave the stored history too, so that `create_prompt()` is
-        what the model saw."""
+        what the model saw. `prefix`: what the client saw before the model's text."""
         if exchange.status not in (StreamStatus.SUCCESS,
                                    StreamStatus.CLIENT_DISCONNECTED_WHILE_STREAMING):
             return history
-        turn.add_responder_msg(exchange.reply)
+        turn.add_responder_msg(prefix + exchange.reply)
         turn.drop_oldest_turns(exchange.dropped_messages)
         return turn

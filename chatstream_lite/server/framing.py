@@ -69,9 +69,13 @@ class PlainText:
     the session cookie goes out with the headers."""
 
     def __init__(self, request: web.Request,
-                 before_headers: Callable[[web.StreamResponse], Awaitable[None]]) -> None:
+                 before_headers: Callable[[web.StreamResponse], Awaitable[None]],
+                 prefix: str = "") -> None:
+        """`prefix`: text the reply starts with that the model did not write (a thinking
+        section's `<think>` its template wrote into the prompt)."""
         self.request = request
         self.before_headers = before_headers
+        self.prefix = prefix
         self.response: web.StreamResponse | None = None
 
     @property
@@ -87,6 +91,8 @@ class PlainText:
         await self.before_headers(response)  # the session cookie must go out with the headers
         self.response = response
         await response.prepare(self.request)
+        if self.prefix:
+            await response.write(self.prefix.encode("utf-8"))
 
     async def send(self, piece: Piece) -> None:
         assert self.response is not None
