@@ -255,7 +255,7 @@ async def test_a_thinking_section_is_a_reasoning_item_on_the_responses_api(
         events = [event async for event in await client.responses.create(
             model="x", input="Hi", max_output_tokens=8, temperature=0, stream=True)]
         kinds = [event.type for event in events]
-        streamed = getattr(events[-1], "response")     # cut by max_output_tokens: incomplete
+        streamed = events[-1].response     # cut by max_output_tokens: incomplete
         follow = await client.responses.create(model="x", input="And?", max_output_tokens=2,
                                                previous_response_id=whole.id, temperature=0)
         given_back = [item.model_dump(exclude_none=True) for item in whole.output]
