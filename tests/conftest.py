@@ -12,6 +12,7 @@ the fast tier, `python -m pytest -m "not model"`, which runs with llama_cpp and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -545,3 +546,31 @@ async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
 
     async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
         yield c
+
+
+@contextlib.asynccontextmanager
+async def full_server(model_path: str, body: dict[str, Any], path: str
+                      ) -> AsyncIterator[Server]:
+    """A server of one slot and no queue, that slot held by a streaming `body` sent to
+    `path` (the engine stopped before its first token until the block ends): the next
+    request anywhere must be a 429."""
+    chat_stream = ChatStream(model_path, n_ctx=512, max_new_tokens=8,
+                             num_of_concurrent_executions=1, max_queue_size=0)
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(index: int) -> None:
+        reached.set()
+        release.wait(timeout=30)
+
+    async for running in serve(chat_stream, build_full_app):
+        chat_stream.engine.faults.before_token = hold
+        raw = None
+        try:
+            raw = await RawStream.post(running, body, path=path)
+            await asyncio.get_running_loop().run_in_executor(None, reached.wait, 30)
+            yield running
+        finally:
+            release.set()
+            chat_stream.engine.faults.before_token = None
+            if raw is not None:
+                raw.close()

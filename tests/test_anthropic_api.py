@@ -22,7 +22,16 @@ from chatstream_lite import ChatStream
 from chatstream_lite.config import OPEN_CHAT_API_KEY_PATHS
 from chatstream_lite.server.auth import ApiKey
 
-from .conftest import RawStream, Server, build_full_app, sample, scrape, serve, wait_until
+from .conftest import (
+    RawStream,
+    Server,
+    build_full_app,
+    full_server,
+    sample,
+    scrape,
+    serve,
+    wait_until,
+)
 
 # A tool call's grammar samples slowly on a loaded 2-core machine (tests/test_openai_tools.py).
 pytestmark = pytest.mark.timeout(300)
@@ -293,31 +302,14 @@ async def test_a_client_that_leaves_a_stream_stops_it_and_is_counted(server: Ser
 
 
 async def test_a_full_queue_is_anthropics_429_and_the_client_raises_it(model_path: str) -> None:
-    chat_stream = ChatStream(model_path, n_ctx=512, max_new_tokens=8,
-                             num_of_concurrent_executions=1, max_queue_size=0)
-    reached, release = threading.Event(), threading.Event()
-
-    def hold(index: int) -> None:
-        reached.set()
-        release.wait(timeout=30)
-
-    async for running in serve(chat_stream, build_full_app):
-        engine = chat_stream.engine
-        engine.faults.before_token = hold
-        try:
-            raw = await RawStream.post(running, {"model": "x", "max_tokens": 8, "stream": True,
-                                                 "messages": ASK}, path="/v1/messages")
-            await asyncio.get_running_loop().run_in_executor(None, reached.wait, 30)
-            async with AsyncAnthropic(base_url=running.url, api_key="unused",
-                                      max_retries=0) as client:
-                with pytest.raises(anthropic.RateLimitError) as caught:
-                    await client.messages.create(model="x", max_tokens=4, messages=ASK)
-            assert caught.value.status_code == 429
-            assert caught.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
-        finally:
-            release.set()
-            engine.faults.before_token = None
-        raw.close()
+    held = {"model": "x", "max_tokens": 8, "stream": True, "messages": ASK}
+    async with full_server(model_path, held, "/v1/messages") as running:
+        async with AsyncAnthropic(base_url=running.url, api_key="unused",
+                                  max_retries=0) as client:
+            with pytest.raises(anthropic.RateLimitError) as caught:
+                await client.messages.create(model="x", max_tokens=4, messages=ASK)
+    assert caught.value.status_code == 429
+    assert caught.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
 
 
 async def test_metrics_have_the_messages_series_from_the_start(server: Server,

@@ -34,6 +34,7 @@ from .conftest import (
     RedisServer,
     Server,
     build_full_app,
+    full_server,
     sample,
     scrape,
     serve,
@@ -372,29 +373,12 @@ async def test_a_client_that_leaves_a_stream_stops_it_and_is_counted(server: Ser
 
 
 async def test_a_full_queue_is_a_429_on_responses_too(model_path: str) -> None:
-    chat_stream = ChatStream(model_path, n_ctx=512, max_new_tokens=8,
-                             num_of_concurrent_executions=1, max_queue_size=0)
-    reached, release = threading.Event(), threading.Event()
-
-    def hold(index: int) -> None:
-        reached.set()
-        release.wait(timeout=30)
-
-    async for running in serve(chat_stream, build_full_app):
-        engine = chat_stream.engine
-        engine.faults.before_token = hold
-        try:
-            raw = await RawStream.post(running, {"input": "Hi", "stream": True},
-                                       path="/v1/responses")
-            await asyncio.get_running_loop().run_in_executor(None, reached.wait, 30)
-            async with aiohttp.ClientSession(running.url) as session:
-                async with session.post("/v1/responses", json={"input": "Hi"}) as response:
-                    assert response.status == 429
-                    assert (await response.json())["error"]["type"] == "rate_limit_error"
-        finally:
-            release.set()
-            engine.faults.before_token = None
-        raw.close()
+    async with full_server(model_path, {"input": "Hi", "stream": True},
+                           "/v1/responses") as running:
+        async with aiohttp.ClientSession(running.url) as session:
+            async with session.post("/v1/responses", json={"input": "Hi"}) as response:
+                assert response.status == 429
+                assert (await response.json())["error"]["type"] == "rate_limit_error"
 
 
 # -- the Agents SDK's default model --------------------------------------------------------------
